@@ -1,0 +1,1 @@
+"""Data: Qwen tokenizer, webdataset token shards (prepare), streaming loader and packing."""
