@@ -1,0 +1,1 @@
+"""Kernels behind plain functions: a pure-torch reference next to each fast path."""
