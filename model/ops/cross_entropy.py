@@ -1,0 +1,169 @@
+"""LM head + cross-entropy, summed over tokens, without materialising the [N, V] fp32 logits.
+
+The fast path walks the rows in chunks. For each chunk it computes the logits (matmul in the input
+dtype, then fp32 for the softmax), the chunk's loss and, right away, the gradients of that loss
+w.r.t. the chunk's h rows and the weight (d loss / d logits = softmax - onehot, zero on ignored rows),
+accumulating grad_weight in fp32. Backward only scales the stored gradients by grad_output. This is
+the scheme of Liger-Kernel's fused linear cross-entropy, written in plain torch.
+
+Extra memory, bf16 in: 6 * chunk * V bytes at the peak (the fp32 logits plus a bf16 copy, as they
+are made and again as the gradient is cast back) and 4 * V * D for the fp32 grad_weight -- never
+N x V. With V = 151936 a 4096-row chunk is 3.7 GB, the default 2048-row one 1.9 GB.
+
+Both functions return the SUM of per-token losses over tokens whose label != ignore_index (fp32
+scalar) and the number of such tokens (int64 scalar): the trainer divides by the global token count.
+
+Legend: n tokens (rows), d hidden, v vocabulary, c rows of one chunk.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def linear_cross_entropy(
+    h_nd: torch.Tensor,
+    weight_vd: torch.Tensor,
+    labels_n: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    chunk_size: int = 2048,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of CE over non-ignored tokens, their count) of logits h @ weight.T, chunk by chunk.
+
+    Labels are range-checked on CPU only: on CUDA the check would cost a host sync, and an
+    out-of-range label there still fails loudly, as a device-side assert in the gather.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    labels_n = labels_n.reshape(-1)
+    if not labels_n.is_cuda:
+        _check_labels_in_range(labels_n, weight_vd.shape[0], ignore_index)
+    num_tokens = (labels_n != ignore_index).sum()
+    needs_grad = torch.is_grad_enabled() and (h_nd.requires_grad or weight_vd.requires_grad)
+    if not needs_grad:
+        return _chunked_loss_only(h_nd, weight_vd, labels_n, ignore_index, chunk_size), num_tokens
+    loss_sum = _ChunkedLinearCrossEntropy.apply(h_nd, weight_vd, labels_n, ignore_index, chunk_size)
+    return loss_sum, num_tokens
+
+
+def linear_cross_entropy_reference(
+    h_nd: torch.Tensor, weight_vd: torch.Tensor, labels_n: torch.Tensor, *, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The oracle: full fp32 logits and F.cross_entropy(reduction='sum')."""
+    labels_n = labels_n.reshape(-1)
+    logits_nv = (h_nd @ weight_vd.T).float()
+    loss_sum = F.cross_entropy(logits_nv, labels_n, reduction="sum", ignore_index=ignore_index)
+    return loss_sum, (labels_n != ignore_index).sum()
+
+
+def _check_labels_in_range(labels_n: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """One min/max over the kept labels; raises ValueError naming the first offending value."""
+    kept_n = labels_n[labels_n != ignore_index]
+    if kept_n.numel() == 0:
+        return
+    lowest, highest = (v.item() for v in torch.aminmax(kept_n))
+    if lowest < 0 or highest >= vocab_size:
+        bad = lowest if lowest < 0 else highest
+        raise ValueError(f"label {bad} is outside [0, {vocab_size}) and is not ignore_index ({ignore_index})")
+
+
+def _row_chunks(num_rows: int, chunk_size: int) -> list[slice]:
+    return [slice(start, min(start + chunk_size, num_rows)) for start in range(0, num_rows, chunk_size)]
+
+
+def _chunk_logits(h_cd: torch.Tensor, weight_vd: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of a chunk; the matmul runs in the input dtype (as the reference's does)."""
+    return (h_cd @ weight_vd.T).float()
+
+
+def _safe_labels(labels_c: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels with ignored ones replaced by 0 so gather/scatter stay in range, keep mask)."""
+    keep_c = labels_c != ignore_index
+    return torch.where(keep_c, labels_c, 0).long(), keep_c
+
+
+def _exp_in_place_and_loss(
+    logits_cv: torch.Tensor, labels_c: torch.Tensor, keep_c: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(exp(logits - row max) in the logits' own storage, its row sums, the chunk's loss sum).
+
+    Done by hand rather than with torch.logsumexp, whose exp(x - max) would be a second [c, V] fp32
+    buffer: here the chunk's logits are the only one.
+    """
+    target_c = logits_cv.gather(1, labels_c[:, None]).squeeze(1)
+    max_c = logits_cv.amax(dim=-1)
+    exp_cv = logits_cv.sub_(max_c[:, None]).exp_()
+    sum_exp_c = exp_cv.sum(dim=-1)
+    lse_c = max_c + sum_exp_c.log()
+    # where, not a multiply: an ignored row's loss must not leak a NaN/inf into the sum.
+    return exp_cv, sum_exp_c, torch.where(keep_c, lse_c - target_c, 0.0).sum()
+
+
+def _grad_logits_in_place(
+    exp_cv: torch.Tensor, sum_exp_c: torch.Tensor, labels_c: torch.Tensor, keep_c: torch.Tensor
+) -> torch.Tensor:
+    """d loss / d logits = softmax - onehot on kept rows, 0 on ignored ones; reuses exp_cv's storage."""
+    keep_c = keep_c.to(exp_cv.dtype)
+    # One pass over [c, V] both normalises the softmax and zeroes the ignored rows.
+    grad_cv = exp_cv.mul_((keep_c / sum_exp_c)[:, None])
+    return grad_cv.scatter_add_(1, labels_c[:, None], -keep_c[:, None])
+
+
+def _chunked_loss_only(
+    h_nd: torch.Tensor, weight_vd: torch.Tensor, labels_n: torch.Tensor, ignore_index: int, chunk_size: int
+) -> torch.Tensor:
+    """Forward without gradients (eval, or nothing requires grad): just the chunked loss sum."""
+    with torch.no_grad():
+        loss_sum = torch.zeros((), dtype=torch.float32, device=h_nd.device)
+        for rows in _row_chunks(h_nd.shape[0], chunk_size):
+            labels_c, keep_c = _safe_labels(labels_n[rows], ignore_index)
+            loss_sum += _exp_in_place_and_loss(_chunk_logits(h_nd[rows], weight_vd), labels_c, keep_c)[2]
+    return loss_sum
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Loss sum in forward with the gradients computed alongside; backward scales them."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        h_nd: torch.Tensor,
+        weight_vd: torch.Tensor,
+        labels_n: torch.Tensor,
+        ignore_index: int,
+        chunk_size: int,
+    ) -> torch.Tensor:
+        want_grad_h, want_grad_w = ctx.needs_input_grad[:2]
+        loss_sum = torch.zeros((), dtype=torch.float32, device=h_nd.device)
+        grad_h_nd = torch.empty_like(h_nd) if want_grad_h else None
+        grad_w_vd = (
+            torch.zeros(weight_vd.shape, dtype=torch.float32, device=weight_vd.device)
+            if want_grad_w
+            else None
+        )
+        for rows in _row_chunks(h_nd.shape[0], chunk_size):
+            h_cd = h_nd[rows]
+            labels_c, keep_c = _safe_labels(labels_n[rows], ignore_index)
+            exp_cv, sum_exp_c, chunk_loss = _exp_in_place_and_loss(
+                _chunk_logits(h_cd, weight_vd), labels_c, keep_c
+            )
+            loss_sum += chunk_loss
+            # Both gradient matmuls run in the input dtype (as the reference's backward does); for bf16
+            # the fp32 buffer is dropped right after this cast.
+            grad_cv = _grad_logits_in_place(exp_cv, sum_exp_c, labels_c, keep_c).to(h_nd.dtype)
+            del exp_cv
+            if want_grad_h:
+                grad_h_nd[rows] = grad_cv @ weight_vd
+            if want_grad_w:
+                grad_w_vd += grad_cv.T @ h_cd
+        grad_w_vd = grad_w_vd.to(weight_vd.dtype) if want_grad_w else None
+        ctx.save_for_backward(grad_h_nd, grad_w_vd)
+        return loss_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_h_nd, grad_w_vd = ctx.saved_tensors
+        # A 0-dim fp32 factor keeps the bf16 result dtype but multiplies in fp32: one rounding.
+        grad_h_nd = grad_h_nd * grad_loss if grad_h_nd is not None else None
+        grad_w_vd = grad_w_vd * grad_loss if grad_w_vd is not None else None
+        return grad_h_nd, grad_w_vd, None, None, None

@@ -1,0 +1,176 @@
+"""Routed SwiGLU experts of the sparse MoE block: a grouped-GEMM fast path beside a per-expert loop.
+
+Weights keep HF transformers 5's Qwen3-Next layout: gate_up_proj_eih [E, 2I, H] (rows :I are the gate,
+rows I: the up projection) and down_proj_ehi [E, H, I]. For every (token, slot) pair routed to expert e
+with weight w:  y[t] += w * down[e] @ (silu(gate[e] @ x[t]) * (up[e] @ x[t])).
+As in HF, the routing weight is cast to the activation dtype and scales the expert output.
+
+Legend: t tokens, k slots per token, s = t*k (token, slot) pairs, e experts, h hidden, i expert width.
+
+The fast path sorts the pairs by expert so each expert's rows are contiguous, runs both projections as
+one torch._grouped_mm each (offs = cumulative end row per expert, int32), and puts the rows back.
+It never waits on the GPU from the host (no .item(), no data-dependent shapes), forward or backward;
+the reference syncs once per call to list the busy experts.
+"""
+
+import torch
+import torch.nn.functional as F
+
+# torch._grouped_mm's bf16 kernel wants every row stride to be a multiple of 16 bytes.
+_BF16_ROW_ALIGNMENT = 16 // torch.bfloat16.itemsize
+
+
+def routed_experts(
+    x_td: torch.Tensor,
+    topk_idx_tk: torch.Tensor,
+    topk_weight_tk: torch.Tensor,
+    gate_up_proj_eih: torch.Tensor,
+    down_proj_ehi: torch.Tensor,
+) -> torch.Tensor:
+    """Sum over each token's k slots of its routing weight times its expert's SwiGLU output: y_td."""
+    if _grouped_mm_fast_path_applies(x_td, gate_up_proj_eih, down_proj_ehi):
+        return routed_experts_grouped_mm(x_td, topk_idx_tk, topk_weight_tk, gate_up_proj_eih, down_proj_ehi)
+    return routed_experts_reference(x_td, topk_idx_tk, topk_weight_tk, gate_up_proj_eih, down_proj_ehi)
+
+
+def expert_token_counts(topk_idx_tk: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How many (token, slot) pairs each expert receives: int64 [E].
+
+    Same result as bincount(minlength=E), but with a fixed output size, so there is no host sync on
+    CUDA (bincount reads the max back to size its output). An index >= E raises (an index error on
+    CPU, a device-side assert on CUDA) instead of silently growing the result.
+    """
+    idx_s = topk_idx_tk.reshape(-1).long()
+    counts_e = torch.zeros(num_experts, dtype=torch.int64, device=idx_s.device)
+    return counts_e.scatter_add_(0, idx_s, torch.ones_like(idx_s))
+
+
+def routed_experts_reference(
+    x_td: torch.Tensor,
+    topk_idx_tk: torch.Tensor,
+    topk_weight_tk: torch.Tensor,
+    gate_up_proj_eih: torch.Tensor,
+    down_proj_ehi: torch.Tensor,
+) -> torch.Tensor:
+    """HF's loop: for every expert that got tokens, gather them, run its SwiGLU, index_add back."""
+    num_experts = gate_up_proj_eih.shape[0]
+    y_td = torch.zeros_like(x_td)
+    busy_experts = expert_token_counts(topk_idx_tk, num_experts).nonzero().flatten().tolist()
+    for expert in busy_experts:
+        token_idx, slot_idx = torch.where(topk_idx_tk == expert)
+        out_nh = _swiglu_expert(x_td[token_idx], gate_up_proj_eih[expert], down_proj_ehi[expert])
+        out_nh = out_nh * topk_weight_tk[token_idx, slot_idx, None].to(out_nh.dtype)
+        y_td.index_add_(0, token_idx, out_nh.to(y_td.dtype))
+    return y_td
+
+
+def routed_experts_grouped_mm(
+    x_td: torch.Tensor,
+    topk_idx_tk: torch.Tensor,
+    topk_weight_tk: torch.Tensor,
+    gate_up_proj_eih: torch.Tensor,
+    down_proj_ehi: torch.Tensor,
+) -> torch.Tensor:
+    """Sort the (token, slot) pairs by expert, one grouped GEMM per projection, unsort, weight, sum."""
+    num_tokens, top_k = topk_idx_tk.shape
+    order_s, offs_e = _sort_pairs_by_expert(topk_idx_tk, gate_up_proj_eih.shape[0])
+    inverse_s = torch.argsort(order_s)
+
+    x_sh = _GatherTokensPerPair.apply(x_td.to(gate_up_proj_eih.dtype), order_s, inverse_s, top_k)
+    # grouped_mm computes a @ b per group, so it takes the weights as [E, in, out] transposed views.
+    gate_up_s2i = _grouped_mm(x_sh, gate_up_proj_eih.transpose(-2, -1), offs_e)
+    out_sh = _grouped_mm(_swiglu(gate_up_s2i), down_proj_ehi.transpose(-2, -1), offs_e)
+
+    out_tkh = _PermuteRows.apply(out_sh, inverse_s, order_s).view(num_tokens, top_k, out_sh.shape[-1])
+    return _weighted_sum_over_slots(out_tkh, topk_weight_tk).to(x_td.dtype)
+
+
+def _grouped_mm_fast_path_applies(
+    x_td: torch.Tensor, gate_up_proj_eih: torch.Tensor, down_proj_ehi: torch.Tensor
+) -> bool:
+    """CUDA, bf16, Hopper or newer, and shapes/strides the grouped GEMM kernel accepts."""
+    if not (hasattr(torch, "_grouped_mm") and x_td.is_cuda):
+        return False
+    if not all(t.dtype == torch.bfloat16 for t in (x_td, gate_up_proj_eih, down_proj_ehi)):
+        return False
+    if torch.cuda.get_device_capability(x_td.device) < (9, 0):
+        return False
+    hidden, inter = down_proj_ehi.shape[1:]
+    aligned = hidden % _BF16_ROW_ALIGNMENT == 0 and inter % _BF16_ROW_ALIGNMENT == 0
+    return aligned and gate_up_proj_eih.is_contiguous() and down_proj_ehi.is_contiguous()
+
+
+def _sort_pairs_by_expert(topk_idx_tk: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat pair ids (t*k + slot) ordered by expert, and each expert's cumulative end row (int32 [E])."""
+    # Stable, so that the order inside an expert's group (hence the result) does not vary run to run.
+    order_s = torch.argsort(topk_idx_tk.reshape(-1), stable=True)
+    offs_e = torch.cumsum(expert_token_counts(topk_idx_tk, num_experts), dim=0, dtype=torch.int32)
+    return order_s, offs_e
+
+
+def _grouped_mm(a_sk: torch.Tensor, b_ekn: torch.Tensor, offs_e: torch.Tensor) -> torch.Tensor:
+    """Rows offs[e-1]:offs[e] of a times b[e], stacked: torch._grouped_mm, else a loop of matmuls."""
+    if hasattr(torch, "_grouped_mm"):
+        return torch._grouped_mm(a_sk, b_ekn, offs=offs_e)
+    return _grouped_mm_loop(a_sk, b_ekn, offs_e)
+
+
+def _grouped_mm_loop(a_sk: torch.Tensor, b_ekn: torch.Tensor, offs_e: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm's contract (2-D a, 3-D b, offs) as a Python loop; syncs once for the offsets."""
+    ends = offs_e.tolist()
+    starts = [0, *ends[:-1]]
+    pieces = [
+        a_sk[start:end] @ b_ekn[group] for group, (start, end) in enumerate(zip(starts, ends, strict=True))
+    ]
+    return torch.cat(pieces)
+
+
+def _swiglu(gate_up_n2i: torch.Tensor) -> torch.Tensor:
+    gate_ni, up_ni = gate_up_n2i.chunk(2, dim=-1)
+    return F.silu(gate_ni) * up_ni
+
+
+def _swiglu_expert(x_nh: torch.Tensor, gate_up_2ih: torch.Tensor, down_hi: torch.Tensor) -> torch.Tensor:
+    return F.linear(_swiglu(F.linear(x_nh, gate_up_2ih)), down_hi)
+
+
+def _weighted_sum_over_slots(out_tkh: torch.Tensor, weight_tk: torch.Tensor) -> torch.Tensor:
+    """sum_k w[t, k] * out[t, k]: a batched [1, k] @ [k, h] product, so the k terms add in fp32."""
+    weight_t1k = weight_tk.to(out_tkh.dtype).unsqueeze(1)
+    return torch.bmm(weight_t1k, out_tkh).squeeze(1)
+
+
+class _PermuteRows(torch.autograd.Function):
+    """a[perm] whose backward is the gather by the inverse permutation (no scatter, no atomics)."""
+
+    @staticmethod
+    def forward(ctx, a_nh: torch.Tensor, perm_n: torch.Tensor, inverse_n: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse_n)
+        return a_nh.index_select(0, perm_n)
+
+    @staticmethod
+    def backward(ctx, grad_nh: torch.Tensor):
+        (inverse_n,) = ctx.saved_tensors
+        return grad_nh.index_select(0, inverse_n), None, None
+
+
+class _GatherTokensPerPair(torch.autograd.Function):
+    """x[order // k]: each token's row once per slot, in expert order.
+
+    Backward puts the pair gradients back in (token, slot) order with a gather and sums the k slots
+    in one reduction; index_select's own backward would index_add them with bf16 atomics instead.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, x_th: torch.Tensor, order_s: torch.Tensor, inverse_s: torch.Tensor, top_k: int
+    ) -> torch.Tensor:
+        ctx.save_for_backward(inverse_s)
+        ctx.num_tokens, ctx.top_k = x_th.shape[0], top_k
+        return x_th.index_select(0, torch.div(order_s, top_k, rounding_mode="floor"))
+
+    @staticmethod
+    def backward(ctx, grad_sh: torch.Tensor):
+        (inverse_s,) = ctx.saved_tensors
+        grad_tkh = grad_sh.index_select(0, inverse_s).view(ctx.num_tokens, ctx.top_k, grad_sh.shape[-1])
+        return grad_tkh.sum(dim=1), None, None, None

@@ -1,0 +1,128 @@
+"""Chunked LM-head cross-entropy on CPU against the full-logits reference: loss, token count and the
+gradients of h and weight, in fp32 and bf16, with ignored labels and a ragged last chunk; plus the
+edge cases (nothing to predict, bad labels, frozen weight, no grad) and a bound on tensor sizes.
+
+Legend: n tokens, d hidden, v vocabulary.
+"""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from model.ops.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+
+IGNORE = -100
+
+
+def _inputs(num_tokens: int, hidden: int, vocab: int, dtype: torch.dtype, ignored_frac: float = 0.25):
+    gen = torch.Generator().manual_seed(0)
+    h_nd = torch.randn(num_tokens, hidden, generator=gen).to(dtype)
+    weight_vd = (torch.randn(vocab, hidden, generator=gen) / hidden**0.5).to(dtype)
+    labels_n = torch.randint(vocab, (num_tokens,), generator=gen)
+    labels_n[torch.rand(num_tokens, generator=gen) < ignored_frac] = IGNORE
+    return h_nd, weight_vd, labels_n
+
+
+def _loss_count_and_grads(fn, h_nd, weight_vd, labels_n, upstream: float, **kwargs):
+    h_leaf, w_leaf = h_nd.clone().requires_grad_(), weight_vd.clone().requires_grad_()
+    loss_sum, num_tokens = fn(h_leaf, w_leaf, labels_n, **kwargs)
+    # A non-unit upstream gradient (like the trainer's 1 / global token count) checks the scaling.
+    (loss_sum * upstream).backward()
+    return loss_sum.detach(), num_tokens, h_leaf.grad, w_leaf.grad
+
+
+def _rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("chunk_size", [7, 16, 4096])
+def test_fp32_matches_reference(chunk_size):
+    h_nd, weight_vd, labels_n = _inputs(50, 24, 40, torch.float32)
+    fast = _loss_count_and_grads(linear_cross_entropy, h_nd, weight_vd, labels_n, 0.37, chunk_size=chunk_size)
+    ref = _loss_count_and_grads(linear_cross_entropy_reference, h_nd, weight_vd, labels_n, 0.37)
+    assert fast[0].dtype == torch.float32 and fast[1].dtype == torch.int64
+    assert fast[1].item() == ref[1].item() == (labels_n != IGNORE).sum().item()
+    torch.testing.assert_close(fast[0], ref[0], rtol=1e-5, atol=0)
+    for fast_grad, ref_grad in zip(fast[2:], ref[2:], strict=True):
+        torch.testing.assert_close(fast_grad, ref_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_inputs_match_reference_loosely():
+    h_nd, weight_vd, labels_n = _inputs(200, 64, 96, torch.bfloat16)
+    fast = _loss_count_and_grads(linear_cross_entropy, h_nd, weight_vd, labels_n, 1.0, chunk_size=48)
+    ref = _loss_count_and_grads(linear_cross_entropy_reference, h_nd, weight_vd, labels_n, 1.0)
+    assert fast[0].dtype == torch.float32
+    assert fast[2].dtype == fast[3].dtype == torch.bfloat16
+    assert abs(fast[0].item() - ref[0].item()) / ref[0].item() < 1e-3
+    assert _rel_rms(fast[2], ref[2]) < 1e-2
+    assert _rel_rms(fast[3], ref[3]) < 1e-2
+
+
+def test_all_ignored_gives_zero_loss_count_and_grads():
+    h_nd, weight_vd, _ = _inputs(20, 8, 16, torch.float32)
+    labels_n = torch.full((20,), IGNORE)
+    loss_sum, num_tokens, grad_h, grad_w = _loss_count_and_grads(
+        linear_cross_entropy, h_nd, weight_vd, labels_n, 1.0, chunk_size=6
+    )
+    assert loss_sum.item() == 0.0 and num_tokens.item() == 0
+    assert not grad_h.any() and not grad_w.any()
+
+
+def test_custom_ignore_index():
+    h_nd, weight_vd, labels_n = _inputs(30, 8, 16, torch.float32)
+    labels_n[labels_n == IGNORE] = -1
+    fast = linear_cross_entropy(h_nd, weight_vd, labels_n, ignore_index=-1, chunk_size=8)
+    ref = linear_cross_entropy_reference(h_nd, weight_vd, labels_n, ignore_index=-1)
+    torch.testing.assert_close(fast[0], ref[0], rtol=1e-5, atol=0)
+    assert fast[1].item() == ref[1].item()
+
+
+@pytest.mark.parametrize("bad_label", [16, 1000, -1])
+def test_out_of_range_label_raises_value_error_naming_it(bad_label):
+    h_nd, weight_vd, labels_n = _inputs(10, 8, 16, torch.float32)
+    labels_n[3] = bad_label
+    with pytest.raises(ValueError, match=f"label {bad_label} "):
+        linear_cross_entropy(h_nd, weight_vd, labels_n)
+
+
+def test_frozen_weight_and_no_grad_mode():
+    h_nd, weight_vd, labels_n = _inputs(30, 8, 16, torch.float32)
+    ref_loss, _ = linear_cross_entropy_reference(h_nd, weight_vd, labels_n)
+
+    h_leaf = h_nd.clone().requires_grad_()
+    loss_sum, _ = linear_cross_entropy(h_leaf, weight_vd, labels_n, chunk_size=8)
+    loss_sum.backward()
+    ref_h = h_nd.clone().requires_grad_()
+    linear_cross_entropy_reference(ref_h, weight_vd, labels_n)[0].backward()
+    torch.testing.assert_close(h_leaf.grad, ref_h.grad, rtol=1e-5, atol=1e-6)
+
+    with torch.no_grad():
+        eval_loss, _ = linear_cross_entropy(h_nd.requires_grad_(), weight_vd, labels_n, chunk_size=8)
+    assert not eval_loss.requires_grad
+    torch.testing.assert_close(eval_loss, ref_loss, rtol=1e-5, atol=0)
+
+
+class _LargestTensorSeen(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an aten op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_no_tensor_as_large_as_all_logits_is_made():
+    """With d < chunk the biggest allowed tensor is one chunk's logits [chunk, v], not [n, v]."""
+    num_tokens, hidden, vocab, chunk = 96, 8, 50, 16
+    h_nd, weight_vd, labels_n = _inputs(num_tokens, hidden, vocab, torch.float32)
+    h_leaf, w_leaf = h_nd.requires_grad_(), weight_vd.requires_grad_()
+    with _LargestTensorSeen() as seen:
+        loss_sum, _ = linear_cross_entropy(h_leaf, w_leaf, labels_n, chunk_size=chunk)
+        loss_sum.backward()
+    assert seen.largest == chunk * vocab < num_tokens * vocab

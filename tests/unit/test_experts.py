@@ -1,0 +1,156 @@
+"""Routed SwiGLU experts on CPU: the loop reference against a per-token dense oracle, the sorted
+grouped-GEMM path (and its loop-of-matmuls fallback) against the reference, and the token counts.
+
+Legend: t tokens, k slots per token, e experts, h hidden, i expert width.
+"""
+
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.ops.experts import (
+    _grouped_mm_loop,
+    expert_token_counts,
+    routed_experts,
+    routed_experts_grouped_mm,
+    routed_experts_reference,
+)
+
+# grouped_mm needs 16-byte row strides, so h and i are multiples of 8 (bf16) / 4 (fp32).
+NUM_EXPERTS, HIDDEN, INTER = 8, 16, 8
+
+
+def _grouped_mm_runs_on_cpu() -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        a_sk, b_ekn = torch.randn(4, 8), torch.randn(2, 8, 8)
+        torch._grouped_mm(a_sk, b_ekn, offs=torch.tensor([1, 4], dtype=torch.int32))
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+needs_cpu_grouped_mm = pytest.mark.skipif(
+    not _grouped_mm_runs_on_cpu(), reason="torch._grouped_mm has no CPU kernel in this torch"
+)
+
+
+def _expert_weights(dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    gate_up_eih = torch.randn(NUM_EXPERTS, 2 * INTER, HIDDEN, generator=gen, dtype=dtype) / HIDDEN**0.5
+    down_ehi = torch.randn(NUM_EXPERTS, HIDDEN, INTER, generator=gen, dtype=dtype) / INTER**0.5
+    return gate_up_eih, down_ehi
+
+
+def _routing(num_tokens: int, top_k: int, kind: str, dtype: torch.dtype, seed: int = 1):
+    """(x_td, idx_tk, weight_tk). 'random': distinct experts per token from all E; 'skewed': only
+    experts 0, 3, 5 are used (the rest get zero rows), most pairs go to 0, and a token may pick the
+    same expert in several slots."""
+    gen = torch.Generator().manual_seed(seed)
+    x_td = torch.randn(num_tokens, HIDDEN, generator=gen, dtype=dtype)
+    if kind == "random":
+        idx_tk = torch.stack([torch.randperm(NUM_EXPERTS, generator=gen)[:top_k] for _ in range(num_tokens)])
+    else:
+        choices = torch.tensor([0, 0, 0, 0, 0, 3, 5])
+        idx_tk = choices[torch.randint(len(choices), (num_tokens, top_k), generator=gen)]
+    weight_tk = torch.softmax(torch.randn(num_tokens, top_k, generator=gen, dtype=dtype), dim=-1)
+    return x_td, idx_tk, weight_tk
+
+
+def _dense_per_token(x_td, idx_tk, weight_tk, gate_up_eih, down_ehi) -> torch.Tensor:
+    """The oracle: for each token and slot, the SwiGLU written out with F.linear."""
+    rows = []
+    for t in range(x_td.shape[0]):
+        y_h = torch.zeros_like(x_td[t])
+        for k in range(idx_tk.shape[1]):
+            e = int(idx_tk[t, k])
+            gate_i = F.linear(x_td[t], gate_up_eih[e, :INTER])
+            up_i = F.linear(x_td[t], gate_up_eih[e, INTER:])
+            y_h = y_h + weight_tk[t, k] * F.linear(F.silu(gate_i) * up_i, down_ehi[e])
+        rows.append(y_h)
+    return torch.stack(rows)
+
+
+def _output_and_grads(fn, x_td, idx_tk, weight_tk, gate_up_eih, down_ehi, grad_out_td):
+    leaves = [t.detach().clone().requires_grad_() for t in (x_td, weight_tk, gate_up_eih, down_ehi)]
+    x_leaf, w_leaf, gu_leaf, d_leaf = leaves
+    y_td = fn(x_leaf, idx_tk, w_leaf, gu_leaf, d_leaf)
+    y_td.backward(grad_out_td)
+    return [y_td.detach()] + [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.parametrize("kind", ["random", "skewed"])
+def test_reference_matches_dense_per_token_float64(kind):
+    gate_up_eih, down_ehi = _expert_weights(torch.float64)
+    x_td, idx_tk, weight_tk = _routing(20, 3, kind, torch.float64)
+    expected = _dense_per_token(x_td, idx_tk, weight_tk, gate_up_eih, down_ehi)
+    actual = routed_experts_reference(x_td, idx_tk, weight_tk, gate_up_eih, down_ehi)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+
+
+@needs_cpu_grouped_mm
+@pytest.mark.parametrize("kind", ["random", "skewed"])
+def test_grouped_mm_matches_reference_fp32_output_and_grads(kind):
+    gate_up_eih, down_ehi = _expert_weights(torch.float32)
+    x_td, idx_tk, weight_tk = _routing(37, 4, kind, torch.float32)
+    grad_out_td = torch.randn(x_td.shape, generator=torch.Generator().manual_seed(2))
+    args = (x_td, idx_tk, weight_tk, gate_up_eih, down_ehi, grad_out_td)
+    fast = _output_and_grads(routed_experts_grouped_mm, *args)
+    ref = _output_and_grads(routed_experts_reference, *args)
+    for name, a, b in zip(["y", "d_x", "d_weight", "d_gate_up", "d_down"], fast, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    if kind == "skewed":
+        assert (fast[3][[1, 2, 4, 6, 7]] == 0).all()  # unused experts: zero grads, and no NaN from garbage
+
+
+def test_grouped_path_falls_back_to_a_matmul_loop_without_the_kernel(monkeypatch):
+    """Torches without torch._grouped_mm run the same sorted layout through _grouped_mm_loop."""
+    gate_up_eih, down_ehi = _expert_weights(torch.float32)
+    x_td, idx_tk, weight_tk = _routing(23, 3, "skewed", torch.float32)
+    grad_out_td = torch.randn(x_td.shape, generator=torch.Generator().manual_seed(3))
+    args = (x_td, idx_tk, weight_tk, gate_up_eih, down_ehi, grad_out_td)
+    ref = _output_and_grads(routed_experts_reference, *args)
+    monkeypatch.delattr(torch, "_grouped_mm", raising=False)
+    fast = _output_and_grads(routed_experts_grouped_mm, *args)
+    for a, b in zip(fast, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_cpu_grouped_mm
+def test_matmul_loop_has_the_grouped_mm_contract_with_empty_groups():
+    gen = torch.Generator().manual_seed(4)
+    a_sk = torch.randn(11, 8, generator=gen)
+    b_ekn = torch.randn(5, 12, 8, generator=gen).transpose(-2, -1)  # a transposed view, as in the op
+    offs_e = torch.tensor([0, 4, 4, 11, 11], dtype=torch.int32)
+    expected = torch._grouped_mm(a_sk, b_ekn, offs=offs_e)
+    torch.testing.assert_close(_grouped_mm_loop(a_sk, b_ekn, offs_e), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_dispatch_takes_the_reference_on_cpu():
+    gate_up_eih, down_ehi = _expert_weights(torch.float32)
+    x_td, idx_tk, weight_tk = _routing(9, 2, "random", torch.float32)
+    expected = routed_experts_reference(x_td, idx_tk, weight_tk, gate_up_eih, down_ehi)
+    assert torch.equal(routed_experts(x_td, idx_tk, weight_tk, gate_up_eih, down_ehi), expected)
+
+
+def test_no_tokens_gives_an_empty_output_and_zero_weight_grads():
+    gate_up_eih, down_ehi = _expert_weights(torch.float32)
+    x_td, idx_tk, weight_tk = _routing(0, 2, "skewed", torch.float32)
+    assert routed_experts_reference(x_td, idx_tk, weight_tk, gate_up_eih, down_ehi).shape == (0, HIDDEN)
+    y_td, d_x, _, d_gate_up, d_down = _output_and_grads(
+        routed_experts_grouped_mm, x_td, idx_tk, weight_tk, gate_up_eih, down_ehi, torch.zeros(0, HIDDEN)
+    )
+    assert y_td.shape == d_x.shape == (0, HIDDEN)
+    assert not d_gate_up.any() and not d_down.any()
+
+
+@pytest.mark.parametrize("kind", ["random", "skewed"])
+def test_expert_token_counts_match_a_counter(kind):
+    _, idx_tk, _ = _routing(50, 4, kind, torch.float32)
+    counts_e = expert_token_counts(idx_tk, NUM_EXPERTS)
+    tally = Counter(idx_tk.flatten().tolist())
+    assert counts_e.dtype == torch.int64
+    assert counts_e.tolist() == [tally[e] for e in range(NUM_EXPERTS)]
