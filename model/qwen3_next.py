@@ -1,0 +1,139 @@
+"""Qwen3-Next for causal LM pretraining: the hybrid decoder stack, LM head, MTP and their losses.
+
+`Qwen3NextForCausalLM.forward(input_ids, position_ids=None, labels=None)`:
+- without labels it returns full logits [batch, seq, vocab] (HF parity, evaluation);
+- with labels it never materialises the logits: it returns per-objective loss *sums* and token
+  counts (next-token and each MTP depth) plus every router's logits, so that the training loop can
+  form token-weighted means and the load-balancing loss over the whole global batch.
+Document boundaries come in `position_ids` (0 starts a document); see model/documents.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from model.attention import RotaryEmbedding
+from model.config import ModelConfig
+from model.decoder import DecoderLayer
+from model.documents import DocumentLayout
+from model.moe import RouterLogitsRecorder
+from model.mtp import MultiTokenPredictor
+from model.norms import RMSNorm
+from model.ops.cross_entropy import linear_cross_entropy
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor | None = None  # [batch, seq, vocab], only when no labels were given
+    lm_loss_sum: torch.Tensor | None = None  # sum of next-token CE over target tokens (fp32)
+    lm_tokens: torch.Tensor | None = None  # how many target tokens that sum covers
+    mtp_loss_sums: list[torch.Tensor] = field(default_factory=list)  # one per MTP depth
+    mtp_tokens: list[torch.Tensor] = field(default_factory=list)
+    router_logits: list[torch.Tensor] = field(default_factory=list)  # [tokens, experts] per MoE layer
+
+
+class Qwen3NextModel(nn.Module):
+    """Embedding, the hybrid layer stack and the final norm (HF's `model.*` keys)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, layer_type, moe=config.is_moe_layer(i))
+            for i, layer_type in enumerate(config.layer_types)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.rotary_dim, config.rope_theta)
+        self.activation_checkpointing = False  # recompute each layer in backward (set by the trainer)
+
+    def forward(
+        self, embeds_btd: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], layout: DocumentLayout
+    ) -> torch.Tensor:
+        x_btd = embeds_btd
+        for layer in self.layers:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x_btd = checkpoint(layer, x_btd, rope, layout, use_reentrant=False)
+            else:
+                x_btd = layer(x_btd, rope, layout)
+        return self.norm(x_btd)
+
+
+class Qwen3NextForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Qwen3NextModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.mtp = MultiTokenPredictor(config) if config.mtp_num_layers > 0 else None
+        self.router_recorder = RouterLogitsRecorder(self)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> CausalLMOutput:
+        self.check_input_ids(input_ids)
+        batch, seq_len = input_ids.shape
+        layout = DocumentLayout.from_position_ids(position_ids, batch, seq_len, input_ids.device)
+        embeds_btd = self.model.embed_tokens(input_ids)
+        rope = self.model.rotary_emb(layout.position_ids_bt, embeds_btd.dtype)
+        self.router_recorder.pop()  # drop anything a failed forward left behind
+        h_btd = self.model(embeds_btd, rope, layout)
+        if labels is None:
+            return CausalLMOutput(logits=self.lm_head(h_btd), router_logits=self.router_recorder.pop())
+
+        out = CausalLMOutput()
+        out.lm_loss_sum, out.lm_tokens = self.cross_entropy(h_btd, labels)
+        for depth in range(1, self.config.mtp_num_layers + 1):
+            h_btd = self.mtp(depth, h_btd, shift_left(embeds_btd, depth, 0.0), rope, layout)
+            loss_sum, tokens = self.cross_entropy(h_btd, mtp_targets(labels, depth, layout))
+            out.mtp_loss_sums.append(loss_sum)
+            out.mtp_tokens.append(tokens)
+        out.router_logits = self.router_recorder.pop()
+        return out
+
+    def cross_entropy(
+        self, h_btd: torch.Tensor, targets_bt: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return linear_cross_entropy(
+            h_btd.flatten(0, 1), self.lm_head.weight, targets_bt.flatten(), ignore_index=IGNORE_INDEX
+        )
+
+    def check_input_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {input_ids.shape[1]} exceeds model.max_position_embeddings "
+                f"({self.config.max_position_embeddings})"
+            )
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+
+
+def shift_left(x_bt_: torch.Tensor, k: int, fill) -> torch.Tensor:
+    """x[:, i + k] at position i; `fill` past the end of the row."""
+    pad = [0, 0] * (x_bt_.dim() - 2) + [0, k]
+    return F.pad(x_bt_[:, k:], pad, value=fill)
+
+
+def mtp_targets(labels_bt: torch.Tensor, depth: int, layout: DocumentLayout) -> torch.Tensor:
+    """Targets of MTP depth k: labels[i + k] (= t[i+k+1]) while i + k stays in the same segment."""
+    targets_bt = shift_left(labels_bt, depth, IGNORE_INDEX)
+    if layout.segment_ids_bt is not None:
+        crosses_bt = shift_left(layout.segment_ids_bt, depth, -1) != layout.segment_ids_bt
+        targets_bt = targets_bt.masked_fill(crosses_bt, IGNORE_INDEX)
+    return targets_bt

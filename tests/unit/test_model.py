@@ -1,0 +1,174 @@
+"""The model on CPU: packed batches equal per-document runs, seeded init, input validation."""
+
+import pytest
+import torch
+
+from model.documents import DocumentLayout
+from model.init import init_weights
+from model.ops.attention import causal_attention, causal_attention_reference
+from model.ops.conv import causal_conv1d_silu, causal_conv1d_silu_reference
+from model.qwen3_next import IGNORE_INDEX, Qwen3NextForCausalLM
+from tests.conftest import tiny_config
+
+
+def build(config=None, seed=0, dtype=torch.float32):
+    config = config or tiny_config()
+    model = Qwen3NextForCausalLM(config)
+    init_weights(model, config, seed)
+    randomize_norms(model, seed)
+    return model.to(dtype)
+
+
+@torch.no_grad()
+def randomize_norms(model, seed):
+    """Initial norm weights are constants; perturb them so a test also sees their wiring."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+def pack(docs, row_len):
+    """Pack documents (lists of ids) into rows: input_ids, labels (no target across a document end
+    or past a row), position_ids restarting at each document. Pads with a filler document."""
+    rows_ids, rows_lab, rows_pos, row_ids, row_lab, row_pos = [], [], [], [], [], []
+    for doc in docs:
+        assert len(doc) <= row_len
+        if len(row_ids) + len(doc) > row_len:
+            rows_ids.append(row_ids), rows_lab.append(row_lab), rows_pos.append(row_pos)
+            row_ids, row_lab, row_pos = [], [], []
+        row_ids += doc
+        row_lab += doc[1:] + [IGNORE_INDEX]
+        row_pos += list(range(len(doc)))
+    rows_ids.append(row_ids), rows_lab.append(row_lab), rows_pos.append(row_pos)
+    for ids, lab, pos in zip(rows_ids, rows_lab, rows_pos, strict=True):
+        filler = row_len - len(ids)
+        ids += [1] * filler
+        lab += [IGNORE_INDEX] * filler
+        pos += list(range(filler))
+    return torch.tensor(rows_ids), torch.tensor(rows_lab), torch.tensor(rows_pos)
+
+
+def losses(out):
+    return out.lm_loss_sum + sum(out.mtp_loss_sums)
+
+
+def test_packed_batch_equals_documents_run_one_by_one():
+    model = build()
+    gen = torch.Generator().manual_seed(3)
+    docs = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (5, 17, 9, 30, 1, 12, 70)]
+    ids, labels, pos = pack(docs, row_len=80)
+    assert ids.shape[0] >= 2 and (pos == 0).sum() > ids.shape[0]  # really packed
+
+    model.zero_grad()
+    packed = model(ids, position_ids=pos, labels=labels)
+    losses(packed).backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.zero_grad()
+    total, tokens, mtp_tokens = 0.0, 0, 0
+    for doc in docs:
+        d_ids = torch.tensor([doc])
+        d_labels = torch.tensor([doc[1:] + [IGNORE_INDEX]])
+        out = model(d_ids, labels=d_labels)
+        total = total + losses(out)
+        tokens += int(out.lm_tokens)
+        mtp_tokens += int(out.mtp_tokens[0])
+    total.backward()
+
+    assert int(packed.lm_tokens) == tokens and int(packed.mtp_tokens[0]) == mtp_tokens
+    torch.testing.assert_close(losses(packed), total, rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            assert name not in packed_grads
+            continue
+        torch.testing.assert_close(packed_grads[name], p.grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_packed_logits_equal_per_document_logits():
+    model = build(tiny_config(mtp_num_layers=0))
+    docs = [list(range(3, 3 + n)) for n in (7, 11, 4)]
+    ids, _, pos = pack(docs, row_len=22)
+    logits = model(ids, position_ids=pos).logits
+    start = 0
+    for doc in docs:
+        alone = model(torch.tensor([doc])).logits[0]
+        torch.testing.assert_close(logits[0, start : start + len(doc)], alone, rtol=1e-5, atol=1e-5)
+        start += len(doc)
+
+
+def test_row_starting_mid_document_is_one_fresh_segment():
+    """A window opening inside a long document keeps its RoPE positions (checked against
+    transformers in test_hf_interop) but is a single unpacked segment starting at index 0."""
+    pos = torch.arange(100, 112)[None]
+    layout = DocumentLayout.from_position_ids(pos, 1, 12, pos.device)
+    assert not layout.is_packed
+    assert torch.equal(layout.segment_pos_bt[0], torch.arange(12))
+    assert torch.equal(layout.position_ids_bt, pos)
+
+
+def test_init_is_seeded_and_independent_of_device_order():
+    config = tiny_config()
+    a, b, c = Qwen3NextForCausalLM(config), Qwen3NextForCausalLM(config), Qwen3NextForCausalLM(config)
+    init_weights(a, config, seed=7)
+    with torch.device("meta"):
+        meta = Qwen3NextForCausalLM(config)
+    meta.to_empty(device="cpu")
+    init_weights(meta, config, seed=7)
+    init_weights(c, config, seed=8)
+    # b initialised in reverse order, parameter by parameter
+    from model.init import initial_value, parameter_generator
+
+    with torch.no_grad():
+        for name, p in reversed(list(b.named_parameters())):
+            p.copy_(initial_value(name, p.shape, config, parameter_generator(7, name)))
+    for (name, pa), pb, pm, pc in zip(
+        a.named_parameters(), b.parameters(), meta.parameters(), c.parameters(), strict=True
+    ):
+        assert torch.equal(pa, pb) and torch.equal(pa, pm), name
+        if pa.numel() > 8 and "norm" not in name:
+            assert not torch.equal(pa, pc), name
+    norms = {n: p for n, p in a.named_parameters() if n.endswith("layernorm.weight")}
+    assert norms and all(torch.all(p == 0) for p in norms.values())
+
+
+def test_bad_input_ids_are_named():
+    model = build(tiny_config(max_position_embeddings=16))
+    with pytest.raises(ValueError, match="97"):
+        model(torch.tensor([[1, 97]]))
+    with pytest.raises(ValueError, match="-1"):
+        model(torch.tensor([[1, -1]]))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match="position_ids"):
+        model(torch.zeros(1, 4, dtype=torch.long), position_ids=torch.zeros(1, 5, dtype=torch.long))
+
+
+def test_router_logits_reported_for_every_moe_layer():
+    config = tiny_config()
+    model = build(config)
+    out = model(torch.randint(0, 97, (2, 10)), labels=torch.randint(0, 97, (2, 10)))
+    assert len(out.router_logits) == config.num_hidden_layers + config.mtp_num_layers
+    assert all(r.shape == (20, config.num_experts) for r in out.router_logits)
+    assert out.router_logits[0].requires_grad
+
+
+def test_attention_op_matches_explicit_softmax():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 19, 8, generator=gen) for h in (4, 2, 2))
+    segments = torch.tensor([[0] * 7 + [1] * 12, [2] * 19])
+    for seg in (None, segments):
+        got = causal_attention(q, k, v, scale=0.3, segment_ids_bt=seg)
+        torch.testing.assert_close(got, causal_attention_reference(q, k, v, scale=0.3, segment_ids_bt=seg))
+
+
+def test_conv_op_matches_nn_conv1d_and_restarts_at_boundaries():
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 13, 6, generator=gen), torch.randn(6, 1, 4, generator=gen)
+    seg_pos = torch.arange(13).expand(2, 13)
+    torch.testing.assert_close(causal_conv1d_silu(x, w, seg_pos), causal_conv1d_silu_reference(x, w))
+    # two segments in row 0: the second must equal the conv of that piece alone
+    seg_pos = torch.tensor([list(range(5)) + list(range(8)), list(range(13))])
+    got = causal_conv1d_silu(x, w, seg_pos)
+    torch.testing.assert_close(got[0, 5:], causal_conv1d_silu_reference(x[:1, 5:], w)[0])
+    torch.testing.assert_close(got[0, :5], causal_conv1d_silu_reference(x[:1, :5], w)[0])
