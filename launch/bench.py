@@ -1,0 +1,190 @@
+"""Benchmarks, as scripts (never timed tests). Results go to bench/RESULTS.md by hand, with the GPU.
+
+    python launch/bench.py model --preset small                 # ours vs transformers, one GPU
+    python launch/bench.py model --preset tiny --device cpu --batch 2 --seq 128 --steps 2   # smoke run
+
+`model`: forward + backward + optimizer step (AdamW, bf16 parameters for both models, same
+random batch), side by side with `transformers.Qwen3NextForCausalLM` on the same config (MTP off
+for that comparison, HF has none) and ours with MTP on. Reports tokens/s, peak memory and MFU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from model.accounting import flops_per_token
+from model.config import ModelConfig, load_model_config
+from model.init import init_weights
+from model.qwen3_next import Qwen3NextForCausalLM
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+@dataclass
+class Result:
+    variant: str
+    tokens_per_s: float
+    step_ms: float
+    peak_mem_gib: float
+    tflops_per_s: float
+    mfu: float
+
+
+def peak_tflops(device: torch.device, override: float | None) -> float:
+    if override:
+        return override
+    if device.type != "cuda":
+        return float("nan")
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), float("nan"))
+
+
+def build_ours(config: ModelConfig, device, dtype):
+    model = Qwen3NextForCausalLM(config)
+    init_weights(model, config, seed=0)
+    model.to(device=device, dtype=dtype)
+
+    def loss_fn(ids, labels):
+        out = model(ids, labels=labels)
+        loss = out.lm_loss_sum / out.lm_tokens
+        for loss_sum, tokens in zip(out.mtp_loss_sums, out.mtp_tokens, strict=True):
+            loss = loss + 0.1 * loss_sum / tokens / len(out.mtp_loss_sums)
+        return loss
+
+    return model, loss_fn
+
+
+def build_hf(config: ModelConfig, device, dtype):
+    import transformers
+
+    fields = {k: v for k, v in config.to_dict().items() if k != "mtp_num_layers"}
+    hf_config = transformers.Qwen3NextConfig(**fields)
+    with contextlib.suppress(Exception):  # HF's fastest MoE path, where its version has one
+        hf_config._experts_implementation = "grouped_mm"
+    model = transformers.Qwen3NextForCausalLM(hf_config).to(device=device, dtype=dtype)
+    model.train()
+
+    def loss_fn(ids, labels):
+        return model(input_ids=ids, labels=labels).loss
+
+    return model, loss_fn
+
+
+def time_training(build, config, args, device) -> tuple[float, float]:
+    """(seconds per step, peak GiB) of forward + backward + AdamW step on a fixed random batch."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    model, loss_fn = build(config, device, dtype)
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq + 1), generator=gen).to(device)
+    inputs, labels = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+
+    def step():
+        loss = loss_fn(inputs, labels)
+        loss.backward()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    sync(device)
+    seconds = (time.perf_counter() - start) / args.steps
+    if not torch.isfinite(loss):
+        raise RuntimeError("non-finite loss in benchmark")
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return seconds, peak
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_model(args) -> list[Result]:
+    device = torch.device(args.device)
+    base = load_model_config(args.preset)
+    variants = {
+        "ours": (build_ours, ModelConfig(**{**base.to_dict(), "mtp_num_layers": 0})),
+        "ours+mtp": (build_ours, base),
+        "hf": (build_hf, ModelConfig(**{**base.to_dict(), "mtp_num_layers": 0})),
+    }
+    peak = peak_tflops(device, args.peak_tflops)
+    tokens = args.batch * args.seq
+    results = []
+    for name in args.variants:
+        build, config = variants[name]
+        seconds, mem = time_training(build, config, args, device)
+        gc.collect()  # the previous variant's model and optimizer go before the next one is built
+        tflops = flops_per_token(config, args.seq) * tokens / seconds / 1e12
+        results.append(Result(name, tokens / seconds, seconds * 1e3, mem, tflops, tflops / peak))
+        print(
+            f"{name:>9}: {tokens / seconds:10.0f} tok/s  {seconds * 1e3:8.1f} ms/step  "
+            f"peak {mem:6.2f} GiB  {tflops:6.1f} TFLOP/s  MFU {tflops / peak:.3f}",
+            flush=True,
+        )
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="what", required=True)
+    m = sub.add_parser("model", help="training-step throughput of ours vs transformers")
+    m.add_argument("--preset", default="small")
+    m.add_argument("--batch", type=int, default=4)
+    m.add_argument("--seq", type=int, default=4096)
+    m.add_argument("--steps", type=int, default=10)
+    m.add_argument("--warmup", type=int, default=3)
+    m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    m.add_argument(
+        "--variants", nargs="+", default=["ours", "ours+mtp", "hf"], choices=["ours", "ours+mtp", "hf"]
+    )
+    m.add_argument(
+        "--peak-tflops", type=float, default=None, help="bf16 dense peak of the GPU (default: by name)"
+    )
+    m.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+
+    results = bench_model(args)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    if "ours" in args.variants and "hf" in args.variants:
+        ours, hf = results[args.variants.index("ours")], results[args.variants.index("hf")]
+        print(
+            f"ours / hf: {ours.tokens_per_s / hf.tokens_per_s:.2f}x tokens/s, "
+            f"{ours.peak_mem_gib / hf.peak_mem_gib:.2f}x peak memory  ({device_name})"
+        )
+    if args.out:
+        args.out.write_text(
+            json.dumps(
+                {
+                    "device": device_name,
+                    "args": vars(args) | {"out": str(args.out)},
+                    "results": [asdict(r) for r in results],
+                },
+                indent=2,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
