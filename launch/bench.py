@@ -103,6 +103,8 @@ def time_training(build, config, args, device) -> tuple[float, float]:
     for _ in range(args.warmup):
         step()
     sync(device)
+    if args.profile:
+        profile_steps(step, args.profile / f"{build.__name__}_{config.mtp_num_layers}mtp.txt", device)
     start = time.perf_counter()
     for _ in range(args.steps):
         loss = step()
@@ -112,6 +114,20 @@ def time_training(build, config, args, device) -> tuple[float, float]:
         raise RuntimeError("non-finite loss in benchmark")
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     return seconds, peak
+
+
+def profile_steps(step, path: Path, device, steps: int = 2) -> None:
+    """Kernel time table of a few steps (torch.profiler), the top 40 by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=70))
 
 
 def sync(device):
@@ -162,6 +178,7 @@ def main(argv=None):
     m.add_argument(
         "--peak-tflops", type=float, default=None, help="bf16 dense peak of the GPU (default: by name)"
     )
+    m.add_argument("--profile", type=Path, default=None, help="write per-variant kernel tables to this folder")
     m.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
