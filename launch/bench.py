@@ -178,7 +178,7 @@ def main(argv=None):
     m.add_argument(
         "--peak-tflops", type=float, default=None, help="bf16 dense peak of the GPU (default: by name)"
     )
-    m.add_argument("--profile", type=Path, default=None, help="write per-variant kernel tables to this folder")
+    m.add_argument("--profile", type=Path, default=None, help="folder for per-variant kernel tables")
     m.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
