@@ -12,6 +12,7 @@ from model.config import ModelConfig
 from model.documents import DocumentLayout
 from model.norms import RMSNorm
 from model.ops.attention import causal_attention
+from model.ops.fusion import fused_on_cuda
 
 
 class RotaryEmbedding(nn.Module):
@@ -33,6 +34,7 @@ class RotaryEmbedding(nn.Module):
         return angles_btd.cos().to(dtype), angles_btd.sin().to(dtype)
 
 
+@fused_on_cuda
 def apply_partial_rotary(x_bhtd: torch.Tensor, cos_btr: torch.Tensor, sin_btr: torch.Tensor) -> torch.Tensor:
     rot = cos_btr.shape[-1]
     x_rot, x_pass = x_bhtd[..., :rot], x_bhtd[..., rot:]
@@ -40,6 +42,11 @@ def apply_partial_rotary(x_bhtd: torch.Tensor, cos_btr: torch.Tensor, sin_btr: t
     rotated_half = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
     x_rot = x_rot * cos_btr[:, None] + rotated_half * sin_btr[:, None]
     return torch.cat([x_rot, x_pass], dim=-1)
+
+
+@fused_on_cuda
+def gate_output(o_btf: torch.Tensor, gate_btf: torch.Tensor) -> torch.Tensor:
+    return o_btf * torch.sigmoid(gate_btf)
 
 
 class GatedAttention(nn.Module):
@@ -70,5 +77,4 @@ class GatedAttention(nn.Module):
         o_bhtd = causal_attention(
             q_bhtd, k_bhtd, v_bhtd, scale=self.head_dim**-0.5, segment_ids_bt=layout.segment_ids_bt
         )
-        o_btf = o_bhtd.transpose(1, 2).reshape(b, t, -1) * torch.sigmoid(gate_bthd.reshape(b, t, -1))
-        return self.o_proj(o_btf)
+        return self.o_proj(gate_output(o_bhtd.transpose(1, 2).reshape(b, t, -1), gate_bthd.reshape(b, t, -1)))

@@ -15,6 +15,19 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.ops.experts import routed_experts
+from model.ops.fusion import fused_on_cuda
+
+
+@fused_on_cuda
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+@fused_on_cuda
+def add_gated_shared(
+    routed_td: torch.Tensor, shared_td: torch.Tensor, shared_logit_t1: torch.Tensor
+) -> torch.Tensor:
+    return routed_td + torch.sigmoid(shared_logit_t1) * shared_td
 
 
 class SwiGLU(nn.Module):
@@ -27,7 +40,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Experts(nn.Module):
@@ -70,8 +83,8 @@ class SparseMoeBlock(nn.Module):
         x_td = x_btd.reshape(-1, x_btd.shape[-1])
         topk_weight_tk, topk_idx_tk = route(self.gate(x_td), self.num_experts_per_tok, self.norm_topk_prob)
         routed_td = self.experts(x_td, topk_idx_tk, topk_weight_tk.to(x_td.dtype))
-        shared_td = torch.sigmoid(self.shared_expert_gate(x_td)) * self.shared_expert(x_td)
-        return (routed_td + shared_td).view_as(x_btd)
+        shared_td = self.shared_expert(x_td)
+        return add_gated_shared(routed_td, shared_td, self.shared_expert_gate(x_td)).view_as(x_btd)
 
 
 class RouterLogitsRecorder:

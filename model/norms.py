@@ -9,10 +9,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.ops.fusion import fused_on_cuda
+
 
 def _rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     x = x.float()
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@fused_on_cuda
+def zero_centred_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return (_rms_normalize(x, eps) * (1.0 + weight.float())).type_as(x)
+
+
+@fused_on_cuda
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # The weight multiplies in the input dtype before the gate, as the reference does.
+    y = weight * _rms_normalize(x, eps).type_as(x)
+    return (y * F.silu(gate.float())).type_as(x)
 
 
 class RMSNorm(nn.Module):
@@ -22,7 +36,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (_rms_normalize(x, self.eps) * (1.0 + self.weight.float())).type_as(x)
+        return zero_centred_rms_norm(x, self.weight, self.eps)
 
 
 class GatedRMSNorm(nn.Module):
@@ -32,6 +46,4 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        # The weight multiplies in the input dtype before the gate, as the reference does.
-        y = self.weight * _rms_normalize(x, self.eps).type_as(x)
-        return (y * F.silu(gate.float())).type_as(x)
+        return gated_rms_norm(x, gate, self.weight, self.eps)

@@ -118,7 +118,7 @@ class Qwen3NextForCausalLM(nn.Module):
                 f"sequence length {input_ids.shape[1]} exceeds model.max_position_embeddings "
                 f"({self.config.max_position_embeddings})"
             )
-        low, high = int(input_ids.min()), int(input_ids.max())
+        low, high = (int(v) for v in torch.aminmax(input_ids))  # one host sync, not two
         if low < 0 or high >= self.config.vocab_size:
             bad = low if low < 0 else high
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")

@@ -8,7 +8,10 @@ needs no transposes. The weight keeps nn.Conv1d's depthwise layout [c, 1, k] (HF
 import torch
 import torch.nn.functional as F
 
+from model.ops.fusion import fused_on_cuda
 
+
+@fused_on_cuda
 def causal_conv1d_silu(
     x_btc: torch.Tensor, weight_c1k: torch.Tensor, segment_pos_bt: torch.Tensor
 ) -> torch.Tensor:

@@ -19,6 +19,8 @@ Legend: n tokens (rows), d hidden, v vocabulary, c rows of one chunk.
 import torch
 import torch.nn.functional as F
 
+from model.ops.fusion import compile_enabled, fused_on_cuda
+
 
 def linear_cross_entropy(
     h_nd: torch.Tensor,
@@ -121,6 +123,54 @@ def _chunked_loss_only(
     return loss_sum
 
 
+@fused_on_cuda
+def fused_loss_and_grad_logits(
+    logits_cv: torch.Tensor, labels_c: torch.Tensor, keep_c: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chunk loss sum, d loss / d logits in the logits' dtype) in one compiled pass on CUDA.
+
+    The CUDA path of the chunk step: the matmul's low-precision logits go in, fp32 exists only in
+    registers. (On CPU the in-place functions above are used instead; this eager form is their
+    test twin.)
+    """
+    logits_cv32 = logits_cv.float()
+    lse_c = torch.logsumexp(logits_cv32, dim=-1)
+    target_c = logits_cv32.gather(1, labels_c[:, None]).squeeze(1)
+    loss_sum = torch.where(keep_c, lse_c - target_c, 0.0).sum()
+    vocab_v = torch.arange(logits_cv.shape[1], device=logits_cv.device)
+    onehot_cv = (vocab_v[None, :] == labels_c[:, None]).float()
+    grad_cv = torch.where(keep_c[:, None], torch.exp(logits_cv32 - lse_c[:, None]) - onehot_cv, 0.0)
+    return loss_sum, grad_cv.to(logits_cv.dtype)
+
+
+def _chunk_loss_and_grad(
+    h_cd: torch.Tensor, weight_vd: torch.Tensor, labels_c: torch.Tensor, keep_c: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if h_cd.is_cuda and compile_enabled():
+        return fused_loss_and_grad_logits(h_cd @ weight_vd.T, labels_c, keep_c)
+    exp_cv, sum_exp_c, chunk_loss = _exp_in_place_and_loss(_chunk_logits(h_cd, weight_vd), labels_c, keep_c)
+    # The gradient matmuls run in the input dtype (as the reference's backward does); for bf16 the
+    # fp32 buffer is dropped right after this cast.
+    return chunk_loss, _grad_logits_in_place(exp_cv, sum_exp_c, labels_c, keep_c).to(h_cd.dtype)
+
+
+_ADDMM_OUT_DTYPE = hasattr(torch, "addmm")  # cleared if this torch lacks addmm(out_dtype=) on CUDA
+
+
+def _accumulate_grad_weight(
+    grad_w_vd: torch.Tensor, grad_cv: torch.Tensor, h_cd: torch.Tensor
+) -> torch.Tensor:
+    """grad_w += grad^T h, accumulated in fp32. On CUDA the GEMM writes fp32 itself (addmm with
+    out_dtype), which saves a bf16 [V, D] product and a pass over it per chunk."""
+    global _ADDMM_OUT_DTYPE
+    if _ADDMM_OUT_DTYPE and grad_cv.is_cuda and grad_cv.dtype != torch.float32:
+        try:
+            return torch.addmm(grad_w_vd, grad_cv.T, h_cd, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):
+            _ADDMM_OUT_DTYPE = False
+    return grad_w_vd.add_(grad_cv.T @ h_cd)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Loss sum in forward with the gradients computed alongside; backward scales them."""
 
@@ -144,18 +194,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for rows in _row_chunks(h_nd.shape[0], chunk_size):
             h_cd = h_nd[rows]
             labels_c, keep_c = _safe_labels(labels_n[rows], ignore_index)
-            exp_cv, sum_exp_c, chunk_loss = _exp_in_place_and_loss(
-                _chunk_logits(h_cd, weight_vd), labels_c, keep_c
-            )
+            chunk_loss, grad_cv = _chunk_loss_and_grad(h_cd, weight_vd, labels_c, keep_c)
             loss_sum += chunk_loss
-            # Both gradient matmuls run in the input dtype (as the reference's backward does); for bf16
-            # the fp32 buffer is dropped right after this cast.
-            grad_cv = _grad_logits_in_place(exp_cv, sum_exp_c, labels_c, keep_c).to(h_nd.dtype)
-            del exp_cv
             if want_grad_h:
                 grad_h_nd[rows] = grad_cv @ weight_vd
             if want_grad_w:
-                grad_w_vd += grad_cv.T @ h_cd
+                grad_w_vd = _accumulate_grad_weight(grad_w_vd, grad_cv, h_cd)
         grad_w_vd = grad_w_vd.to(weight_vd.dtype) if want_grad_w else None
         ctx.save_for_backward(grad_h_nd, grad_w_vd)
         return loss_sum

@@ -16,6 +16,8 @@ the reference syncs once per call to list the busy experts.
 import torch
 import torch.nn.functional as F
 
+from model.ops.fusion import fused_on_cuda
+
 # torch._grouped_mm's bf16 kernel wants every row stride to be a multiple of 16 bytes.
 _BF16_ROW_ALIGNMENT = 16 // torch.bfloat16.itemsize
 
@@ -125,6 +127,7 @@ def _grouped_mm_loop(a_sk: torch.Tensor, b_ekn: torch.Tensor, offs_e: torch.Tens
     return torch.cat(pieces)
 
 
+@fused_on_cuda
 def _swiglu(gate_up_n2i: torch.Tensor) -> torch.Tensor:
     gate_ni, up_ni = gate_up_n2i.chunk(2, dim=-1)
     return F.silu(gate_ni) * up_ni
@@ -134,10 +137,11 @@ def _swiglu_expert(x_nh: torch.Tensor, gate_up_2ih: torch.Tensor, down_hi: torch
     return F.linear(_swiglu(F.linear(x_nh, gate_up_2ih)), down_hi)
 
 
+@fused_on_cuda
 def _weighted_sum_over_slots(out_tkh: torch.Tensor, weight_tk: torch.Tensor) -> torch.Tensor:
-    """sum_k w[t, k] * out[t, k]: a batched [1, k] @ [k, h] product, so the k terms add in fp32."""
-    weight_t1k = weight_tk.to(out_tkh.dtype).unsqueeze(1)
-    return torch.bmm(weight_t1k, out_tkh).squeeze(1)
+    """sum_k w[t, k] * out[t, k], the k terms added in fp32 (one fused kernel on CUDA)."""
+    weighted_tkh = out_tkh.float() * weight_tk.to(out_tkh.dtype).float().unsqueeze(-1)
+    return weighted_tkh.sum(dim=1).to(out_tkh.dtype)
 
 
 class _PermuteRows(torch.autograd.Function):
