@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import sys
@@ -28,6 +29,7 @@ from model.config import ModelConfig, load_model_config
 from model.init import init_weights
 from model.qwen3_next import Qwen3NextForCausalLM
 
+VARIANTS = ["ours", "ours+mtp", "ours-compiled", "ours-compiled+mtp", "hf"]
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
@@ -50,10 +52,12 @@ def peak_tflops(device: torch.device, override: float | None) -> float:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), float("nan"))
 
 
-def build_ours(config: ModelConfig, device, dtype):
+def build_ours(config: ModelConfig, device, dtype, compile_layers: bool = False):
     model = Qwen3NextForCausalLM(config)
     init_weights(model, config, seed=0)
     model.to(device=device, dtype=dtype)
+    if compile_layers:
+        model.compile_layers()
 
     def loss_fn(ids, labels):
         out = model(ids, labels=labels)
@@ -81,7 +85,7 @@ def build_hf(config: ModelConfig, device, dtype):
     return model, loss_fn
 
 
-def time_training(build, config, args, device) -> tuple[float, float]:
+def time_training(name, build, config, args, device) -> tuple[float, float]:
     """(seconds per step, peak GiB) of forward + backward + AdamW step on a fixed random batch."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cuda":
@@ -104,7 +108,7 @@ def time_training(build, config, args, device) -> tuple[float, float]:
         step()
     sync(device)
     if args.profile:
-        profile_steps(step, args.profile / f"{build.__name__}_{config.mtp_num_layers}mtp.txt", device)
+        profile_steps(step, args.profile / f"{name}.txt", device)
     start = time.perf_counter()
     for _ in range(args.steps):
         loss = step()
@@ -138,17 +142,20 @@ def sync(device):
 def bench_model(args) -> list[Result]:
     device = torch.device(args.device)
     base = load_model_config(args.preset)
+    no_mtp = ModelConfig(**{**base.to_dict(), "mtp_num_layers": 0})
     variants = {
-        "ours": (build_ours, ModelConfig(**{**base.to_dict(), "mtp_num_layers": 0})),
+        "ours": (build_ours, no_mtp),
         "ours+mtp": (build_ours, base),
-        "hf": (build_hf, ModelConfig(**{**base.to_dict(), "mtp_num_layers": 0})),
+        "ours-compiled": (functools.partial(build_ours, compile_layers=True), no_mtp),
+        "ours-compiled+mtp": (functools.partial(build_ours, compile_layers=True), base),
+        "hf": (build_hf, no_mtp),
     }
     peak = peak_tflops(device, args.peak_tflops)
     tokens = args.batch * args.seq
     results = []
     for name in args.variants:
         build, config = variants[name]
-        seconds, mem = time_training(build, config, args, device)
+        seconds, mem = time_training(name, build, config, args, device)
         gc.collect()  # the previous variant's model and optimizer go before the next one is built
         tflops = flops_per_token(config, args.seq) * tokens / seconds / 1e12
         results.append(Result(name, tokens / seconds, seconds * 1e3, mem, tflops, tflops / peak))
@@ -172,9 +179,7 @@ def main(argv=None):
     m.add_argument("--steps", type=int, default=10)
     m.add_argument("--warmup", type=int, default=3)
     m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    m.add_argument(
-        "--variants", nargs="+", default=["ours", "ours+mtp", "hf"], choices=["ours", "ours+mtp", "hf"]
-    )
+    m.add_argument("--variants", nargs="+", default=["ours", "ours+mtp", "hf"], choices=VARIANTS)
     m.add_argument(
         "--peak-tflops", type=float, default=None, help="bf16 dense peak of the GPU (default: by name)"
     )
@@ -184,18 +189,20 @@ def main(argv=None):
 
     results = bench_model(args)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    if "ours" in args.variants and "hf" in args.variants:
-        ours, hf = results[args.variants.index("ours")], results[args.variants.index("hf")]
-        print(
-            f"ours / hf: {ours.tokens_per_s / hf.tokens_per_s:.2f}x tokens/s, "
-            f"{ours.peak_mem_gib / hf.peak_mem_gib:.2f}x peak memory  ({device_name})"
-        )
+    if "hf" in args.variants:
+        hf = results[args.variants.index("hf")]
+        for ours in results:
+            if ours.variant != "hf":
+                print(
+                    f"{ours.variant} / hf: {ours.tokens_per_s / hf.tokens_per_s:.2f}x tokens/s, "
+                    f"{ours.peak_mem_gib / hf.peak_mem_gib:.2f}x peak memory  ({device_name})"
+                )
     if args.out:
         args.out.write_text(
             json.dumps(
                 {
                     "device": device_name,
-                    "args": vars(args) | {"out": str(args.out)},
+                    "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                     "results": [asdict(r) for r in results],
                 },
                 indent=2,

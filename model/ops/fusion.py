@@ -24,7 +24,8 @@ def fused_on_cuda(fn):
     def wrapper(*args, **kwargs):
         nonlocal compiled
         first = next(a for a in args if isinstance(a, torch.Tensor))
-        if not (first.is_cuda and compile_enabled()):
+        # Inside a compiled decoder layer (Qwen3NextForCausalLM.compile_layers) dynamo traces fn itself.
+        if torch.compiler.is_compiling() or not (first.is_cuda and compile_enabled()):
             return fn(*args, **kwargs)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=False)

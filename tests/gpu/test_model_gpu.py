@@ -85,3 +85,17 @@ def test_bf16_gpu_model_stays_close_to_the_reference():
     loss, grads = loss_and_grads(gpu, ids.cuda(), pos.cuda(), labels.cuda())
     assert abs(loss.float().cpu() - ref_loss) / ref_loss < 2e-2
     assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_compiled_layers_compute_the_eager_model():
+    config = gpu_sized_config()
+    _, eager = reference_and_gpu_models(config, torch.float32)
+    _, compiled = reference_and_gpu_models(config, torch.float32)
+    compiled.compile_layers()
+    ids, labels, pos = (t.cuda() for t in packed_batch(config))
+    eager_loss, eager_grads = loss_and_grads(eager, ids, pos, labels)
+    loss, grads = loss_and_grads(compiled, ids, pos, labels)
+    assert abs(loss - eager_loss) / eager_loss < 1e-4
+    errors = {n: rel_rms(grads[n], g) for n, g in eager_grads.items() if g.norm() > 0}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < 1e-3, f"{worst}: relative RMS error {errors[worst]:.3g}"
