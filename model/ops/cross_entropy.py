@@ -19,7 +19,7 @@ Legend: n tokens (rows), d hidden, v vocabulary, c rows of one chunk.
 import torch
 import torch.nn.functional as F
 
-from model.ops.fusion import compile_enabled, fused_on_cuda
+from model.ops.fusion import compile_on, fused_on_cuda
 
 
 def linear_cross_entropy(
@@ -146,7 +146,7 @@ def fused_loss_and_grad_logits(
 def _chunk_loss_and_grad(
     h_cd: torch.Tensor, weight_vd: torch.Tensor, labels_c: torch.Tensor, keep_c: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if h_cd.is_cuda and compile_enabled():
+    if compile_on(h_cd):
         return fused_loss_and_grad_logits(h_cd @ weight_vd.T, labels_c, keep_c)
     exp_cv, sum_exp_c, chunk_loss = _exp_in_place_and_loss(_chunk_logits(h_cd, weight_vd), labels_c, keep_c)
     # The gradient matmuls run in the input dtype (as the reference's backward does); for bf16 the

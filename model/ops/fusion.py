@@ -4,7 +4,9 @@ Norms in fp32, the DeltaNet conv taps, RoPE, SwiGLU and the cross-entropy's soft
 elementwise ops; eager PyTorch runs each as its own kernel over the whole tensor (forward and
 backward), which made them a third of a `small` training step on an H200. Compiled, each chain is
 one or two fused kernels. On CPU (tests, laptops) the same Python function runs eagerly, so the
-eager function is both the reference and the CPU path. Set QWEN3NEXT_COMPILE=0 to disable.
+eager function is both the reference and the CPU path. QWEN3NEXT_COMPILE=0 disables compilation;
+QWEN3NEXT_COMPILE=always compiles on CPU too (inductor's C++ backend), so that CPU tests can hold
+the compiled functions to their eager selves.
 """
 
 import functools
@@ -13,8 +15,9 @@ import os
 import torch
 
 
-def compile_enabled() -> bool:
-    return os.environ.get("QWEN3NEXT_COMPILE", "1") != "0"
+def compile_on(tensor: torch.Tensor) -> bool:
+    mode = os.environ.get("QWEN3NEXT_COMPILE", "1")
+    return mode == "always" or (tensor.is_cuda and mode != "0")
 
 
 def fused_on_cuda(fn):
@@ -25,7 +28,7 @@ def fused_on_cuda(fn):
         nonlocal compiled
         first = next(a for a in args if isinstance(a, torch.Tensor))
         # Inside a compiled decoder layer (Qwen3NextForCausalLM.compile_layers) dynamo traces fn itself.
-        if torch.compiler.is_compiling() or not (first.is_cuda and compile_enabled()):
+        if torch.compiler.is_compiling() or not compile_on(first):
             return fn(*args, **kwargs)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=False)

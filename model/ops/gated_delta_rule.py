@@ -30,6 +30,10 @@ __all__ = [
 L2NORM_EPS = 1e-6  # inside the rsqrt, as HF transformers' and fla's l2norm have it
 
 
+# A kernel boundary for torch.compile, on both paths: fla's entry point is compiler-disabled itself,
+# and inductor mis-compiled the reference's backward (wrong dA_log / ddt_bias gradients with the
+# decoder layers compiled on CPU, torch 2.13), so compiled layers call this eagerly.
+@torch.compiler.disable
 def chunk_gated_delta_rule(
     q: Tensor,
     k: Tensor,
