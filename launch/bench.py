@@ -2,6 +2,8 @@
 
     python launch/bench.py model --preset small                 # ours vs transformers, one GPU
     python launch/bench.py model --preset tiny --device cpu --batch 2 --seq 128 --steps 2   # smoke run
+    python launch/bench.py prepare [FILES]   # prepare_data vs the raw tokenizer, MB/s and tokens/s
+    python launch/bench.py loader [--path DIR]   # packed batches per second from local shards
 
 `model`: forward + backward + optimizer step (AdamW, bf16 parameters for both models, same
 random batch), side by side with `transformers.Qwen3NextForCausalLM` on the same config (MTP off
@@ -14,6 +16,7 @@ import argparse
 import contextlib
 import functools
 import gc
+import importlib
 import json
 import sys
 import time
@@ -185,7 +188,13 @@ def main(argv=None):
     )
     m.add_argument("--profile", type=Path, default=None, help="folder for per-variant kernel tables")
     m.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    args = parser.parse_args(argv)
+    for name, module in (("prepare", "data.bench_prepare"), ("loader", "data.bench_loader")):
+        sub.add_parser(name, help=f"{module} (its own options follow)", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.what != "model":
+        return importlib.import_module(f"data.bench_{args.what}").main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
     results = bench_model(args)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
@@ -211,4 +220,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
