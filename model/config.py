@@ -130,7 +130,7 @@ def load_model_config(preset: str, **overrides) -> ModelConfig:
         known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
         raise ValueError(f"unknown model preset {preset!r} (no {path.name} in conf/model/; known: {known})")
     values = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    values.pop("_target_", None)
+    values.pop("defaults", None)  # the Hydra schema line of the preset
     values.update(overrides)
     unknown = sorted(set(values) - {f.name for f in dataclasses.fields(ModelConfig)})
     if unknown:

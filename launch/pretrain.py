@@ -1,0 +1,53 @@
+"""Pretraining entry point: `torchrun --nproc_per_node N launch/pretrain.py conf=PRESET [overrides]`.
+
+Composes conf/pretrain.yaml with the preset over the typed schema of train/config.py (an unknown
+key or a wrong type fails here, naming it), checks the layout against the world size, then trains.
+`trainer.dry_run=true` only builds the model on the meta device and reports parameters, FLOPs and
+the per-rank memory estimate (`trainer.dry_run_world_size` picks the world size to plan for).
+"""
+
+import math
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from train.config import register_configs, validate_layout
+
+register_configs()
+
+
+def planned_world_size(cfg) -> int:
+    """trainer.dry_run_world_size, else torchrun's WORLD_SIZE, else the smallest the layout allows."""
+    if cfg.trainer.dry_run_world_size:
+        return cfg.trainer.dry_run_world_size
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return math.lcm(cfg.parallel.tensor, cfg.parallel.expert)
+
+
+@hydra.main(config_path="../conf", config_name="pretrain", version_base=None)
+def main(raw: DictConfig) -> None:
+    try:
+        cfg = OmegaConf.to_object(raw)  # also runs the model config's own validation
+        world = planned_world_size(cfg) if cfg.trainer.dry_run else int(os.environ.get("WORLD_SIZE", "1"))
+        layout = validate_layout(cfg, world)
+    except ValueError as error:
+        sys.exit(f"pretrain.py: {error}")
+    if cfg.trainer.dry_run:
+        from train.dry_run import dry_run_report
+
+        print(dry_run_report(cfg, layout)[0])
+        return
+    sys.exit(
+        "pretrain.py: the training loop (DeepSpeed engine, checkpoints, metrics) is not in this "
+        "version yet; trainer.dry_run=true plans a run"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""launch/pretrain.py's configuration: typed Hydra configs, layout validation, the dry run."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.config import load_model_config
+from model.qwen3_next import Qwen3NextForCausalLM
+from train.memory import estimate_memory
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def pretrain(*overrides: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "launch" / "pretrain.py"), *overrides]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def test_dry_run_of_80b_a3b_reports_the_published_sizes():
+    result = pretrain("conf=80b_a3b", "trainer.dry_run=true")
+    assert result.returncode == 0, result.stderr
+    assert "79.67B total without MTP" in result.stdout
+    assert "3.87B active per token" in result.stdout
+    assert "memory per rank" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("trainer.foo=1", "trainer.foo"),
+        ("trainer.max_steps=abc", "trainer.max_steps"),
+        ("trainer.global_batch_size=7", "trainer.global_batch_size"),
+        ("parallel.expert=3", "parallel.expert"),
+        ("model.num_key_value_heads=3", "model.num_key_value_heads"),
+        ("data.streams=3", "data.streams"),
+    ],
+)
+def test_bad_settings_fail_at_start_naming_the_key(override, named):
+    world = ["trainer.dry_run_world_size=2"] if override.startswith("data.streams") else []
+    result = pretrain("conf=tiny", "trainer.dry_run=true", override, *world)
+    assert result.returncode != 0
+    assert named in result.stderr
+
+
+def test_memory_estimate_of_the_plain_layout_counts_every_built_parameter():
+    """World 1, no sharding: weights and gradients are 2 bytes and the optimizer 12 bytes for
+    every parameter of the model actually built (MTP included)."""
+    config = load_model_config("small")
+    with torch.device("meta"):
+        numel = sum(p.numel() for p in Qwen3NextForCausalLM(config).parameters())
+    memory = estimate_memory(
+        config, world=1, tensor=1, expert=1, zero_stage=0, micro_batch_size=1, seq_len=128,
+        activation_checkpointing=False,
+    )  # fmt: skip
+    assert memory.parameters == pytest.approx(2 * numel)
+    assert memory.gradients == pytest.approx(2 * numel)
+    assert memory.optimizer == pytest.approx(12 * numel)
+
+
+def test_zero_and_expert_parallelism_shard_what_they_should():
+    config = load_model_config("small")
+    kwargs = dict(micro_batch_size=1, seq_len=128, activation_checkpointing=False)
+    plain = estimate_memory(config, world=4, tensor=1, expert=1, zero_stage=0, **kwargs)
+    zero1 = estimate_memory(config, world=4, tensor=1, expert=1, zero_stage=1, **kwargs)
+    ep4 = estimate_memory(config, world=4, tensor=1, expert=4, zero_stage=0, **kwargs)
+    assert zero1.optimizer == pytest.approx(plain.optimizer / 4)  # one dp group of 4 for everything
+    assert zero1.parameters == plain.parameters
+    assert ep4.parameters < plain.parameters  # experts split 4 ways

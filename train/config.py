@@ -1,0 +1,197 @@
+"""Typed configuration of a pretraining run: dataclasses registered in Hydra's ConfigStore.
+
+`launch/pretrain.py conf=PRESET [overrides]` composes conf/pretrain.yaml, the groups model/,
+parallel/, data/, optim/, trainer/, loss/, checkpoint/, logging/ and the preset conf/conf/PRESET.yaml
+over these schemas, so an unknown key or a wrong type fails before any work, naming the key.
+`validate_layout` then checks the settings against each other and the world size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from model.config import ModelConfig
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1  # tensor-parallel size of the attention / DeltaNet heads
+    expert: int = 1  # expert-parallel size of the MoE
+    zero_stage: int = 1
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/demo"
+    index: str | None = None  # index.json location when `path` is a URL pattern
+    seq_len: int = 512
+    num_workers: int = 1
+    streams: int = 16  # fixed stream count: batches do not depend on world size (dp must divide it)
+    shuffle_buffer: int = 0
+    skip_corrupt: bool = False
+    verify_sha256: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay)
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # wsd: the last fraction of schedule_steps decays
+    schedule_steps: int | None = None  # the schedule's horizon; default trainer.max_steps
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    global_batch_size: int = 8  # sequences per optimizer step
+    micro_batch_size: int = 1
+    seed: int = 0
+    dry_run: bool = False
+    dry_run_world_size: int | None = None
+    gpu_memory_gb: float = 80.0
+    activation_checkpointing: bool = False
+    log_every: int = 1
+    max_bad_steps: int = 3
+
+
+@dataclass
+class LossConfig:
+    mtp_weight: float = 0.3
+    lb_coef: float = 1e-3
+    z_coef: float = 0.0
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # 0: only at the end
+    keep: int = 3
+    resume: str = "auto"  # auto | none | a path
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "qwen3next-pretrain"
+    entity: str | None = None
+    name: str | None = None
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    plot_every: int = 10
+
+
+@dataclass
+class PretrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = MISSING
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def register_configs() -> None:
+    store = ConfigStore.instance()
+    store.store(name="pretrain_schema", node=PretrainConfig)
+    for group, node in (
+        ("model", ModelConfig),
+        ("parallel", ParallelConfig),
+        ("data", DataConfig),
+        ("optim", OptimConfig),
+        ("trainer", TrainerConfig),
+        ("loss", LossConfig),
+        ("checkpoint", CheckpointConfig),
+        ("logging", LoggingConfig),
+    ):
+        store.store(group=group, name=f"{group}_schema", node=node)
+
+
+@dataclass(frozen=True)
+class Layout:
+    world: int
+    tensor: int
+    expert: int
+    data: int  # data-parallel size of the attention/DeltaNet stack: world / tensor
+    expert_data: int  # data-parallel size of the experts: world / expert
+    grad_accum: int  # micro-batches per optimizer step on each rank
+
+
+def validate_layout(cfg: PretrainConfig, world: int) -> Layout:
+    """Check the settings against each other and the world size; ValueError names the setting."""
+    p, t, m, d = cfg.parallel, cfg.trainer, cfg.model, cfg.data
+    checks = [
+        (world >= 1, f"world size must be >= 1, got {world}"),
+        (
+            p.tensor >= 1 and world % p.tensor == 0,
+            f"parallel.tensor ({p.tensor}) must divide the world size ({world})",
+        ),
+        (
+            p.expert >= 1 and world % p.expert == 0,
+            f"parallel.expert ({p.expert}) must divide the world size ({world})",
+        ),
+        (p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}"),
+        (
+            m.num_experts % p.expert == 0,
+            f"parallel.expert ({p.expert}) must divide model.num_experts ({m.num_experts})",
+        ),
+        (
+            m.num_attention_heads % p.tensor == 0,
+            f"parallel.tensor ({p.tensor}) must divide model.num_attention_heads ({m.num_attention_heads})",
+        ),
+        (
+            m.linear_num_key_heads % p.tensor == 0,
+            f"parallel.tensor ({p.tensor}) must divide model.linear_num_key_heads ({m.linear_num_key_heads})",
+        ),
+        (
+            p.tensor % m.num_key_value_heads == 0 or m.num_key_value_heads % p.tensor == 0,
+            f"parallel.tensor ({p.tensor}) and model.num_key_value_heads ({m.num_key_value_heads}) "
+            "must divide one another (KV heads split, or replicated when tensor parallelism exceeds them)",
+        ),
+        (t.micro_batch_size >= 1, f"trainer.micro_batch_size must be >= 1, got {t.micro_batch_size}"),
+        (d.seq_len >= 2, f"data.seq_len must be >= 2, got {d.seq_len}"),
+        (
+            d.seq_len <= m.max_position_embeddings,
+            f"data.seq_len ({d.seq_len}) exceeds model.max_position_embeddings ({m.max_position_embeddings})",
+        ),
+        (
+            cfg.optim.schedule in ("cosine", "wsd"),
+            f"optim.schedule must be cosine or wsd, got {cfg.optim.schedule!r}",
+        ),
+        (
+            cfg.logging.wandb.mode in ("offline", "online", "disabled"),
+            f"logging.wandb.mode must be offline, online or disabled, got {cfg.logging.wandb.mode!r}",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    dp = world // p.tensor
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size % per_step:
+        raise ValueError(
+            f"trainer.global_batch_size ({t.global_batch_size}) must be a multiple of "
+            f"trainer.micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp})"
+        )
+    if d.streams % dp:
+        raise ValueError(f"the data-parallel size ({dp}) must divide data.streams ({d.streams})")
+    return Layout(world, p.tensor, p.expert, dp, world // p.expert, t.global_batch_size // per_step)

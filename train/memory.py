@@ -1,0 +1,96 @@
+"""Per-rank memory estimate of a training layout, from the config alone (for `trainer.dry_run`).
+
+Bytes per parameter on GPU: bf16 weights (2) and gradients (2), fp32 master weights and two Adam
+moments (12) sharded by ZeRO: stage >= 1 shards the optimizer state, >= 2 the gradients, 3 the
+weights, over the data-parallel group of the parameter (world / tensor for the attention/DeltaNet
+stack, world / expert for the routed experts). Tensor parallelism splits the mixers' weights,
+expert parallelism the experts; embedding, LM head and the rest are replicated.
+
+Activations are an estimate of what autograd keeps for one micro-batch (bf16), per layer:
+T * 2 bytes * (10 H + 2 * mixer width / tp + top_k * (3 I + H)), where T = micro_batch * seq_len;
+with activation checkpointing only each layer's input (T * H * 2) plus one layer's worth is kept.
+The LM-head cross-entropy adds one chunk of logits (2048 x vocab x 6 bytes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from model.accounting import attention_params, count_parameters, deltanet_params, routed_expert_params
+from model.config import ModelConfig
+
+GIB = 1024**3
+CE_CHUNK = 2048
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    parameters: float  # bytes per rank
+    gradients: float
+    optimizer: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.parameters + self.gradients + self.optimizer + self.activations
+
+
+def split_parameters(c: ModelConfig) -> tuple[int, int, int]:
+    """(routed experts, tensor-parallel mixers, replicated rest), MTP included."""
+    counted = count_parameters(c)
+    moe_layers = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers)) + c.mtp_num_layers
+    experts = routed_expert_params(c) * moe_layers
+    mixers = (
+        sum(attention_params(c) if t == "full_attention" else deltanet_params(c) for t in c.layer_types)
+        + attention_params(c) * c.mtp_num_layers
+    )
+    rest = counted.total + counted.mtp - experts - mixers
+    return experts, mixers, rest
+
+
+def estimate_memory(
+    c: ModelConfig,
+    *,
+    world: int,
+    tensor: int,
+    expert: int,
+    zero_stage: int,
+    micro_batch_size: int,
+    seq_len: int,
+    activation_checkpointing: bool,
+) -> MemoryEstimate:
+    experts, mixers, rest = split_parameters(c)
+    dense_local = mixers / tensor + rest
+    expert_local = experts / expert
+    dense_dp, expert_dp = world // tensor, world // expert
+
+    def sharded(count: float, group: int, stage_from: int) -> float:
+        return count / group if zero_stage >= stage_from else count
+
+    params = 2 * (sharded(dense_local, dense_dp, 3) + sharded(expert_local, expert_dp, 3))
+    grads = 2 * (sharded(dense_local, dense_dp, 2) + sharded(expert_local, expert_dp, 2))
+    optim = 12 * (sharded(dense_local, dense_dp, 1) + sharded(expert_local, expert_dp, 1))
+    return MemoryEstimate(
+        params, grads, optim, activation_bytes(c, tensor, micro_batch_size, seq_len, activation_checkpointing)
+    )
+
+
+def activation_bytes(
+    c: ModelConfig, tensor: int, micro_batch_size: int, seq_len: int, checkpointing: bool
+) -> float:
+    tokens = micro_batch_size * seq_len
+    h = c.hidden_size
+    key_dim = c.linear_num_key_heads * c.linear_key_head_dim
+    value_dim = c.linear_num_value_heads * c.linear_value_head_dim
+    widths = {
+        "linear_attention": 2 * key_dim + 2 * value_dim,
+        "full_attention": 2 * c.num_attention_heads * c.head_dim + 2 * c.num_key_value_heads * c.head_dim,
+    }
+    moe = c.num_experts_per_tok * (3 * c.moe_intermediate_size + h)
+    per_layer = {t: tokens * 2 * (10 * h + 2 * w / tensor + moe) for t, w in widths.items()}
+    layers = [*c.layer_types, *["full_attention"] * c.mtp_num_layers]
+    if checkpointing:
+        kept = len(layers) * tokens * h * 2 + max(per_layer.values())
+    else:
+        kept = sum(per_layer[t] for t in layers)
+    return kept + CE_CHUNK * c.vocab_size * 6
