@@ -61,18 +61,31 @@ def reference_and_gpu_models(config, dtype):
     return cpu, gpu.to(device="cuda", dtype=dtype)
 
 
-def test_fp32_gpu_model_matches_cpu_reference():
-    """Same weights, fp32: fla (packed, cu_seqlens, grouped value heads), the compiled fusions and
-    the chunked CE on CUDA compute the CPU reference's loss and gradients."""
-    config = gpu_sized_config()
+def assert_fp32_gpu_matches_cpu(config):
     cpu, gpu = reference_and_gpu_models(config, torch.float32)
     ids, labels, pos = packed_batch(config)
     ref_loss, ref_grads = loss_and_grads(cpu, ids, pos, labels)
     loss, grads = loss_and_grads(gpu, ids.cuda(), pos.cuda(), labels.cuda())
     assert abs(loss.cpu() - ref_loss) / ref_loss < 1e-3, f"loss {loss.item()} vs reference {ref_loss.item()}"
     errors = {n: rel_rms(grads[n], g) for n, g in ref_grads.items() if g.norm() > 0}
-    worst = max(errors, key=errors.get)
-    assert errors[worst] < 2e-2, f"{worst}: relative RMS error {errors[worst]:.3g}"
+    worst = sorted(errors, key=errors.get, reverse=True)[:5]
+    assert errors[worst[0]] < 2e-2, "relative RMS errors: " + ", ".join(f"{n} {errors[n]:.3g}" for n in worst)
+
+
+def test_fp32_gpu_model_matches_cpu_reference():
+    """Same weights, fp32: fla (packed, cu_seqlens, grouped value heads), the compiled fusions and
+    the chunked CE on CUDA compute the CPU reference's loss and gradients."""
+    assert_fp32_gpu_matches_cpu(gpu_sized_config())
+
+
+def test_fp32_gpu_model_with_reference_delta_rule_matches_cpu(monkeypatch):
+    """The same with the pure-torch delta rule on CUDA: if only the test above fails, the
+    difference is fla's (e.g. its fp32 inputs run TF32 dots), not the rest of the GPU path."""
+    import model.deltanet
+    from model.ops.gated_delta_rule import chunk_gated_delta_rule_reference
+
+    monkeypatch.setattr(model.deltanet, "chunk_gated_delta_rule", chunk_gated_delta_rule_reference)
+    assert_fp32_gpu_matches_cpu(gpu_sized_config())
 
 
 def test_bf16_gpu_model_stays_close_to_the_reference():
