@@ -34,7 +34,7 @@ def attention_params(c: ModelConfig) -> int:
     kv = 2 * h * c.num_key_value_heads * d
     out = c.num_attention_heads * d * h
     bias = (2 * c.num_attention_heads + 2 * c.num_key_value_heads) * d + h if c.attention_bias else 0
-    return q_gate + kv + out + 2 * d + bias
+    return q_gate + kv + out + bias + mixer_small_params(c, "full_attention")
 
 
 def deltanet_params(c: ModelConfig) -> int:
@@ -42,8 +42,18 @@ def deltanet_params(c: ModelConfig) -> int:
     key_dim = c.linear_num_key_heads * c.linear_key_head_dim
     value_dim = c.linear_num_value_heads * c.linear_value_head_dim
     projections = h * (2 * key_dim + 2 * value_dim) + h * 2 * c.linear_num_value_heads + value_dim * h
-    conv = (2 * key_dim + value_dim) * c.linear_conv_kernel_dim
-    return projections + conv + 2 * c.linear_num_value_heads + c.linear_value_head_dim
+    return projections + mixer_small_params(c, "linear_attention")
+
+
+def mixer_small_params(c: ModelConfig, layer_type: str) -> int:
+    """A mixer's parameters that are no GEMM weights: q/k norms; or conv, A_log, dt_bias, gated norm."""
+    if layer_type == "full_attention":
+        return 2 * c.head_dim
+    conv_channels = (
+        2 * c.linear_num_key_heads * c.linear_key_head_dim
+        + c.linear_num_value_heads * c.linear_value_head_dim
+    )
+    return conv_channels * c.linear_conv_kernel_dim + 2 * c.linear_num_value_heads + c.linear_value_head_dim
 
 
 def routed_expert_params(c: ModelConfig) -> int:
@@ -127,14 +137,7 @@ def flops_per_token(c: ModelConfig, seq_len: int, with_mtp: bool = True) -> floa
 
 def _layer_small_params(c: ModelConfig, layer_type: str) -> int:
     """Parameters of a layer that are not GEMM weights (norms, conv, decay), left out of 6N."""
-    norms = 2 * c.hidden_size
-    if layer_type == "full_attention":
-        return norms + 2 * c.head_dim
-    conv = (
-        2 * c.linear_num_key_heads * c.linear_key_head_dim
-        + c.linear_num_value_heads * c.linear_value_head_dim
-    )
-    return norms + conv * c.linear_conv_kernel_dim + 2 * c.linear_num_value_heads + c.linear_value_head_dim
+    return 2 * c.hidden_size + mixer_small_params(c, layer_type)
 
 
 def _norm_and_small_params(c: ModelConfig) -> int:

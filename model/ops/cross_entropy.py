@@ -154,7 +154,7 @@ def _chunk_loss_and_grad(
     return chunk_loss, _grad_logits_in_place(exp_cv, sum_exp_c, labels_c, keep_c).to(h_cd.dtype)
 
 
-_ADDMM_OUT_DTYPE = hasattr(torch, "addmm")  # cleared if this torch lacks addmm(out_dtype=) on CUDA
+_ADDMM_OUT_DTYPE = True  # cleared if this torch lacks addmm(out_dtype=) on CUDA
 
 
 def _accumulate_grad_weight(

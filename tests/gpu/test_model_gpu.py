@@ -7,7 +7,7 @@ import torch
 from model.init import init_weights
 from model.qwen3_next import Qwen3NextForCausalLM
 from tests.conftest import tiny_config
-from tests.unit.test_model import pack
+from tests.unit.test_model import pack, random_documents
 
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
@@ -47,9 +47,7 @@ def loss_and_grads(model, ids, pos, labels):
 
 
 def packed_batch(config):
-    gen = torch.Generator().manual_seed(0)
-    lengths = (300, 77, 500, 129, 1000)
-    docs = [torch.randint(0, config.vocab_size, (n,), generator=gen).tolist() for n in lengths]
+    docs = random_documents((300, 77, 500, 129, 1000), vocab=config.vocab_size, seed=0)
     return pack(docs, row_len=1024)
 
 

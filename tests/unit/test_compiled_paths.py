@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_config
-from tests.unit.test_model import build, losses, pack
+from tests.unit.test_model import build, losses, pack, random_documents
 
 
 def loss_and_grads(model, ids, labels, pos):
@@ -23,9 +23,7 @@ def loss_and_grads(model, ids, labels, pos):
 
 @pytest.fixture(scope="module")
 def packed_batch():
-    gen = torch.Generator().manual_seed(3)
-    docs = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (5, 17, 9, 30, 1, 12, 70)]
-    return pack(docs, row_len=80)
+    return pack(random_documents(), row_len=80)
 
 
 @pytest.mark.slow

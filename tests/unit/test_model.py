@@ -49,14 +49,18 @@ def pack(docs, row_len):
     return torch.tensor(rows_ids), torch.tensor(rows_lab), torch.tensor(rows_pos)
 
 
+def random_documents(lengths=(5, 17, 9, 30, 1, 12, 70), vocab=97, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
 def losses(out):
     return out.lm_loss_sum + sum(out.mtp_loss_sums)
 
 
 def test_packed_batch_equals_documents_run_one_by_one():
     model = build()
-    gen = torch.Generator().manual_seed(3)
-    docs = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (5, 17, 9, 30, 1, 12, 70)]
+    docs = random_documents()
     ids, labels, pos = pack(docs, row_len=80)
     assert ids.shape[0] >= 2 and (pos == 0).sum() > ids.shape[0]  # really packed
 
