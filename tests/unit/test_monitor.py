@@ -1,0 +1,341 @@
+"""train/monitor.py: metrics.jsonl contents and resume, the main-rank-only rule, plots, the console
+line, and W&B (never imported when disabled; an offline run when asked)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.monitor import (
+    EXPERT_LOAD_PLOT,
+    LOSS_PLOT,
+    METRICS_FILE,
+    RunMonitor,
+    format_count,
+    format_duration,
+    read_metrics,
+    relative_expert_load,
+    resolve_wandb_mode,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def no_plots(monkeypatch):
+    """Plots cost ~0.3 s each to render; tests about other things skip them."""
+    monkeypatch.setattr("train.monitor.plot_losses", lambda *args: None)
+    monkeypatch.setattr("train.monitor.plot_expert_load", lambda *args: None)
+
+
+def make_monitor(run_dir, **overrides) -> RunMonitor:
+    kwargs = dict(
+        is_main=True,
+        total_steps=20,
+        wandb_mode="disabled",
+        wandb_project="test",
+        wandb_entity=None,
+        wandb_name=None,
+        config={"model": "tiny"},
+        plot_every=1000,  # plots only where a test asks for them
+    )
+    kwargs.update(overrides)
+    return RunMonitor(run_dir, **kwargs)
+
+
+def fake_metrics(step: int, **overrides) -> dict:
+    metrics = dict(
+        step=step,
+        loss=10.0 - 0.1 * step,
+        lm_loss=9.5 - 0.1 * step,
+        mtp_loss=10.5 - 0.1 * step,
+        lb_loss=1.0 + 0.01 * step,
+        lr=1e-3 * min(step, 5) / 5,
+        grad_norm=1.5,
+        tokens=4096 * step,
+        tokens_per_s=12345.0,
+        tflops_per_gpu=0.05,
+        expert_load_max_over_mean=1.3,
+        elapsed_s=2.0 * step,
+    )
+    metrics.update(overrides)
+    return metrics
+
+
+def fake_expert_tokens(step: int, layers: int = 3, experts: int = 8) -> torch.Tensor:
+    g = torch.Generator().manual_seed(step)
+    return torch.randint(0, 100, (layers, experts), generator=g, dtype=torch.int64)
+
+
+def steps_in(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+
+
+@pytest.mark.usefixtures("no_plots")
+def test_metrics_jsonl_has_one_parsable_line_per_step_with_the_values(tmp_path):
+    monitor = make_monitor(tmp_path)
+    logged = [fake_metrics(1), fake_metrics(2, loss=float("nan"), grad_norm=float("inf")), fake_metrics(3)]
+    for m in logged:
+        monitor.log_step(m)
+    lines = (tmp_path / METRICS_FILE).read_text().splitlines()
+    assert len(lines) == 3
+    records = [json.loads(line) for line in lines]  # strict JSON: no bare NaN / Infinity
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[0] == logged[0]
+    assert records[1]["loss"] == "nan" and records[1]["grad_norm"] == "inf"
+    assert records[1]["lm_loss"] == logged[1]["lm_loss"]
+    assert isinstance(records[2]["tokens"], int) and isinstance(records[2]["lr"], float)
+    # read_metrics gives the floats back
+    back = read_metrics(tmp_path / METRICS_FILE)
+    assert math.isnan(back[1]["loss"]) and back[1]["grad_norm"] == math.inf
+    monitor.close()
+
+
+@pytest.mark.usefixtures("no_plots")
+def test_lines_are_on_disk_before_close(tmp_path):
+    monitor = make_monitor(tmp_path)
+    monitor.log_step(fake_metrics(1))
+    assert steps_in(tmp_path) == [1]  # flushed: a crash now loses nothing
+    monitor.close()
+
+
+@pytest.mark.usefixtures("no_plots")
+def test_resume_drops_steps_after_the_checkpoint_and_keeps_the_rest(tmp_path):
+    first = make_monitor(tmp_path)
+    for step in range(1, 11):
+        first.log_step(fake_metrics(step))
+    first.close()
+
+    resumed = make_monitor(tmp_path, resume_step=6)
+    assert [s for s, _ in resumed.history["loss"]] == [1, 2, 3, 4, 5, 6]  # loaded for the plots
+    for step in (7, 8):
+        resumed.log_step(fake_metrics(step))
+    resumed.close()
+    assert steps_in(tmp_path) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+@pytest.mark.usefixtures("no_plots")
+def test_resume_drops_a_line_cut_short_by_a_crash(tmp_path):
+    good = [json.dumps(fake_metrics(s)) for s in (1, 2)]
+    (tmp_path / METRICS_FILE).write_text("\n".join(good) + '\n{"step": 3, "loss": 7.')
+    monitor = make_monitor(tmp_path, resume_step=2)
+    monitor.log_step(fake_metrics(3))
+    monitor.close()
+    assert steps_in(tmp_path) == [1, 2, 3]
+
+
+@pytest.mark.usefixtures("no_plots")
+def test_fresh_start_moves_an_old_metrics_file_aside(tmp_path):
+    old = json.dumps(fake_metrics(1, loss=123.0)) + "\n"
+    (tmp_path / METRICS_FILE).write_text(old)
+    monitor = make_monitor(tmp_path, resume_step=0)
+    monitor.log_step(fake_metrics(1))
+    monitor.close()
+    assert (tmp_path / (METRICS_FILE + ".old")).read_text() == old
+    assert read_metrics(tmp_path / METRICS_FILE)[0]["loss"] == fake_metrics(1)["loss"]
+
+
+def test_non_main_rank_writes_and_prints_nothing(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    monitor = make_monitor(run_dir, is_main=False, wandb_mode="offline", plot_every=1)
+    for step in (1, 2):
+        monitor.log_step(fake_metrics(step), fake_expert_tokens(step))
+    monitor.message("hello")
+    monitor.close()
+    assert not run_dir.exists()
+    assert capsys.readouterr().out == ""
+
+
+def test_disabled_wandb_is_never_imported(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import numpy as np
+        from train.monitor import RunMonitor
+        m = RunMonitor({str(tmp_path)!r}, is_main=True, total_steps=3, wandb_mode="disabled",
+                       wandb_project="p", wandb_entity=None, wandb_name=None, config={{}}, plot_every=2)
+        for step in (1, 2, 3):
+            m.log_step(dict(step=step, loss=1.0, lm_loss=1.0, mtp_loss=1.0, lb_loss=1.0, lr=1e-3,
+                            grad_norm=1.0, tokens=step, tokens_per_s=1.0, tflops_per_gpu=1.0,
+                            expert_load_max_over_mean=1.0), np.ones((2, 4), dtype=np.int64))
+        m.close()
+        assert "wandb" not in sys.modules, "wandb was imported"
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / LOSS_PLOT).exists()  # it did run to the end
+
+
+def assert_valid_png(path: Path):
+    from matplotlib.image import imread
+
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    pixels = imread(path)
+    assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
+    assert pixels.std() > 0.01  # not a blank canvas
+
+
+def test_plots_are_valid_pngs_and_no_temp_files_remain(tmp_path):
+    monitor = make_monitor(tmp_path, plot_every=4)
+    for step in range(1, 7):
+        loss = float("nan") if step == 3 else None
+        metrics = fake_metrics(step) if loss is None else fake_metrics(step, loss=loss)
+        monitor.log_step(metrics, fake_expert_tokens(step))
+    assert (tmp_path / LOSS_PLOT).exists()  # refreshed at step 4, before close
+    monitor.close()
+    monitor.close()  # idempotent
+    assert_valid_png(tmp_path / LOSS_PLOT)
+    assert_valid_png(tmp_path / EXPERT_LOAD_PLOT)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [METRICS_FILE, "train.log", LOSS_PLOT, EXPERT_LOAD_PLOT]
+    )
+
+
+def test_relative_expert_load_is_count_over_layer_mean():
+    counts = torch.tensor([[1, 1, 2, 0], [0, 0, 0, 0]])
+    load = relative_expert_load(counts.numpy())
+    assert load[0].tolist() == [1.0, 1.0, 2.0, 0.0]
+    assert load[1].tolist() == [0.0, 0.0, 0.0, 0.0]  # a layer that routed nothing
+
+
+@pytest.mark.usefixtures("no_plots")
+def test_console_line_shows_step_loss_and_eta_and_goes_to_train_log(tmp_path, capsys):
+    monitor = make_monitor(tmp_path, total_steps=200, log_every=10)
+    for step in range(1, 13):
+        monitor.log_step(fake_metrics(step), fake_expert_tokens(step))
+    monitor.message("a note")
+    monitor.close()
+    lines = capsys.readouterr().out.splitlines()
+    step_lines = [line for line in lines if line.startswith("step")]
+    assert len(step_lines) == 2  # step 1 and step 10 only
+    line = step_lines[-1]
+    assert line.startswith("step  10/200 | loss 9.0000 (lm 8.5000 mtp 9.5000 lb 1.1000)")
+    assert "12.3k tok/s" in line and "lr 1.00e-03" in line
+    assert line.endswith("eta 6m20s")  # 2 s per step (elapsed_s) x 190 remaining
+    assert step_lines[0].endswith("eta --")  # nothing to time yet
+    log = (tmp_path / "train.log").read_text()
+    assert line in log and "a note" in log
+
+
+@pytest.mark.usefixtures("no_plots")
+def test_last_step_is_always_printed(tmp_path, capsys):
+    monitor = make_monitor(tmp_path, total_steps=7, log_every=5)
+    for step in range(1, 8):
+        monitor.log_step(fake_metrics(step))
+    monitor.close()
+    out = capsys.readouterr().out
+    assert [line.split("|")[0].split()[1] for line in out.splitlines() if line.startswith("step")] == [
+        "1/7",
+        "5/7",
+        "7/7",
+    ]
+    assert "eta 0s" in out
+
+
+def test_number_formats():
+    assert format_count(950) == "950"
+    assert format_count(12345) == "12.3k"
+    assert format_count(4.2e6) == "4.2M"
+    assert format_duration(42) == "42s"
+    assert format_duration(192) == "3m12s"
+    assert format_duration(7500) == "2h05m"
+    assert format_duration(None) == "--"
+
+
+def test_wandb_offline_run_and_id_file(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_CONSOLE", "off")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    run_dir = tmp_path / "run"
+    monitor = make_monitor(run_dir, wandb_mode="offline", plot_every=2, total_steps=3)
+    try:
+        assert monitor.wandb_run is not None
+        for step in (1, 2, 3):
+            monitor.log_step(fake_metrics(step), fake_expert_tokens(step))
+    finally:
+        monitor.close()
+    assert wandb.run is None  # finished
+    run_id = (run_dir / "wandb_id.txt").read_text().strip()
+    assert list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+
+
+class FakeWandb(types.ModuleType):
+    """Stands in for the wandb module: records init arguments and logged steps; no real W&B."""
+
+    def __init__(self, fail_init: bool = False):
+        super().__init__("wandb")
+        self.fail_init = fail_init
+        self.inits: list[dict] = []
+        self.logged: list[tuple[int, dict]] = []
+        self.finished: list[int] = []
+
+    def init(self, **kwargs):
+        if self.fail_init:
+            raise ConnectionError("no network")
+        self.inits.append(kwargs)
+        fake = self
+        return types.SimpleNamespace(
+            url=None,
+            dir=str(kwargs["dir"]),
+            step=0,
+            log=lambda data, step: fake.logged.append((step, data)),
+            finish=lambda exit_code=0: fake.finished.append(exit_code),
+        )
+
+    def Image(self, path):
+        return ("image", Path(path).read_bytes()[:8])
+
+
+def test_wandb_auto_mode_is_online_only_with_an_api_key():
+    assert resolve_wandb_mode("auto", {"WANDB_API_KEY": "x"}) == "online"
+    assert resolve_wandb_mode("auto", {}) == "offline"
+    with pytest.raises(ValueError):
+        resolve_wandb_mode("sometimes", {})
+
+
+@pytest.mark.usefixtures("no_plots")
+def test_wandb_init_failure_warns_and_training_goes_on(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", FakeWandb(fail_init=True))
+    monitor = make_monitor(tmp_path, wandb_mode="online")
+    monitor.log_step(fake_metrics(1))
+    monitor.close()
+    out = capsys.readouterr().out
+    assert "W&B init failed in mode 'online'" in out and "ConnectionError" in out
+    assert steps_in(tmp_path) == [1]
+
+
+def test_wandb_gets_the_scalars_at_their_step_and_a_resumed_run_keeps_its_id(tmp_path, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    first = make_monitor(tmp_path, wandb_mode="offline", plot_every=2)
+    for step in (1, 2, 3):
+        first.log_step(fake_metrics(step), fake_expert_tokens(step))
+    first.close()
+    run_id = (tmp_path / "wandb_id.txt").read_text().strip()
+    assert fake.inits[0]["id"] == run_id and fake.inits[0]["resume"] == "allow"
+    assert fake.inits[0]["mode"] == "offline" and fake.inits[0]["dir"] == str(tmp_path)
+    assert [step for step, _ in fake.logged] == [1, 2, 3]
+    assert fake.logged[0][1]["loss"] == fake_metrics(1)["loss"] and "step" not in fake.logged[0][1]
+    assert [("expert_load" in data) for _, data in fake.logged] == [False, True, False]  # plot_every
+    assert fake.logged[1][1]["expert_load"] == ("image", PNG_MAGIC)
+    assert fake.finished == [0]
+
+    make_monitor(tmp_path, wandb_mode="offline", resume_step=2).close()
+    assert fake.inits[1]["id"] == run_id  # same W&B run continues
+    make_monitor(tmp_path, wandb_mode="offline", resume_step=0).close()
+    assert fake.inits[2]["id"] != run_id  # a fresh start is a new W&B run
