@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from train.config import register_configs, validate_layout
@@ -35,6 +36,12 @@ def main(raw: DictConfig) -> None:
     try:
         cfg = OmegaConf.to_object(raw)  # also runs the model config's own validation
         world = planned_world_size(cfg) if cfg.trainer.dry_run else int(os.environ.get("WORLD_SIZE", "1"))
+        if not cfg.trainer.dry_run:
+            from train.dry_run import gpu_shortfall
+
+            shortfall = gpu_shortfall(cfg, world, torch.cuda.is_available())
+            if shortfall:
+                raise ValueError(f"this config cannot run here: {shortfall}")
         layout = validate_layout(cfg, world)
     except ValueError as error:
         sys.exit(f"pretrain.py: {error}")
@@ -43,10 +50,12 @@ def main(raw: DictConfig) -> None:
 
         print(dry_run_report(cfg, layout)[0])
         return
-    sys.exit(
-        "pretrain.py: the training loop (DeepSpeed engine, checkpoints, metrics) is not in this "
-        "version yet; trainer.dry_run=true plans a run"
-    )
+    from train.trainer import BadStepsError, Trainer
+
+    try:
+        Trainer(cfg, layout).fit()
+    except BadStepsError as error:
+        sys.exit(f"pretrain.py: {error}")
 
 
 if __name__ == "__main__":

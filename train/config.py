@@ -65,7 +65,10 @@ class TrainerConfig:
     dry_run_world_size: int | None = None
     gpu_memory_gb: float = 80.0
     activation_checkpointing: bool = False
+    compile: bool = True  # torch.compile the decoder layers on GPU (ignored on CPU)
     log_every: int = 1
+    profile_step: int = 0  # > 0: torch.profiler over this step and the next profile_steps - 1
+    profile_steps: int = 2
     max_bad_steps: int = 3
 
 
@@ -85,7 +88,7 @@ class CheckpointConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"  # offline | online | disabled
+    mode: str = "auto"  # auto (online with WANDB_API_KEY set, else offline) | offline | online | disabled
     project: str = "qwen3next-pretrain"
     entity: str | None = None
     name: str | None = None
@@ -178,8 +181,8 @@ def validate_layout(cfg: PretrainConfig, world: int) -> Layout:
             f"optim.schedule must be cosine or wsd, got {cfg.optim.schedule!r}",
         ),
         (
-            cfg.logging.wandb.mode in ("offline", "online", "disabled"),
-            f"logging.wandb.mode must be offline, online or disabled, got {cfg.logging.wandb.mode!r}",
+            cfg.logging.wandb.mode in ("auto", "offline", "online", "disabled"),
+            f"logging.wandb.mode must be auto, offline, online or disabled, got {cfg.logging.wandb.mode!r}",
         ),
     ]
     for ok, message in checks:

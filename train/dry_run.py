@@ -7,12 +7,74 @@ whether it fits `trainer.gpu_memory_gb`. Needs no GPU and allocates no weights.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from model.accounting import count_parameters, flops_per_token
 from model.qwen3_next import Qwen3NextForCausalLM
-from train.config import Layout, PretrainConfig
+from train.config import Layout, PretrainConfig, validate_layout
 from train.memory import GIB, estimate_memory
+
+
+def layout_memory(cfg: PretrainConfig, layout: Layout):
+    return estimate_memory(
+        cfg.model,
+        world=layout.world,
+        tensor=layout.tensor,
+        expert=layout.expert,
+        zero_stage=cfg.parallel.zero_stage,
+        micro_batch_size=cfg.trainer.micro_batch_size,
+        seq_len=cfg.data.seq_len,
+        activation_checkpointing=cfg.trainer.activation_checkpointing,
+    )
+
+
+def fits(cfg: PretrainConfig, layout: Layout) -> bool:
+    budget = cfg.trainer.gpu_memory_gb
+    return budget <= 0 or layout_memory(cfg, layout).total <= budget * GIB
+
+
+def smallest_fitting_world(cfg: PretrainConfig, max_world: int = 1 << 16) -> int | None:
+    """The fewest GPUs on which the configured layout is valid and fits trainer.gpu_memory_gb."""
+    step = math.lcm(cfg.parallel.tensor, cfg.parallel.expert)
+    for world in range(step, max_world + 1, step):
+        try:
+            layout = validate_layout(cfg, world)
+        except ValueError:
+            continue
+        if fits(cfg, layout):
+            return world
+    return None
+
+
+def gpu_shortfall(cfg: PretrainConfig, world: int, cuda_available: bool) -> str | None:
+    """Why this launch cannot run the config on GPUs (None when it can, or when the config is for CPU:
+    trainer.gpu_memory_gb = 0)."""
+    budget = cfg.trainer.gpu_memory_gb
+    if budget <= 0:
+        return None
+    needed = smallest_fitting_world(cfg)
+    if needed is None:
+        return (
+            f"no layout of up to 65536 GPUs with {budget:g} GiB each fits this config (parallel.expert="
+            f"{cfg.parallel.expert}, parallel.zero_stage={cfg.parallel.zero_stage}): raise those or turn on "
+            "trainer.activation_checkpointing; trainer.dry_run=true shows the estimate"
+        )
+    need = (
+        f"it needs at least {needed} GPU(s) with {budget:g} GiB each (trainer.gpu_memory_gb; per-rank "
+        f"estimate {layout_memory(cfg, validate_layout(cfg, needed)).total / GIB:.1f} GiB at that size)"
+    )
+    plan = f"`trainer.dry_run=true trainer.dry_run_world_size={needed}` shows the plan"
+    if not cuda_available:
+        return f"no CUDA GPU here, and {need}; {plan}, trainer.gpu_memory_gb=0 runs it on CPU anyway"
+    try:
+        layout_ok = fits(cfg, validate_layout(cfg, world))
+    except ValueError:
+        layout_ok = False
+    if world < needed or not layout_ok:
+        return f"launched on {world} GPU(s), but {need}; {plan}"
+    return None
 
 
 def dry_run_report(cfg: PretrainConfig, layout: Layout) -> tuple[str, bool]:
@@ -27,18 +89,9 @@ def dry_run_report(cfg: PretrainConfig, layout: Layout) -> tuple[str, bool]:
         raise RuntimeError(
             f"parameter accounting ({counted.total}) disagrees with the built model ({built - mtp})"
         )
-    memory = estimate_memory(
-        m,
-        world=layout.world,
-        tensor=layout.tensor,
-        expert=layout.expert,
-        zero_stage=cfg.parallel.zero_stage,
-        micro_batch_size=cfg.trainer.micro_batch_size,
-        seq_len=cfg.data.seq_len,
-        activation_checkpointing=cfg.trainer.activation_checkpointing,
-    )
+    memory = layout_memory(cfg, layout)
     budget = cfg.trainer.gpu_memory_gb
-    fits = budget <= 0 or memory.total <= budget * GIB
+    layout_fits = fits(cfg, layout)
     gflops = flops_per_token(m, cfg.data.seq_len) / 1e9
     lines = [
         f"parameters: {counted.total / 1e9:.2f}B total without MTP "
@@ -58,7 +111,7 @@ def dry_run_report(cfg: PretrainConfig, layout: Layout) -> tuple[str, bool]:
         (
             "fits trainer.gpu_memory_gb"
             if budget <= 0
-            else f"{'fits' if fits else 'does NOT fit'} trainer.gpu_memory_gb = {budget:g} GiB"
+            else f"{'fits' if layout_fits else 'does NOT fit'} trainer.gpu_memory_gb = {budget:g} GiB"
         ),
     ]
-    return "\n".join(lines), fits
+    return "\n".join(lines), layout_fits

@@ -69,6 +69,8 @@ def estimate_memory(
 
     params = 2 * (sharded(dense_local, dense_dp, 3) + sharded(expert_local, expert_dp, 3))
     grads = 2 * (sharded(dense_local, dense_dp, 2) + sharded(expert_local, expert_dp, 2))
+    if zero_stage >= 1:  # the trainer accumulates gradients in fp32 partitions (DeepSpeed's grad_accum_dtype)
+        grads += 4 * (sharded(dense_local, dense_dp, 1) + sharded(expert_local, expert_dp, 1))
     optim = 12 * (sharded(dense_local, dense_dp, 1) + sharded(expert_local, expert_dp, 1))
     return MemoryEstimate(
         params, grads, optim, activation_bytes(c, tensor, micro_batch_size, seq_len, activation_checkpointing)

@@ -69,3 +69,14 @@ def test_zero_and_expert_parallelism_shard_what_they_should():
     assert zero1.optimizer == pytest.approx(plain.optimizer / 4)  # one dp group of 4 for everything
     assert zero1.parameters == plain.parameters
     assert ep4.parameters < plain.parameters  # experts split 4 ways
+
+
+def test_80b_a3b_without_gpus_stops_at_once_saying_what_it_needs():
+    result = pretrain("conf=80b_a3b")
+    assert result.returncode != 0
+    message = result.stderr
+    assert "no CUDA GPU here" in message and "needs at least 64 GPU(s)" in message, message
+    # the number is the smallest layout the dry run says fits: 64 does, 32 does not
+    for world, verdict in ((64, "fits"), (32, "does NOT fit")):
+        plan = pretrain("conf=80b_a3b", "trainer.dry_run=true", f"trainer.dry_run_world_size={world}")
+        assert f"{verdict} trainer.gpu_memory_gb" in plan.stdout

@@ -1,0 +1,263 @@
+"""The training loop end to end on CPU: `torchrun launch/pretrain.py` on 1 and 2 gloo processes.
+
+A toy model (tests/conftest.py's sizes, vocabulary 97) trains on a small synthetic corpus whose
+documents follow learnable patterns, so each run takes seconds. What is checked:
+- rerunning the same config gives bitwise-identical losses;
+- a run stopped after N steps and resumed (checkpoint.resume=auto) repeats the losses of steps
+  N+1..2N of an uninterrupted run bitwise, and metrics.jsonl holds every step once;
+- 2 processes give the losses of 1 process on the same global batch (fp32, 1e-5);
+- SIGTERM finishes the step, saves a complete checkpoint and exits 0;
+- non-finite steps are skipped (no update) and counted, and max_bad_steps in a row stop the run with
+  the last checkpoint intact (in-process on 2 gloo ranks, with a forward that returns NaN).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import tiny_config
+from tests.distributed.gloo import free_port, run_on_ranks
+from tests.unit.test_loader import write_shard
+
+REPO = Path(__file__).resolve().parents[2]
+VOCAB, EOS = 97, 96
+# tests/conftest.py's toy sizes, given to the preset as overrides
+MODEL_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "full_attention_interval", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "linear_num_key_heads", "linear_num_value_heads",
+    "linear_key_head_dim", "linear_value_head_dim", "num_experts", "num_experts_per_tok",
+    "moe_intermediate_size", "shared_expert_intermediate_size", "mtp_num_layers",
+)  # fmt: skip
+MODEL = {name: getattr(tiny_config(), name) for name in MODEL_FIELDS}
+DESIGN_METRICS = {
+    "step",
+    "loss",
+    "lm_loss",
+    "mtp_loss",
+    "lb_loss",
+    "lr",
+    "grad_norm",
+    "tokens",
+    "tokens_per_s",
+    "tflops_per_gpu",
+    "expert_load_max_over_mean",
+}
+
+
+def write_corpus(directory: Path, shards: int = 8, documents: int = 12) -> Path:
+    """Documents that count up from a random start with a random stride (mod EOS): learnable."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    entries = []
+    for number in range(shards):
+        docs = []
+        for _ in range(documents):
+            start, stride, length = rng.integers(0, EOS), rng.integers(1, 4), rng.integers(5, 60)
+            tokens = (start + stride * np.arange(length)) % EOS
+            docs.append(np.append(tokens, EOS).astype(np.uint32))
+        entries.append(write_shard(directory / f"shard-{number:06d}.tar", f"s{number}", docs))
+    index = {"tokenizer": "synthetic", "vocab_size": VOCAB, "eos_id": EOS, "shards": entries}
+    (directory / "index.json").write_text(json.dumps(index))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def overrides(corpus: Path, run_dir: Path, **extra) -> list[str]:
+    values = {f"model.{k}": v for k, v in MODEL.items()}
+    values.update(
+        {
+            "run.dir": run_dir,
+            "data.path": corpus,
+            "data.seq_len": 32,
+            "data.streams": 4,
+            "data.num_workers": 0,
+            "trainer.global_batch_size": 8,
+            "trainer.micro_batch_size": 2,
+            "trainer.max_steps": 6,
+            "optim.schedule_steps": 6,
+            "optim.warmup_steps": 2,
+            "optim.lr": 3e-3,
+            "checkpoint.every": 0,
+            "logging.wandb.mode": "disabled",
+            "logging.plot_every": 1000,
+        }
+    )
+    values.update(extra)
+    return ["conf=tiny", *(f"{k}={v}" for k, v in values.items())]
+
+
+def command(nproc: int, args: list[str]) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "launch/pretrain.py", *args]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    return [*launcher, "--master_port", str(free_port()), "launch/pretrain.py", *args]
+
+
+def environment() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def pretrain(nproc: int, args: list[str], timeout: float = 240) -> str:
+    result = subprocess.run(
+        command(nproc, args), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=timeout
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"pretrain failed ({result.returncode}):\n{output[-4000:]}"
+    return output
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [row["loss"] for row in read_metrics(run_dir)]
+
+
+@pytest.fixture(scope="module")
+def straight_run(corpus, tmp_path_factory) -> Path:
+    """6 uninterrupted steps on 2 processes."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    pretrain(2, overrides(corpus, run_dir))
+    return run_dir
+
+
+def test_the_run_directory_holds_config_metrics_and_a_checkpoint(straight_run):
+    rows = read_metrics(straight_run)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
+    for row in rows:
+        assert row.keys() >= DESIGN_METRICS, DESIGN_METRICS - row.keys()
+    assert rows[-1]["tokens"] == 6 * 8 * 32
+    assert "vocab_size: 97" in (straight_run / "config.yaml").read_text()
+    final = straight_run / "checkpoints" / "step_6"
+    assert json.loads((final / "trainer_state.json").read_text())["step"] == 6
+    assert not list((straight_run / "checkpoints").glob(".staging/*")), "staging left behind"
+    assert rows[-1]["lm_loss"] < rows[0]["lm_loss"], "the loss should fall on the patterned corpus"
+
+
+def test_rerun_and_resume_repeat_the_losses_bitwise(corpus, straight_run, tmp_path):
+    expected = losses(straight_run)
+    run_dir = tmp_path / "resumed"
+    pretrain(
+        2, overrides(corpus, run_dir, **{"trainer.max_steps": 3, "checkpoint.every": 1, "checkpoint.keep": 2})
+    )
+    assert losses(run_dir) == expected[:3], "the same config must give the same losses"
+    kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert kept == ["step_2", "step_3"], f"checkpoint.keep=2 should keep the last two, found {kept}"
+
+    output = pretrain(2, overrides(corpus, run_dir))
+    assert "resuming from" in output and "step_3" in output
+    assert [row["step"] for row in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
+    assert losses(run_dir) == expected, "steps 4..6 after resuming must equal the uninterrupted run"
+
+
+def test_one_process_gives_the_losses_of_two(corpus, straight_run, tmp_path):
+    run_dir = tmp_path / "one"
+    pretrain(1, overrides(corpus, run_dir, **{"trainer.max_steps": 3}))
+    np.testing.assert_allclose(losses(run_dir), losses(straight_run)[:3], rtol=1e-5)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(corpus, tmp_path):
+    run_dir = tmp_path / "preempted"
+    args = overrides(corpus, run_dir, **{"trainer.max_steps": 100000, "optim.schedule_steps": 100})
+    proc = subprocess.Popen(
+        command(1, args),
+        cwd=REPO,
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        metrics = run_dir / "metrics.jsonl"
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "no training steps within 120 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output[-3000:]
+    assert "SIGTERM" in output
+    last_step = read_metrics(run_dir)[-1]["step"]
+    state = json.loads((run_dir / "checkpoints" / f"step_{last_step}" / "trainer_state.json").read_text())
+    assert state["step"] == last_step
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad steps, in-process on 2 ranks
+
+
+def train_with_nan_steps(rank, world, corpus: str, run_dir: str, zero_stage: int, nan_steps: list[int]):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from train.config import register_configs, validate_layout
+    from train.trainer import BadStepsError, Trainer
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))  # as torchrun sets them
+    register_configs()
+    extra = {"checkpoint.every": 1, "trainer.max_bad_steps": 3, "parallel.zero_stage": zero_stage}
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        raw = compose("pretrain", overrides=overrides(Path(corpus), Path(run_dir), **extra))
+    cfg = OmegaConf.to_object(raw)
+    trainer = Trainer(cfg, validate_layout(cfg, world))
+    forward = trainer.model.forward
+
+    def forward_with_nan(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if trainer.step + 1 in nan_steps and rank == 1:  # one rank's NaN must stop every rank's update
+            out.lm_loss_sum = out.lm_loss_sum * float("nan")
+        return out
+
+    trainer.model.forward = forward_with_nan
+    try:
+        trainer.fit()
+    except BadStepsError as error:
+        message = str(error)
+    else:
+        message = None
+    params = {name: p.detach().clone() for name, p in trainer.engine.module.named_parameters()}
+    return message, params
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_bad_steps_are_skipped_and_too_many_stop_the_run(corpus, tmp_path, zero_stage):
+    run_dir = tmp_path / "bad"
+    results = run_on_ranks(
+        train_with_nan_steps, 2, tmp_path, str(corpus), str(run_dir), zero_stage, [2, 4, 5, 6], timeout=240
+    )
+    message, params = results[0]
+    assert message is not None and "3 steps in a row" in message and "step_3" in message
+    rows = read_metrics(run_dir)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
+    assert [row["bad_step"] for row in rows] == [0, 1, 0, 1, 1, 1]
+    assert rows[-1]["skipped_steps"] == 4
+    assert all(np.isfinite(row["lm_loss"]) for row in (rows[0], rows[2]))
+
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert checkpoints[-1] == "step_3", checkpoints
+    # the skipped steps 4-6 left the weights of step 3's checkpoint
+    saved = torch.load(
+        run_dir / "checkpoints" / "step_3" / "mp_rank_00_model_states.pt",
+        map_location="cpu",
+        weights_only=True,
+    )["module"]
+    for name, value in params.items():
+        assert torch.equal(value, saved[name]), f"{name} changed during skipped steps"

@@ -1,0 +1,190 @@
+"""Checkpoints of a run: atomic directories `run.dir/checkpoints/step_N/`, safe to load, resumable.
+
+A checkpoint holds DeepSpeed's files (module weights, the ZeRO-partitioned optimizer state, the
+engine's counters) and ours: `trainer_state.json` (step, tokens seen, bad-step counters),
+`config.yaml` (the resolved config) and one `rank_XXXXX.pt` per rank (its data-loader state and RNG
+states). The LR schedule is a function of the step, so the step is its whole state.
+
+Atomicity: every rank writes into `checkpoints/.staging/step_N/`; after a barrier rank 0 adds
+`trainer_state.json` and renames the directory to `checkpoints/step_N` in one `os.replace`, so a
+`step_N` directory is complete by construction and a crash leaves at most a staging directory,
+which the next save clears. `keep` bounds the complete checkpoints kept (oldest removed first, only
+after the new one is in place).
+
+Loading never unpickles arbitrary objects: DeepSpeed's files are read with
+`torch.load(weights_only=True)` (`safe_checkpoint_engine`), with the few DeepSpeed classes
+its state holds allow-listed by name; our own files hold only tensors and plain containers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+CHECKPOINTS = "checkpoints"
+STAGING = ".staging"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+TRAINER_STATE = "trainer_state.json"
+
+
+def checkpoint_root(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def step_tag(step: int) -> str:
+    return f"step_{step}"
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        match = STEP_DIR.match(entry.name)
+        if match and (entry / TRAINER_STATE).is_file():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint directory `checkpoint.resume` asks for: auto (latest complete one under
+    run.dir, or none), none, or a path to a `step_N` directory."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(checkpoint_root(run_dir))
+        return found[-1][1] if found else None
+    path = Path(resume)
+    if not (path / TRAINER_STATE).is_file():
+        raise ValueError(
+            f"checkpoint.resume={resume!r} is not a complete checkpoint directory "
+            f"(expected {path / TRAINER_STATE}); use auto, none or a run.dir/checkpoints/step_N path"
+        )
+    return path
+
+
+def read_trainer_state(path: Path) -> dict:
+    return json.loads((path / TRAINER_STATE).read_text())
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def rng_state() -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    engine,
+    run_dir: str | os.PathLike,
+    step: int,
+    trainer_state: dict,
+    rank_state: dict,
+    config_yaml: str,
+    keep: int,
+) -> Path:
+    """Write checkpoint `step_N` collectively (every rank calls this); returns its final path."""
+    root = checkpoint_root(run_dir)
+    tag = step_tag(step)
+    final = root / tag
+    staging = root / STAGING
+    if _rank() == 0:
+        shutil.rmtree(staging, ignore_errors=True)  # what a crashed save left
+        (staging / tag).mkdir(parents=True, exist_ok=True)
+    _barrier()
+    engine.save_checkpoint(str(staging), tag=tag, save_latest=False)
+    torch.save(rank_state, staging / tag / f"rank_{_rank():05d}.pt")
+    _barrier()
+    if _rank() == 0:
+        (staging / tag / "config.yaml").write_text(config_yaml)
+        _write_json_atomically(staging / tag / TRAINER_STATE, trainer_state)
+        _fsync_tree(staging / tag)
+        if final.exists():  # the same step saved again (e.g. a stop right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(staging / tag, final)
+        _fsync_dir(root)
+        shutil.rmtree(staging, ignore_errors=True)  # also DeepSpeed's zero_to_fp32.py copies
+        for _, old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(engine, path: Path) -> tuple[dict, list[dict]]:
+    """Load weights and optimizer state into `engine`; returns the trainer state and every rank's
+    rank state (all of them: a data-loader state is merged across ranks to allow new layouts)."""
+    engine.checkpoint_engine = safe_checkpoint_engine()
+    load_path, _ = engine.load_checkpoint(
+        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
+    rank_files = sorted(path.glob("rank_*.pt"))
+    rank_states = [torch.load(f, map_location="cpu", weights_only=True) for f in rank_files]
+    return read_trainer_state(path), rank_states
+
+
+def _write_json_atomically(path: Path, value: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in path.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _deepspeed_safe_globals() -> list:
+    """The DeepSpeed classes its checkpoint state pickles (by class, never arbitrary code)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_checkpoint_engine():
+    """DeepSpeed's torch checkpoint engine, loading with weights_only=True (built on first use so
+    that importing this module does not import deepspeed)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return SafeTorchCheckpointEngine()

@@ -1,0 +1,449 @@
+"""The pretraining loop: the model of `model/` under a DeepSpeed engine, fed by `data.loader`.
+
+One optimizer step:
+    micro-batches = the next `grad_accum` micro-batches of this rank (data/loader.py)
+    tokens        = global_target_counts(micro-batches)      one small all-reduce: the denominators
+    for each micro-batch: engine.backward(objective.micro_batch_loss(engine(**batch))); engine.step()
+    losses        = objective.end_step()                     the step's exact global values
+DeepSpeed owns ZeRO (the optimizer state, and gradients from stage 2, partitioned over the data-
+parallel ranks), bf16 with fp32 master weights on GPU (fp32 on CPU), gradient clipping and the
+accumulation boundary. A step whose gradient norm is not finite is skipped: DeepSpeed's ZeRO
+optimizer drops it (no update, the gradients cleared); with ZeRO off, `SkippingAdamW` does. After
+`trainer.max_bad_steps` skipped steps in a row the run stops, leaving the last checkpoint alone.
+
+SIGTERM (what SLURM sends before a time limit or preemption) finishes the current step, saves a
+checkpoint and exits 0. Every rank sees the stop at the same step: the flag is all-reduced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import socket
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from data.loader import TokenLoader, merge_states
+from model.accounting import flops_per_token
+from model.init import init_weights
+from model.qwen3_next import Qwen3NextForCausalLM
+from train.checkpoint import (
+    load_checkpoint,
+    resolve_resume,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from train.config import Layout, PretrainConfig
+from train.losses import TrainingObjective, global_target_counts
+from train.monitor import RunMonitor
+from train.optim import lr_at, param_groups, without_names
+
+
+class BadStepsError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
+
+
+class SkippingAdamW(torch.optim.AdamW):
+    """AdamW that leaves the parameters untouched when a gradient holds NaN/inf.
+
+    Only used with ZeRO off (ZeRO's optimizer checks the norm itself). The gradients it sees are
+    already all-reduced, so every rank takes the same decision.
+    """
+
+    skipped = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        finite = torch.stack([g.isfinite().all() for g in grads]).all() if grads else torch.tensor(True)
+        self.skipped = not bool(finite)
+        if self.skipped:
+            return None
+        return super().step(closure)
+
+
+def replicated_grad_norm(model: torch.nn.Module) -> float:
+    """The L2 norm of gradients every rank holds whole (ZeRO off, after DeepSpeed's all-reduce)."""
+    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
+
+
+def deepspeed_config(cfg: PretrainConfig, layout: Layout, on_gpu: bool) -> dict:
+    return {
+        "train_batch_size": cfg.trainer.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.trainer.micro_batch_size,
+        "gradient_accumulation_steps": layout.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": on_gpu},
+        # bf16 parameters, fp32 master weights and fp32 gradient accumulation over the micro-batches
+        # (DeepSpeed supports the latter with ZeRO 1-2; with ZeRO off it accumulates in bf16)
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if on_gpu and cfg.parallel.zero_stage > 0 else {}),
+        "zero_allow_untested_optimizer": True,  # torch's AdamW under ZeRO
+        "steps_per_print": 2**31 - 1,  # the trainer prints its own line
+        "wall_clock_breakdown": False,
+    }
+
+
+def quiet_deepspeed() -> None:
+    """DeepSpeed logs every set-up detail at INFO; the trainer prints what a user needs."""
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*", category=FutureWarning)
+
+
+def skip_deepspeed_cpu_shm_build() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory all-reduce op on CPU.
+
+    On the CPU accelerator DeepSpeed builds a C++ extension at the first `init_distributed` (1-2
+    minutes on a laptop, and a compiler required) only to speed up CPU all-reduces; gloo does them
+    correctly, and CPU runs here are tests and demos. DeepSpeed has no setting for it, so the op is
+    marked unavailable the way DeepSpeed marks ops it cannot build.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def find_free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop_signal_flag() -> dict:
+    """A flag set by SIGTERM / SIGINT, checked between steps.
+
+    Repeats are ignored rather than escalated: under torchrun (and srun) a worker receives the signal
+    twice, once from the scheduler and once forwarded by its launcher, and must still save.
+    """
+    flag = {"signal": None}
+
+    def handler(signum, _frame):
+        flag["signal"] = flag["signal"] or signal.Signals(signum).name
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handler)
+    return flag
+
+
+class Trainer:
+    """Build everything from a validated config, then `fit()`."""
+
+    def __init__(self, cfg: PretrainConfig, layout: Layout):
+        self.cfg = cfg
+        self.layout = layout
+        self.run_dir = Path(cfg.run.dir)
+        self.device, self.on_gpu = self._setup_distributed()
+        self.rank = dist.get_rank()
+        self.is_main = self.rank == 0
+        self.config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(self.config_yaml)
+
+        self.model = self._build_model()
+        self.engine = self._build_engine()
+        self.loader = TokenLoader(
+            cfg.data.path,
+            seq_len=cfg.data.seq_len,
+            global_batch_size=cfg.trainer.global_batch_size,
+            micro_batch_size=cfg.trainer.micro_batch_size,
+            dp_rank=self.rank // layout.tensor,
+            dp_size=layout.data,
+            seed=cfg.trainer.seed,
+            streams=cfg.data.streams,
+            num_workers=cfg.data.num_workers,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            skip_corrupt=cfg.data.skip_corrupt,
+            index=cfg.data.index,
+            vocab_size=cfg.model.vocab_size,
+            verify_sha256=cfg.data.verify_sha256,
+        )
+        self.objective = TrainingObjective(
+            cfg.model.num_experts,
+            cfg.model.num_experts_per_tok,
+            mtp_weight=cfg.loss.mtp_weight,
+            lb_coef=cfg.loss.lb_coef,
+            z_coef=cfg.loss.z_coef,
+        )
+        self.mtp_depths = cfg.model.mtp_num_layers
+        self.step = 0
+        self.tokens_seen = 0
+        self.skipped_steps = 0
+        self.bad_in_row = 0
+        self.last_saved_step = None
+        self._resume()
+        self.monitor = RunMonitor(
+            self.run_dir,
+            is_main=self.is_main,
+            total_steps=cfg.trainer.max_steps,
+            wandb_mode=cfg.logging.wandb.mode,
+            wandb_project=cfg.logging.wandb.project,
+            wandb_entity=cfg.logging.wandb.entity,
+            wandb_name=cfg.logging.wandb.name,
+            config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+            plot_every=cfg.logging.plot_every,
+            log_every=cfg.trainer.log_every,
+            resume_step=self.step,
+        )
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len, with_mtp=self.mtp_depths > 0)
+
+    # -- set-up --------------------------------------------------------------------------------
+
+    def _setup_distributed(self) -> tuple[torch.device, bool]:
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # said up front, DeepSpeed does not warn
+        import deepspeed
+
+        quiet_deepspeed()
+        if on_gpu:
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local_rank)
+            device = torch.device("cuda", local_rank)
+        else:
+            device = torch.device("cpu")
+            skip_deepspeed_cpu_shm_build()
+        if not dist.is_initialized():  # `python launch/pretrain.py` without torchrun: a world of one
+            for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+                os.environ.setdefault(key, value)
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(find_free_port()))
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
+        return device, on_gpu
+
+    def _build_model(self) -> Qwen3NextForCausalLM:
+        cfg = self.cfg
+        model = Qwen3NextForCausalLM(cfg.model)
+        init_weights(model, cfg.model, seed=cfg.trainer.seed)
+        model.model.activation_checkpointing = cfg.trainer.activation_checkpointing
+        model.to(self.device)
+        if self.on_gpu and cfg.trainer.compile:
+            model.compile_layers()
+        return model
+
+    def _build_engine(self):
+        import deepspeed
+
+        cfg = self.cfg
+        groups = without_names(param_groups(self.model, cfg.optim.weight_decay))
+        adamw = SkippingAdamW if cfg.parallel.zero_stage == 0 else torch.optim.AdamW
+        optimizer = adamw(
+            groups,
+            lr=cfg.optim.lr,
+            betas=(cfg.optim.beta1, cfg.optim.beta2),
+            eps=cfg.optim.eps,
+            fused=self.on_gpu,  # one kernel over the fp32 master partitions
+        )
+        engine, *_ = deepspeed.initialize(
+            model=self.model,
+            optimizer=optimizer,
+            config=deepspeed_config(cfg, self.layout, self.on_gpu),
+            dist_init_required=False,
+        )
+        return engine
+
+    def _resume(self) -> None:
+        path = resolve_resume(self.cfg.checkpoint.resume, self.run_dir)
+        if path is None:
+            return
+        self._message_early(f"resuming from {path}")
+        trainer_state, rank_states = load_checkpoint(self.engine, path)
+        self.step = trainer_state["step"]
+        self.tokens_seen = trainer_state["tokens"]
+        self.skipped_steps = trainer_state.get("skipped_steps", 0)
+        self.last_saved_step = self.step
+        self.loader.load_state_dict(merge_states([s["loader"] for s in rank_states]))
+        if len(rank_states) == self.layout.world:
+            set_rng_state(rank_states[self.rank]["rng"])
+
+    def _message_early(self, text: str) -> None:
+        if self.is_main:
+            print(f"pretrain: {text}", flush=True)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def fit(self) -> None:
+        cfg = self.cfg
+        stop = stop_signal_flag()
+        batches = iter(self.loader)
+        stopped_by = None
+        where = f"{self.layout.world} {'GPU' if self.on_gpu else 'CPU process'}(es)"
+        self.monitor.message(
+            f"training {cfg.trainer.max_steps - self.step} steps from step {self.step} on {where}; "
+            f"run dir {self.run_dir}"
+        )
+        with self.monitor, self.loader:
+            while self.step < cfg.trainer.max_steps:
+                stopped_by = self._agreed_stop(stop["signal"])
+                if stopped_by:
+                    break
+                with self._profiler_at(self.step + 1):
+                    metrics, expert_tokens = self._train_step(batches)
+                self.monitor.log_step(metrics, expert_tokens)
+                if metrics["bad_step"]:
+                    self.bad_in_row += 1
+                    if self.bad_in_row >= cfg.trainer.max_bad_steps:
+                        raise BadStepsError(
+                            f"{self.bad_in_row} steps in a row had a non-finite loss or gradient norm "
+                            f"(trainer.max_bad_steps={cfg.trainer.max_bad_steps}); stopping at step "
+                            f"{self.step}. The last checkpoint ({self._last_checkpoint_text()}) is "
+                            "untouched: lower optim.lr or check the data, then resume from it."
+                        )
+                    continue
+                self.bad_in_row = 0
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                    self.save()
+            if self.last_saved_step != self.step:
+                self.save()
+            if stopped_by:
+                self.monitor.message(
+                    f"{stopped_by}: stopped after step {self.step} with a checkpoint; rerun the same "
+                    "command to resume"
+                )
+            else:
+                self.monitor.message(
+                    f"done: {self.step} steps; metrics {self.run_dir / 'metrics.jsonl'}, "
+                    f"plots {self.run_dir / 'loss.png'} and {self.run_dir / 'expert_load.png'}"
+                )
+
+    def _train_step(self, batches) -> tuple[dict, torch.Tensor | None]:
+        cfg = self.cfg
+        started = time.perf_counter()
+        micro_batches = [self._to_device(next(batches)) for _ in range(self.layout.grad_accum)]
+        lr = lr_at(
+            self.step + 1,
+            lr=cfg.optim.lr,
+            warmup_steps=cfg.optim.warmup_steps,
+            total_steps=cfg.optim.schedule_steps or cfg.trainer.max_steps,
+            schedule=cfg.optim.schedule,
+            min_lr_ratio=cfg.optim.min_lr_ratio,
+            decay_fraction=cfg.optim.decay_fraction,
+        )
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+        tokens = global_target_counts(micro_batches, self.mtp_depths, device=self.device)
+        self.objective.begin_step(tokens)
+        skipped_before = self.engine.skipped_steps
+        grad_norm = None
+        for number, batch in enumerate(micro_batches, start=1):
+            out = self.engine(batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"])
+            self.engine.backward(self.objective.micro_batch_loss(out))
+            if number == len(micro_batches) and cfg.parallel.zero_stage == 0:
+                grad_norm = replicated_grad_norm(self.model)  # DeepSpeed reports none without ZeRO
+            self.engine.step()
+        losses = self.objective.end_step()
+        grad_norm = self._grad_norm() if grad_norm is None else grad_norm
+        bad = (
+            self.engine.skipped_steps > skipped_before
+            or getattr(self.engine.optimizer, "skipped", False)
+            or not math.isfinite(grad_norm)
+            or not math.isfinite(losses.loss)
+        )
+        elapsed = time.perf_counter() - started
+
+        self.step += 1
+        step_tokens = cfg.trainer.global_batch_size * cfg.data.seq_len
+        self.tokens_seen += step_tokens
+        self.skipped_steps += int(bad)
+        tokens_per_s = step_tokens / elapsed
+        metrics = {
+            "step": self.step,
+            **losses.as_metrics(),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": self.tokens_seen,
+            "tokens_per_s": tokens_per_s,
+            "tflops_per_gpu": self.flops_per_token * tokens_per_s / self.layout.world / 1e12,
+            "step_time_s": elapsed,
+            "bad_step": int(bad),
+            "skipped_steps": self.skipped_steps,
+            **{f"data_{k}": v for k, v in self.loader.metrics().items()},
+        }
+        return metrics, losses.expert_tokens if losses.expert_tokens.numel() else None
+
+    @contextlib.contextmanager
+    def _profiler_at(self, step: int):
+        """torch.profiler over steps trainer.profile_step .. + profile_steps - 1 (main rank): the
+        operator table and a Chrome trace under run.dir/profile/."""
+        first, count = self.cfg.trainer.profile_step, self.cfg.trainer.profile_steps
+        if first and step == first and self.is_main:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.on_gpu:
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self._profiler = torch.profiler.profile(activities=activities)
+            self._profiler.__enter__()
+        yield
+        if getattr(self, "_profiler", None) is not None and step == first + count - 1:
+            self._profiler.__exit__(None, None, None)
+            out = self.run_dir / "profile"
+            out.mkdir(exist_ok=True)
+            events = self._profiler.key_averages()
+            device_sort = "self_device_time_total" if self.on_gpu else "self_cpu_time_total"
+            tables = [
+                f"steps {first}..{step}, sorted by {key}\n{events.table(sort_by=key, row_limit=40)}"
+                for key in dict.fromkeys((device_sort, "cpu_time_total"))
+            ]
+            (out / "operators.txt").write_text("\n\n".join(tables))
+            self._profiler.export_chrome_trace(str(out / "trace.json"))
+            self._profiler = None
+            self.monitor.message(f"profile of steps {first}..{step} in {out}")
+
+    def _grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            return float("nan")
+        return float(norm.item() if torch.is_tensor(norm) else norm)
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _agreed_stop(self, signal_name: str | None) -> str | None:
+        """The stop signal if any rank got one (all ranks then stop at the same step)."""
+        flag = torch.tensor([1.0 if signal_name else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() == 0:
+            return None
+        return signal_name or "stop signal on another rank"
+
+    def _last_checkpoint_text(self) -> str:
+        if self.last_saved_step is None:
+            return "none saved yet"
+        return str(self.run_dir / "checkpoints" / f"step_{self.last_saved_step}")
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def save(self) -> None:
+        trainer_state = {
+            "step": self.step,
+            "tokens": self.tokens_seen,
+            "skipped_steps": self.skipped_steps,
+            "world_size": self.layout.world,
+            "layout": asdict(self.layout),
+        }
+        rank_state = {"loader": self.loader.state_dict(), "rng": rng_state()}
+        path = save_checkpoint(
+            self.engine,
+            self.run_dir,
+            self.step,
+            trainer_state,
+            rank_state,
+            self.config_yaml,
+            keep=self.cfg.checkpoint.keep,
+        )
+        self.last_saved_step = self.step
+        self.monitor.message(f"checkpoint {path}")
