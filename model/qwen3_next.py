@@ -82,11 +82,13 @@ class Qwen3NextForCausalLM(nn.Module):
 
         Each layer becomes one or two fused graphs (fla's kernel stays outside: it is marked
         compiler-disabled), which fuses residual adds, norms and casts across module boundaries and
-        cuts the per-kernel launch overhead. Parameter names do not change.
+        cuts the per-kernel launch overhead. Parameter names do not change. Shapes are static except
+        where they change between batches (the number of packed documents, hence `cu_seqlens`): those
+        turn dynamic after their first change instead of recompiling for every count.
         """
         layers = list(self.model.layers) + (list(self.mtp.layers) if self.mtp is not None else [])
         for layer in layers:
-            layer.compile(dynamic=False)
+            layer.compile(dynamic=None)
 
     def forward(
         self,

@@ -70,15 +70,13 @@ def assert_fp32_gpu_matches_cpu(config):
     assert errors[worst[0]] < 2e-2, "relative RMS errors: " + ", ".join(f"{n} {errors[n]:.3g}" for n in worst)
 
 
-def test_fp32_gpu_model_matches_cpu_reference():
-    """Same weights, fp32: fla (packed, cu_seqlens, grouped value heads), the compiled fusions and
-    the chunked CE on CUDA compute the CPU reference's loss and gradients."""
-    assert_fp32_gpu_matches_cpu(gpu_sized_config())
-
-
-def test_fp32_gpu_model_with_reference_delta_rule_matches_cpu(monkeypatch):
-    """The same with the pure-torch delta rule on CUDA: if only the test above fails, the
-    difference is fla's (e.g. its fp32 inputs run TF32 dots), not the rest of the GPU path."""
+def test_fp32_gpu_model_matches_cpu_reference(monkeypatch):
+    """Same weights, fp32: the packed path, the compiled fusions, grouped_mm and the chunked CE on
+    CUDA compute the CPU reference's loss and gradients. The delta rule runs the pure-torch reference
+    on CUDA here: fla's kernels compute in bf16/TF32 whatever the input dtype (on an H200 the whole-
+    model fp32 comparison with fla failed this test's 2e-2 bound while this one passed), so fla is
+    held to the reference where that precision is meant, in bf16: test_gated_delta_rule_gpu.py and
+    the bf16 model test below."""
     import model.deltanet
     from model.ops.gated_delta_rule import chunk_gated_delta_rule_reference
 
