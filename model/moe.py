@@ -58,10 +58,23 @@ class Experts(nn.Module):
         return routed_experts(x_td, topk_idx_tk, topk_weight_tk, self.gate_up_proj, self.down_proj)
 
 
-def route(router_logits_te: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k experts per token by softmax probability (fp32), optionally renormalised to sum to 1."""
+def route(
+    router_logits_te: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    selection_bias_e: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k experts per token by softmax probability (fp32), optionally renormalised to sum to 1.
+
+    selection_bias_e (aux-loss-free balancing, DeepSeek-V3): added to the probabilities only to pick
+    the experts; the weights stay the picked experts' unbiased probabilities.
+    """
     probs_te = router_logits_te.float().softmax(dim=-1)
-    topk_prob_tk, topk_idx_tk = probs_te.topk(top_k, dim=-1)
+    if selection_bias_e is None:
+        topk_prob_tk, topk_idx_tk = probs_te.topk(top_k, dim=-1)
+    else:
+        topk_idx_tk = (probs_te + selection_bias_e.float()).topk(top_k, dim=-1).indices
+        topk_prob_tk = probs_te.gather(-1, topk_idx_tk)
     if renormalize:
         topk_prob_tk = topk_prob_tk / topk_prob_tk.sum(dim=-1, keepdim=True)
     return topk_prob_tk, topk_idx_tk
@@ -78,13 +91,27 @@ class SparseMoeBlock(nn.Module):
         self.experts = Experts(config.num_experts, hidden, config.moe_intermediate_size)
         self.shared_expert = SwiGLU(hidden, config.shared_expert_intermediate_size)
         self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
+        self.register_buffer("expert_bias", None)  # fp32 [E] once enable_expert_bias() ran
+
+    def enable_expert_bias(self) -> None:
+        """Add the aux-loss-free selection bias (zeros; a buffer, so checkpoints keep it). The
+        trainer updates it between steps from the step's expert loads."""
+        if self.expert_bias is None:
+            self.expert_bias = torch.zeros(self.num_experts, device=self.gate.weight.device)
 
     def forward(self, x_btd: torch.Tensor) -> torch.Tensor:
         x_td = x_btd.reshape(-1, x_btd.shape[-1])
-        topk_weight_tk, topk_idx_tk = route(self.gate(x_td), self.num_experts_per_tok, self.norm_topk_prob)
+        topk_weight_tk, topk_idx_tk = route(
+            self.gate(x_td), self.num_experts_per_tok, self.norm_topk_prob, self.expert_bias
+        )
         routed_td = self.experts(x_td, topk_idx_tk, topk_weight_tk.to(x_td.dtype))
         shared_td = self.shared_expert(x_td)
         return add_gated_shared(routed_td, shared_td, self.shared_expert_gate(x_td)).view_as(x_btd)
+
+
+def moe_blocks(model: nn.Module) -> list[SparseMoeBlock]:
+    """The model's MoE blocks in call order (main stack, then MTP): the order of the router logits."""
+    return [module for module in model.modules() if isinstance(module, SparseMoeBlock)]
 
 
 class RouterLogitsRecorder:

@@ -77,6 +77,7 @@ class LossConfig:
     mtp_weight: float = 0.3
     lb_coef: float = 1e-3
     z_coef: float = 0.0
+    expert_bias_rate: float = 0.0  # > 0: aux-loss-free balancing (DeepSeek-V3 used 1e-3), the bias step
 
 
 @dataclass
@@ -152,7 +153,12 @@ def validate_layout(cfg: PretrainConfig, world: int) -> Layout:
             p.expert >= 1 and world % p.expert == 0,
             f"parallel.expert ({p.expert}) must divide the world size ({world})",
         ),
-        (p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}"),
+        (p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1 or 2, got {p.zero_stage}"),
+        (
+            p.zero_stage != 3,
+            "parallel.zero_stage=3 is not supported yet: the chunked LM-head cross-entropy and the MTP "
+            "module read weights outside their modules' forward, which ZeRO-3 does not gather; use 1 or 2",
+        ),
         (
             m.num_experts % p.expert == 0,
             f"parallel.expert ({p.expert}) must divide model.num_experts ({m.num_experts})",

@@ -68,7 +68,7 @@ never tensor-parallel replicas, which see the same tokens):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -175,13 +175,32 @@ def global_target_counts(
 # Router statistics of one micro-batch ([L, E] over its router layers)
 
 
-def expert_counts(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
-    """int64 [L, E]: (token, slot) pairs routed to each expert, by the model's routing rule."""
+def expert_counts(
+    router_logits: list[torch.Tensor], top_k: int, selection_biases: Sequence[torch.Tensor] | None = None
+) -> torch.Tensor:
+    """int64 [L, E]: (token, slot) pairs routed to each expert, by the model's routing rule (with the
+    MoE blocks' aux-loss-free selection biases, when they have them)."""
+    if selection_biases is not None and len(selection_biases) != len(router_logits):
+        raise ValueError(f"{len(selection_biases)} selection biases for {len(router_logits)} routers")
     counts = []
-    for logits_te in router_logits:
-        _, topk_idx_tk = route(logits_te.detach(), top_k, renormalize=False)
+    for layer, logits_te in enumerate(router_logits):
+        bias_e = selection_biases[layer] if selection_biases is not None else None
+        _, topk_idx_tk = route(logits_te.detach(), top_k, renormalize=False, selection_bias_e=bias_e)
         counts.append(torch.bincount(topk_idx_tk.flatten(), minlength=logits_te.shape[-1]))
     return torch.stack(counts)
+
+
+@torch.no_grad()
+def update_expert_biases(biases: Sequence[torch.Tensor], expert_tokens_le: torch.Tensor, rate: float) -> None:
+    """Aux-loss-free balancing (DeepSeek-V3): after a step, raise the selection bias of each layer's
+    under-loaded experts by `rate` and lower the over-loaded ones' (sign of mean load - load).
+
+    `expert_tokens_le` are the step's global counts, the same on every rank, so the biases stay equal
+    everywhere without a collective.
+    """
+    for bias_e, counts_e in zip(biases, expert_tokens_le, strict=True):
+        counts_e = counts_e.to(bias_e.device, torch.float32)
+        bias_e.add_(rate * torch.sign(counts_e.mean() - counts_e))
 
 
 def router_prob_sums(router_logits: list[torch.Tensor]) -> torch.Tensor:
@@ -307,8 +326,10 @@ class TrainingObjective:
         lb_coef: float,
         z_coef: float = 0.0,
         group=None,
+        selection_biases: Sequence[torch.Tensor] | None = None,
     ):
         self.num_experts = num_experts
+        self.selection_biases = selection_biases  # the MoE blocks' expert_bias buffers, if enabled
         self.top_k = top_k
         self.mtp_weight = mtp_weight
         self.lb_coef = lb_coef
@@ -419,7 +440,7 @@ class TrainingObjective:
             prob = router_prob_sums(router_logits)
         with torch.set_grad_enabled(torch.is_grad_enabled() and bool(self.z_coef)):
             z = router_z_sums(router_logits)
-        counts = expert_counts(router_logits, self.top_k)
+        counts = expert_counts(router_logits, self.top_k, self.selection_biases)
         if self._step_counts is not None and self._step_counts.shape != counts.shape:
             raise ValueError(
                 f"step_expert_counts has shape {tuple(self._step_counts.shape)}, "

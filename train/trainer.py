@@ -35,6 +35,7 @@ from omegaconf import OmegaConf
 from data.loader import TokenLoader, merge_states
 from model.accounting import flops_per_token
 from model.init import init_weights
+from model.moe import moe_blocks
 from model.qwen3_next import Qwen3NextForCausalLM
 from train.checkpoint import (
     load_checkpoint,
@@ -44,7 +45,7 @@ from train.checkpoint import (
     set_rng_state,
 )
 from train.config import Layout, PretrainConfig
-from train.losses import TrainingObjective, global_target_counts
+from train.losses import TrainingObjective, global_target_counts, update_expert_biases
 from train.monitor import RunMonitor
 from train.optim import lr_at, param_groups, without_names
 
@@ -154,8 +155,12 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(self.config_yaml)
 
+        started = time.perf_counter()
+        self._message_early(f"building the model and the DeepSpeed engine on {self.device} ...")
         self.model = self._build_model()
         self.engine = self._build_engine()
+        params = sum(p.numel() for p in self.model.parameters())
+        self._message_early(f"{params / 1e6:.1f}M parameters ready in {time.perf_counter() - started:.1f} s")
         self.loader = TokenLoader(
             cfg.data.path,
             seq_len=cfg.data.seq_len,
@@ -172,12 +177,14 @@ class Trainer:
             vocab_size=cfg.model.vocab_size,
             verify_sha256=cfg.data.verify_sha256,
         )
+        self.expert_biases = self._expert_biases()
         self.objective = TrainingObjective(
             cfg.model.num_experts,
             cfg.model.num_experts_per_tok,
             mtp_weight=cfg.loss.mtp_weight,
             lb_coef=cfg.loss.lb_coef,
             z_coef=cfg.loss.z_coef,
+            selection_biases=self.expert_biases,
         )
         self.mtp_depths = cfg.model.mtp_num_layers
         self.step = 0
@@ -230,6 +237,9 @@ class Trainer:
         model = Qwen3NextForCausalLM(cfg.model)
         init_weights(model, cfg.model, seed=cfg.trainer.seed)
         model.model.activation_checkpointing = cfg.trainer.activation_checkpointing
+        if cfg.loss.expert_bias_rate > 0:
+            for block in moe_blocks(model):
+                block.enable_expert_bias()
         model.to(self.device)
         if self.on_gpu and cfg.trainer.compile:
             model.compile_layers()
@@ -255,6 +265,16 @@ class Trainer:
             dist_init_required=False,
         )
         return engine
+
+    def _expert_biases(self) -> list[torch.Tensor] | None:
+        """The MoE blocks' selection biases (loss.expert_bias_rate > 0), kept in fp32: DeepSpeed casts
+        buffers to bf16 with the module, and steps of 1e-3 vanish in bf16."""
+        if self.cfg.loss.expert_bias_rate <= 0:
+            return None
+        blocks = moe_blocks(self.engine.module)
+        for block in blocks:
+            block.expert_bias = block.expert_bias.float()
+        return [block.expert_bias for block in blocks]
 
     def _resume(self) -> None:
         path = resolve_resume(self.cfg.checkpoint.resume, self.run_dir)
@@ -305,6 +325,8 @@ class Trainer:
                         )
                     continue
                 self.bad_in_row = 0
+                if self.expert_biases is not None and expert_tokens is not None:
+                    update_expert_biases(self.expert_biases, expert_tokens, cfg.loss.expert_bias_rate)
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     self.save()
             if self.last_saved_step != self.step:
@@ -435,6 +457,7 @@ class Trainer:
             "world_size": self.layout.world,
             "layout": asdict(self.layout),
         }
+        started = time.perf_counter()
         rank_state = {"loader": self.loader.state_dict(), "rng": rng_state()}
         path = save_checkpoint(
             self.engine,
@@ -446,4 +469,4 @@ class Trainer:
             keep=self.cfg.checkpoint.keep,
         )
         self.last_saved_step = self.step
-        self.monitor.message(f"checkpoint {path}")
+        self.monitor.message(f"checkpoint {path} ({time.perf_counter() - started:.1f} s)")

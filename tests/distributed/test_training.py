@@ -6,6 +6,7 @@ documents follow learnable patterns, so each run takes seconds. What is checked:
 - a run stopped after N steps and resumed (checkpoint.resume=auto) repeats the losses of steps
   N+1..2N of an uninterrupted run bitwise, and metrics.jsonl holds every step once;
 - 2 processes give the losses of 1 process on the same global batch (fp32, 1e-5);
+  (these runs use the aux-loss-free expert biases, which must resume and agree across ranks too)
 - SIGTERM finishes the step, saves a complete checkpoint and exits 0;
 - non-finite steps are skipped (no update) and counted, and max_bad_steps in a row stop the run with
   the last checkpoint intact (in-process on 2 gloo ranks, with a forward that returns NaN).
@@ -92,6 +93,7 @@ def overrides(corpus: Path, run_dir: Path, **extra) -> list[str]:
             "optim.warmup_steps": 2,
             "optim.lr": 3e-3,
             "checkpoint.every": 0,
+            "loss.expert_bias_rate": 0.01,  # the biases must resume and agree across ranks too
             "logging.wandb.mode": "disabled",
             "logging.plot_every": 1000,
         }
@@ -147,6 +149,12 @@ def test_the_run_directory_holds_config_metrics_and_a_checkpoint(straight_run):
     assert json.loads((final / "trainer_state.json").read_text())["step"] == 6
     assert not list((straight_run / "checkpoints").glob(".staging/*")), "staging left behind"
     assert rows[-1]["lm_loss"] < rows[0]["lm_loss"], "the loss should fall on the patterned corpus"
+    module = torch.load(final / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+    biases = [v for k, v in module.items() if k.endswith("mlp.expert_bias")]
+    assert len(biases) == 5 and all(b.dtype == torch.float32 for b in biases)
+    steps = torch.stack(biases) / 0.01  # six updates of -1, 0 or +1 steps each
+    assert steps.abs().max() > 0 and steps.abs().max() <= 6
+    torch.testing.assert_close(steps, steps.round(), atol=1e-4, rtol=0)
 
 
 def test_rerun_and_resume_repeat_the_losses_bitwise(corpus, straight_run, tmp_path):
@@ -213,7 +221,12 @@ def train_with_nan_steps(rank, world, corpus: str, run_dir: str, zero_stage: int
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))  # as torchrun sets them
     register_configs()
-    extra = {"checkpoint.every": 1, "trainer.max_bad_steps": 3, "parallel.zero_stage": zero_stage}
+    extra = {
+        "checkpoint.every": 1,
+        "trainer.max_bad_steps": 3,
+        "parallel.zero_stage": zero_stage,
+        "loss.expert_bias_rate": 0.0,
+    }
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         raw = compose("pretrain", overrides=overrides(Path(corpus), Path(run_dir), **extra))
     cfg = OmegaConf.to_object(raw)

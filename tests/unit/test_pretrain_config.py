@@ -36,6 +36,7 @@ def test_dry_run_of_80b_a3b_reports_the_published_sizes():
         ("parallel.expert=3", "parallel.expert"),
         ("model.num_key_value_heads=3", "model.num_key_value_heads"),
         ("data.streams=3", "data.streams"),
+        ("parallel.zero_stage=3", "parallel.zero_stage"),
     ],
 )
 def test_bad_settings_fail_at_start_naming_the_key(override, named):
