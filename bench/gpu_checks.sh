@@ -4,11 +4,12 @@
 # the training loop on the same preset against the benchmark's raw step (issue: >= 90%).
 # Logs, the benchmark's JSON and the loop's metrics.jsonl go to $OUT (or the current folder).
 # The first run on a fresh machine spends 2-4 minutes compiling and autotuning fla's Triton kernels.
-# Stages can be picked: `bash bench/gpu_checks.sh tests bench loop` (default: all three).
+# VARLEN=1 runs the packed benchmark and the loop on varlen flash attention (model/ops/attention.py).
+# Stages can be picked: `bash bench/gpu_checks.sh tests bench bench-packed loop` (default: all four).
 set -uo pipefail
 out=${OUT:-.}
 export TRITON_CACHE_AUTOTUNING=1 PYTHONUNBUFFERED=1
-stages=${*:-tests bench loop}
+stages=${*:-tests bench bench-packed loop}
 stamp() { echo "== $1 $(date +%T)"; }
 for stage in $stages; do
     stamp "$stage"
@@ -22,11 +23,18 @@ for stage in $stages; do
             --variants ${BENCH_VARIANTS:-ours ours-compiled ours-compiled+mtp hf} --out "$out/bench.json" \
             > "$out/bench.log" 2>&1
         tail -8 "$out/bench.log" ;;
+    bench-packed)
+        # the same step on rows of 8 packed documents each, as the training loop sees real data
+        QWEN3NEXT_VARLEN=${VARLEN:-0} python launch/bench.py model --preset small --steps 6 --warmup 3 --documents 8 \
+            --variants ${BENCH_VARIANTS:-ours-compiled+mtp} --out "$out/bench_packed.json" \
+            > "$out/bench_packed.log" 2>&1
+        tail -4 "$out/bench_packed.log" ;;
     loop)
         # conf=small as shipped (4 x 4096 micro-batches, 4 per optimizer step, MTP on), on the demo
         # shards (29 of them: fewer streams than the preset's 64)
         rm -rf /tmp/loop-small
-        python launch/pretrain.py conf=small data.streams=16 trainer.max_steps=${LOOP_STEPS:-12} \
+        QWEN3NEXT_VARLEN=${VARLEN:-0} python launch/pretrain.py conf=small data.streams=16 trainer.max_steps=${LOOP_STEPS:-12} \
+            trainer.profile_step=${PROFILE_STEP:-0} \
             run.dir=/tmp/loop-small logging.wandb.mode=disabled checkpoint.every=0 > "$out/loop.log" 2>&1
         cp /tmp/loop-small/metrics.jsonl "$out/loop_metrics.jsonl"
         tail -6 "$out/loop.log" ;;

@@ -17,6 +17,7 @@ import contextlib
 import functools
 import gc
 import importlib
+import itertools
 import json
 import sys
 import time
@@ -62,8 +63,8 @@ def build_ours(config: ModelConfig, device, dtype, compile_layers: bool = False)
     if compile_layers:
         model.compile_layers()
 
-    def loss_fn(ids, labels):
-        out = model(ids, labels=labels)
+    def loss_fn(ids, labels, position_ids=None):
+        out = model(ids, position_ids=position_ids, labels=labels)
         loss = out.lm_loss_sum / out.lm_tokens
         for loss_sum, tokens in zip(out.mtp_loss_sums, out.mtp_tokens, strict=True):
             loss = loss + 0.1 * loss_sum / tokens / len(out.mtp_loss_sums)
@@ -82,8 +83,8 @@ def build_hf(config: ModelConfig, device, dtype):
     model = transformers.Qwen3NextForCausalLM(hf_config).to(device=device, dtype=dtype)
     model.train()
 
-    def loss_fn(ids, labels):
-        return model(input_ids=ids, labels=labels).loss
+    def loss_fn(ids, labels, position_ids=None):  # RoPE positions only: HF's SDPA path ignores packing
+        return model(input_ids=ids, position_ids=position_ids, labels=labels).loss
 
     return model, loss_fn
 
@@ -99,9 +100,11 @@ def time_training(name, build, config, args, device) -> tuple[float, float]:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq + 1), generator=gen).to(device)
     inputs, labels = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+    position_ids = packed_position_ids(args.batch, args.seq, args.documents, gen)
+    position_ids = position_ids.to(device) if position_ids is not None else None
 
     def step():
-        loss = loss_fn(inputs, labels)
+        loss = loss_fn(inputs, labels, position_ids)
         loss.backward()
         optim.step()
         optim.zero_grad(set_to_none=True)
@@ -121,6 +124,19 @@ def time_training(name, build, config, args, device) -> tuple[float, float]:
         raise RuntimeError("non-finite loss in benchmark")
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     return seconds, peak
+
+
+def packed_position_ids(batch: int, seq: int, documents: int, gen: torch.Generator) -> torch.Tensor | None:
+    """Positions of `documents` random-length documents packed into each row (None for 0: one a row),
+    as the training loader packs real data: attention, conv and the DeltaNet state split at each."""
+    if documents <= 0:
+        return None
+    rows = []
+    for _ in range(batch):
+        cuts = torch.randperm(seq - 1, generator=gen)[: documents - 1].add(1).sort().values.tolist()
+        bounds = [0, *cuts, seq]
+        rows.append(torch.cat([torch.arange(b - a) for a, b in itertools.pairwise(bounds)]))
+    return torch.stack(rows)
 
 
 def profile_steps(step, path: Path, device, steps: int = 2) -> None:
@@ -180,6 +196,9 @@ def main(argv=None):
     m.add_argument("--batch", type=int, default=4)
     m.add_argument("--seq", type=int, default=4096)
     m.add_argument("--steps", type=int, default=10)
+    m.add_argument(
+        "--documents", type=int, default=0, help="pack this many random-length documents a row (0: one)"
+    )
     m.add_argument("--warmup", type=int, default=3)
     m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     m.add_argument("--variants", nargs="+", default=["ours", "ours+mtp", "hf"], choices=VARIANTS)

@@ -75,6 +75,12 @@ class GatedAttention(nn.Module):
         cos, sin = rope
         q_bhtd, k_bhtd = apply_partial_rotary(q_bhtd, cos, sin), apply_partial_rotary(k_bhtd, cos, sin)
         o_bhtd = causal_attention(
-            q_bhtd, k_bhtd, v_bhtd, scale=self.head_dim**-0.5, segment_ids_bt=layout.segment_ids_bt
+            q_bhtd,
+            k_bhtd,
+            v_bhtd,
+            scale=self.head_dim**-0.5,
+            segment_ids_bt=layout.segment_ids_bt,
+            cu_seqlens_n1=layout.cu_seqlens_n1,
+            max_seqlen=layout.max_seqlen,
         )
         return self.o_proj(gate_output(o_bhtd.transpose(1, 2).reshape(b, t, -1), gate_bthd.reshape(b, t, -1)))

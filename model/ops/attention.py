@@ -1,9 +1,21 @@
 """Causal softmax attention with grouped KV heads and optional document masking.
 
-One path for now, PyTorch SDPA: unpacked batches take its `is_causal` fast path (flash / efficient
-kernels on GPU); packed batches pass a block-diagonal causal mask built from segment ids, so no
-token attends across a document boundary. Legend: b batch, h heads, t query/key position, d head dim.
+Unpacked batches take SDPA's `is_causal` fast path (flash / efficient kernels on GPU). Packed batches
+keep every document to itself:
+- on CUDA in bf16/fp16 with `QWEN3NEXT_VARLEN=1`, torch's variable-length flash attention over the
+  documents (`cu_seqlens`), which computes only the blocks inside documents (opt-in until
+  tests/gpu/test_attention_gpu.py and the loop benchmark have run on a GPU);
+- elsewhere (CPU, fp32, or a torch without `torch.nn.attention.varlen`), SDPA with a block-diagonal
+  causal mask built from segment ids, which computes every [t, t] score and masks it (on an H200 its
+  masked backward took 3.4x the forward's time at 4 x 4096 tokens).
+Legend: b batch, h heads, t query/key position, d head dim,
+n documents.
 """
+
+import functools
+import inspect
+import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +29,58 @@ def document_causal_mask(segment_ids_bt: torch.Tensor) -> torch.Tensor:
     return (same_segment_btt & causal_tt)[:, None]
 
 
+@functools.cache
+def _varlen_kernel() -> tuple[Callable, dict, bool] | None:
+    """torch's varlen flash attention, its causal keyword(s) and whether it takes GQA; None if absent."""
+    if os.environ.get("QWEN3NEXT_VARLEN", "0") != "1":
+        return None
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "is_causal" in params:  # its first form (torch 2.10)
+        causal = {"is_causal": True}
+    elif "window_size" in params:  # later: (left, right) window, right 0 = causal
+        causal = {"window_size": (-1, 0)}
+    else:
+        return None
+    return varlen_attn, causal, "enable_gqa" in params
+
+
+def takes_varlen_path(q_bhtd: torch.Tensor, cu_seqlens_n1: torch.Tensor | None) -> bool:
+    return (
+        cu_seqlens_n1 is not None
+        and q_bhtd.is_cuda
+        and q_bhtd.dtype in (torch.bfloat16, torch.float16)
+        and q_bhtd.shape[-1] <= 256
+        and _varlen_kernel() is not None
+    )
+
+
+@torch.compiler.disable  # a kernel boundary, like fla's: dynamo need not trace the custom op
+def varlen_causal_attention(
+    q_bhtd: torch.Tensor,
+    k_bhtd: torch.Tensor,
+    v_bhtd: torch.Tensor,
+    *,
+    scale: float,
+    cu_seqlens_n1: torch.Tensor,
+    max_seqlen: int,
+) -> torch.Tensor:
+    """Causal attention inside each document of the flattened batch (documents at cu_seqlens)."""
+    varlen_attn, causal, takes_gqa = _varlen_kernel()
+    b, h, t, d = q_bhtd.shape
+    if not takes_gqa and k_bhtd.shape[1] != h:
+        k_bhtd = k_bhtd.repeat_interleave(h // k_bhtd.shape[1], dim=1)
+        v_bhtd = v_bhtd.repeat_interleave(h // v_bhtd.shape[1], dim=1)
+    q_thd, k_thd, v_thd = (x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (q_bhtd, k_bhtd, v_bhtd))
+    extra = {"enable_gqa": True} if takes_gqa else {}
+    cu = cu_seqlens_n1.to(torch.int32)
+    o_thd = varlen_attn(q_thd, k_thd, v_thd, cu, cu, max_seqlen, max_seqlen, scale=scale, **causal, **extra)
+    return o_thd.view(b, t, h, d).transpose(1, 2)
+
+
 def causal_attention(
     q_bhtd: torch.Tensor,
     k_bhtd: torch.Tensor,
@@ -24,8 +88,17 @@ def causal_attention(
     *,
     scale: float,
     segment_ids_bt: torch.Tensor | None = None,
+    cu_seqlens_n1: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale) v, causal, KV heads shared by consecutive query-head groups."""
+    """softmax(q k^T * scale) v, causal, KV heads shared by consecutive query-head groups.
+
+    Packed batches give segment_ids_bt (the masked path) and, for the varlen path, cu_seqlens_n1 and
+    max_seqlen of the same documents (model/documents.py's DocumentLayout has all three)."""
+    if segment_ids_bt is not None and takes_varlen_path(q_bhtd, cu_seqlens_n1):
+        return varlen_causal_attention(
+            q_bhtd, k_bhtd, v_bhtd, scale=scale, cu_seqlens_n1=cu_seqlens_n1, max_seqlen=max_seqlen
+        )
     groups = q_bhtd.shape[1] // k_bhtd.shape[1]
     if groups > 1:
         k_bhtd = k_bhtd.repeat_interleave(groups, dim=1)
