@@ -11,8 +11,9 @@ accumulation boundary. A step whose gradient norm is not finite is skipped: Deep
 optimizer drops it (no update, the gradients cleared); with ZeRO off, `SkippingAdamW` does. After
 `trainer.max_bad_steps` skipped steps in a row the run stops, leaving the last checkpoint alone.
 
-SIGTERM (what SLURM sends before a time limit or preemption) finishes the current step, saves a
-checkpoint and exits 0. Every rank sees the stop at the same step: the flag is all-reduced.
+SIGTERM (what SLURM sends before a time limit or preemption) or a file run.dir/STOP finishes the
+current step, saves a checkpoint and exits 0. Every rank sees the stop at the same step: the flag is
+all-reduced.
 """
 
 from __future__ import annotations
@@ -147,6 +148,7 @@ class Trainer:
         self.cfg = cfg
         self.layout = layout
         self.run_dir = Path(cfg.run.dir)
+        self.stop_file = self.run_dir / "STOP"
         self.device, self.on_gpu = self._setup_distributed()
         self.rank = dist.get_rank()
         self.is_main = self.rank == 0
@@ -331,6 +333,8 @@ class Trainer:
                     self.save()
             if self.last_saved_step != self.step:
                 self.save()
+            if stopped_by and self.is_main:
+                self.stop_file.unlink(missing_ok=True)  # spent: the resumed run must not stop at once
             if stopped_by:
                 self.monitor.message(
                     f"{stopped_by}: stopped after step {self.step} with a checkpoint; rerun the same "
@@ -435,7 +439,11 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _agreed_stop(self, signal_name: str | None) -> str | None:
-        """The stop signal if any rank got one (all ranks then stop at the same step)."""
+        """Why to stop now, if any rank got a stop signal or sees run.dir/STOP (all ranks then stop at
+        the same step). The file serves launchers that cannot signal the workers themselves: torchrun
+        kills its workers 30 s after forwarding a SIGTERM, which a large checkpoint may outlast."""
+        if signal_name is None and self.stop_file.exists():
+            signal_name = f"{self.stop_file} found"
         flag = torch.tensor([1.0 if signal_name else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() == 0:
