@@ -155,6 +155,16 @@ def validate_layout(cfg: PretrainConfig, world: int) -> Layout:
         ),
         (p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1 or 2, got {p.zero_stage}"),
         (
+            p.tensor == 1,
+            f"parallel.tensor={p.tensor}: tensor parallelism is not in this version yet; use data and "
+            "expert parallelism (parallel.expert)",
+        ),
+        (
+            p.expert == 1 or p.zero_stage >= 1,
+            f"parallel.expert={p.expert} needs parallel.zero_stage 1 or 2 (got 0): without ZeRO, DeepSpeed "
+            "clips expert-parallel gradients by an average of the ranks' norms, not the global norm",
+        ),
+        (
             p.zero_stage != 3,
             "parallel.zero_stage=3 is not supported yet: the chunked LM-head cross-entropy and the MTP "
             "module read weights outside their modules' forward, which ZeRO-3 does not gather; use 1 or 2",

@@ -38,6 +38,7 @@ from model.accounting import flops_per_token
 from model.init import init_weights
 from model.moe import moe_blocks
 from model.qwen3_next import Qwen3NextForCausalLM
+from parallel.expert import attach_after_initialize, autoep_config, moe_optimizer_factory, selection_biases
 from train.checkpoint import (
     load_checkpoint,
     resolve_resume,
@@ -91,6 +92,7 @@ def deepspeed_config(cfg: PretrainConfig, layout: Layout, on_gpu: bool) -> dict:
         # bf16 parameters, fp32 master weights and fp32 gradient accumulation over the micro-batches
         # (DeepSpeed supports the latter with ZeRO 1-2; with ZeRO off it accumulates in bf16)
         **({"data_types": {"grad_accum_dtype": "fp32"}} if on_gpu and cfg.parallel.zero_stage > 0 else {}),
+        **({"expert_parallel": autoep_config(layout.expert)} if layout.expert > 1 else {}),
         "zero_allow_untested_optimizer": True,  # torch's AdamW under ZeRO
         "steps_per_print": 2**31 - 1,  # the trainer prints its own line
         "wall_clock_breakdown": False,
@@ -149,6 +151,7 @@ class Trainer:
         self.layout = layout
         self.run_dir = Path(cfg.run.dir)
         self.stop_file = self.run_dir / "STOP"
+        self.expert_parallel = layout.expert > 1
         self.device, self.on_gpu = self._setup_distributed()
         self.rank = dist.get_rank()
         self.is_main = self.rank == 0
@@ -239,7 +242,7 @@ class Trainer:
         model = Qwen3NextForCausalLM(cfg.model)
         init_weights(model, cfg.model, seed=cfg.trainer.seed)
         model.model.activation_checkpointing = cfg.trainer.activation_checkpointing
-        if cfg.loss.expert_bias_rate > 0:
+        if cfg.loss.expert_bias_rate > 0 and not self.expert_parallel:  # AutoEP's layers get theirs later
             for block in moe_blocks(model):
                 block.enable_expert_bias()
         model.to(self.device)
@@ -251,15 +254,20 @@ class Trainer:
         import deepspeed
 
         cfg = self.cfg
-        groups = without_names(param_groups(self.model, cfg.optim.weight_decay))
-        adamw = SkippingAdamW if cfg.parallel.zero_stage == 0 else torch.optim.AdamW
-        optimizer = adamw(
-            groups,
-            lr=cfg.optim.lr,
-            betas=(cfg.optim.beta1, cfg.optim.beta2),
-            eps=cfg.optim.eps,
-            fused=self.on_gpu,  # one kernel over the fp32 master partitions
-        )
+
+        def groups_of(model: torch.nn.Module) -> list[dict]:
+            return without_names(param_groups(model, cfg.optim.weight_decay))
+
+        def make_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
+            adamw = SkippingAdamW if cfg.parallel.zero_stage == 0 else torch.optim.AdamW
+            betas = (cfg.optim.beta1, cfg.optim.beta2)
+            # fused: one kernel over the fp32 master partitions
+            return adamw(groups, lr=cfg.optim.lr, betas=betas, eps=cfg.optim.eps, fused=self.on_gpu)
+
+        if self.expert_parallel:  # the expert parameters exist only once AutoEP has replaced the blocks
+            optimizer = moe_optimizer_factory(self.model, groups_of, make_optimizer)
+        else:
+            optimizer = make_optimizer(groups_of(self.model))
         engine, *_ = deepspeed.initialize(
             model=self.model,
             optimizer=optimizer,
@@ -269,14 +277,12 @@ class Trainer:
         return engine
 
     def _expert_biases(self) -> list[torch.Tensor] | None:
-        """The MoE blocks' selection biases (loss.expert_bias_rate > 0), kept in fp32: DeepSpeed casts
-        buffers to bf16 with the module, and steps of 1e-3 vanish in bf16."""
-        if self.cfg.loss.expert_bias_rate <= 0:
-            return None
-        blocks = moe_blocks(self.engine.module)
-        for block in blocks:
-            block.expert_bias = block.expert_bias.float()
-        return [block.expert_bias for block in blocks]
+        """After initialize: the router recorder on AutoEP's routers, and the MoE layers' aux-loss-free
+        selection biases in fp32 (loss.expert_bias_rate > 0), in router call order."""
+        with_bias = self.cfg.loss.expert_bias_rate > 0
+        if self.expert_parallel:
+            return attach_after_initialize(self.engine.module, selection_bias=with_bias)
+        return selection_biases(self.engine.module) if with_bias else None
 
     def _resume(self) -> None:
         path = resolve_resume(self.cfg.checkpoint.resume, self.run_dir)

@@ -1,0 +1,147 @@
+"""Expert parallelism through DeepSpeed AutoEP: configured from `parallel.expert`, not re-implemented.
+
+With `parallel.expert` = ep > 1, `deepspeed.initialize` replaces every `SparseMoeBlock` (main stack and
+MTP) by AutoEP's layer: the same routing (fp32 softmax over all experts, exact top-k, renormalised,
+no capacity limit, no dropped tokens), tokens moved to the experts' ranks by all-to-all, the local
+E/ep experts as one grouped GEMM, the sigmoid-gated shared expert. Expert ranks are consecutive
+(ep group {0..ep-1}, ...), and expert gradients are reduced over the expert-data-parallel group
+(ranks r, r+ep, ...). There is no Qwen3-Next preset, and the built-in presets miss the MTP block, so
+the section below describes our block layout directly: router `gate`, fused `experts.gate_up_proj`
+[E, 2I, H] with the gate rows first, `experts.down_proj` [E, H, I], `shared_expert(_gate)`.
+
+What we add from our side (and would ask DeepSpeed for upstream):
+- Router logits for the global-batch LBL: the replacement's router is `mlp.router.gate`, so the
+  model's recorder is re-attached there after `initialize` (`attach_after_initialize`).
+- The aux-loss-free selection bias: AutoEP's router already adds `expert_bias` for selection only,
+  but accepts it only with its own `load_balance_coeff` update rule; we register our fp32 buffer on
+  each layer instead, updated by the trainer like the unreplaced blocks' (and so checkpointed).
+- The optimizer: under ZeRO the expert parameters need their own groups, which exist only after the
+  replacement, so the engine gets a factory (`moe_optimizer_factory`) instead of an instance.
+- ZeRO 0 is refused with expert parallelism (train/config.py): DeepSpeed's clipping there averages
+  the ranks' local norms instead of the global norm, and our replicated-gradient checks would let
+  ranks disagree about skipping a step.
+
+Names after replacement (checkpoints): `mlp.router.gate.weight`, `mlp.experts.w1` / `w3` [E/ep, I, H]
+(gate / up halves of our `gate_up_proj`), `mlp.experts.w2` [E/ep, H, I] (`down_proj`),
+`mlp.shared_experts.*`, `mlp.shared_experts_gate.weight`; rank r holds experts r*E/ep ... .
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from model.moe import RouterLogitsRecorder, moe_blocks
+
+AUTOEP_ROUTER_SUFFIX = "mlp.router.gate"
+EXPERT_KEY = re.compile(r"(.+\.mlp)\.experts\.(w[123])\.(\d+)")  # one expert's tensor in its own file
+
+
+def autoep_config(expert_parallel_size: int) -> dict:
+    """DeepSpeed's `expert_parallel` config section for our MoE blocks."""
+    return {
+        "enabled": True,
+        "autoep_size": expert_parallel_size,
+        "moe_layer_pattern": r"(model|mtp)\.layers\.\d+\.mlp",  # full match; the MTP block's MoE too
+        "router_pattern": "gate",
+        "expert_pattern": "experts",
+        "expert_w1": "gate_up_proj",  # fused [E, 2I, H], gate rows first
+        "expert_w2": "down_proj",
+        "expert_w3": None,  # None: gate and up fused in w1
+        "num_experts_attr": "num_experts",
+        "top_k_attr": "num_experts_per_tok",
+        "score_func": "softmax",
+        "score_apply": "post",  # weights applied to the expert outputs, as our combine does
+        "route_norm": True,
+        "has_shared_experts": True,
+        "shared_experts_pattern": "shared_expert",
+        "shared_experts_gate_pattern": "shared_expert_gate",
+        "expert_activation": "swiglu",
+        "use_grouped_mm": True,
+    }
+
+
+def autoep_layers(model: nn.Module) -> list[nn.Module]:
+    from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
+
+    return [module for module in model.modules() if isinstance(module, AutoEPMoELayer)]
+
+
+def moe_optimizer_factory(
+    model: nn.Module,
+    groups_of: Callable[[nn.Module], list[dict]],
+    make: Callable[[list[dict]], torch.optim.Optimizer],
+) -> Callable:
+    """What `deepspeed.initialize(optimizer=...)` calls once the experts are replaced: our parameter
+    groups of the replaced model, the expert parameters split into DeepSpeed's MoE groups."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    def factory(_model_parameters) -> torch.optim.Optimizer:
+        return make(split_params_into_different_moe_groups_for_optimizer(groups_of(model)))
+
+    return factory
+
+
+def attach_after_initialize(model: nn.Module, *, selection_bias: bool) -> list[torch.Tensor] | None:
+    """Re-attach the router-logits recorder to the replaced routers; with `selection_bias`, give every
+    replaced layer a zero fp32 `expert_bias` buffer. Returns the biases in router call order."""
+    layers = autoep_layers(model)
+    if not layers:
+        raise RuntimeError("expert parallelism is on but DeepSpeed replaced no MoE block (AutoEP)")
+    model.router_recorder.remove()
+    model.router_recorder = RouterLogitsRecorder(model, AUTOEP_ROUTER_SUFFIX)
+    if not selection_bias:
+        return None
+    biases = []
+    for layer in layers:
+        device = next(layer.parameters()).device
+        del layer.expert_bias  # a plain None attribute unless AutoEP's own balancing is configured
+        layer.register_buffer("expert_bias", torch.zeros(layer.num_experts, device=device))
+        biases.append(layer.expert_bias)
+    return biases
+
+
+def selection_biases(model: nn.Module) -> list[torch.Tensor]:
+    """The unreplaced blocks' biases in fp32 (DeepSpeed casts buffers with the module to bf16, and
+    bias steps of 1e-3 vanish in bf16), in router call order."""
+    biases = []
+    for block in moe_blocks(model):
+        block.expert_bias = block.expert_bias.float()
+        biases.append(block.expert_bias)
+    return biases
+
+
+def block_layout_name(name: str) -> str:
+    """A replaced layer's non-expert parameter or buffer name -> the name in our MoE block."""
+    return (
+        name.replace(".mlp.router.gate.", ".mlp.gate.")
+        .replace(".mlp.shared_experts_gate.", ".mlp.shared_expert_gate.")
+        .replace(".mlp.shared_experts.", ".mlp.shared_expert.")
+    )
+
+
+def consolidated_module_state(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The model weights of a DeepSpeed checkpoint saved under AutoEP, in our model's names and
+    layout (experts fused back into `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I]); what
+    `Qwen3NextForCausalLM.load_state_dict` and `model.hf.save_hf` take. Also reads checkpoints saved
+    without expert parallelism (then only the module file)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    module = torch.load(checkpoint_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+    state = {block_layout_name(name): tensor for name, tensor in module["module"].items()}
+    experts: dict[str, dict[str, dict[int, torch.Tensor]]] = {}  # block -> w1/w2/w3 -> expert -> tensor
+    for path in sorted(checkpoint_dir.glob("layer_*_expert_*_model_states.pt")):
+        for key, tensor in torch.load(path, map_location="cpu", weights_only=True).items():
+            match = EXPERT_KEY.fullmatch(key)
+            if match is None:
+                raise ValueError(f"{path}: unexpected expert parameter {key!r}")
+            block, weight, index = match.group(1), match.group(2), int(match.group(3))
+            experts.setdefault(block, {}).setdefault(weight, {})[index] = tensor
+    for block, weights in experts.items():
+        stacked = {w: torch.stack([by_index[i] for i in sorted(by_index)]) for w, by_index in weights.items()}
+        state[f"{block}.experts.gate_up_proj"] = torch.cat([stacked["w1"], stacked["w3"]], dim=1)
+        state[f"{block}.experts.down_proj"] = stacked["w2"]
+    return state

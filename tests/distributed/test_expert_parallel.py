@@ -1,0 +1,67 @@
+"""Data and expert parallel layouts on 4 gloo processes give the 1-process run (DESIGN.md section 5).
+
+The toy model and corpus of test_training.py, trained 3 steps by `torchrun launch/pretrain.py` at
+world 1 and at dp4, dp4 x ep2, dp4 x ep4 (DeepSpeed AutoEP, ZeRO 1): the same global batch each
+step, so the losses and the parameters after the 3 steps must agree (fp32). The AutoEP checkpoints
+are read back into our model's names and fused expert layout (`consolidated_module_state`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from model.config import ModelConfig
+from model.init import init_weights
+from model.qwen3_next import Qwen3NextForCausalLM
+from parallel.expert import consolidated_module_state
+from tests.distributed.test_training import losses, overrides, pretrain, write_corpus
+
+STEPS = 3
+# Adam's epsilon at 1 makes its update about lr x momentum, linear in the gradients, so the parameters
+# measure the gradients' agreement. At the usual 1e-8, Adam divides by sqrt(v) and turns reduction-
+# order noise of 1e-8 on near-zero gradients into steps of +-lr (seen: 1e-3 apart after 3 steps).
+COMMON = {"trainer.max_steps": STEPS, "optim.schedule_steps": STEPS, "optim.eps": 1.0, "optim.lr": 0.3}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def single(corpus, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("single")
+    pretrain(1, overrides(corpus, run_dir, **COMMON))
+    return run_dir
+
+
+def initial_weights(run_dir):
+    """The seeded initial weights of the run's model (its resolved config.yaml)."""
+    saved = OmegaConf.load(run_dir / "config.yaml").model
+    config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), saved))
+    model = Qwen3NextForCausalLM(config)
+    init_weights(model, config, seed=0)
+    return model.state_dict()
+
+
+def final_weights(run_dir):
+    return consolidated_module_state(run_dir / "checkpoints" / f"step_{STEPS}")
+
+
+@pytest.mark.parametrize("expert", [1, 2, 4], ids=["dp4", "dp4-ep2", "dp4-ep4"])
+def test_four_process_layouts_train_like_one_process(corpus, single, tmp_path, expert):
+    run_dir = tmp_path / "run"
+    output = pretrain(4, overrides(corpus, run_dir, **COMMON, **{"parallel.expert": expert}), timeout=300)
+    assert "4 CPU process(es)" in output
+    np.testing.assert_allclose(losses(run_dir), losses(single), rtol=1e-5)
+    reference, weights = final_weights(single), final_weights(run_dir)
+    assert weights.keys() == reference.keys()
+    moved = max((reference[n] - initial).abs().max().item() for n, initial in initial_weights(single).items())
+    assert moved > 1e-2, "the 3 steps should move the weights far beyond the tolerance"
+    for name, expected in reference.items():
+        torch.testing.assert_close(
+            weights[name], expected, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
