@@ -11,7 +11,9 @@ Atomicity: every rank writes into `checkpoints/.staging/step_N/`; after a barrie
 which the next save clears. `keep` bounds the complete checkpoints kept (oldest removed first, only
 after the new one is in place).
 
-Loading never unpickles arbitrary objects: DeepSpeed's files are read with
+Another layout (world size, expert-parallel size, ZeRO stage) resumes through DeepSpeed's universal
+checkpoint: `convert_to_universal` runs `ds_to_universal` once into `step_N_universal/`, which any
+layout loads. Loading never unpickles arbitrary objects: DeepSpeed's files are read with
 `torch.load(weights_only=True)` (`safe_checkpoint_engine`), with the few DeepSpeed classes
 its state holds allow-listed by name; our own files hold only tensors and plain containers.
 """
@@ -22,6 +24,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -132,12 +136,51 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(engine, path: Path) -> tuple[dict, list[dict]]:
+def needs_universal(path: Path, partitioning: dict) -> bool:
+    """Whether the checkpoint at `path` was saved partitioned otherwise (world size, tensor and expert
+    parallel sizes, ZeRO stage) than `partitioning`: DeepSpeed's native files then do not fit, the
+    universal form does."""
+    return read_trainer_state(path).get("partitioning") != partitioning
+
+
+def universal_path(path: Path) -> Path:
+    return path.parent / f"{path.name}_universal"
+
+
+def convert_to_universal(path: Path) -> Path:
+    """DeepSpeed's universal checkpoint of `path` (ds_to_universal), next to it as step_N_universal;
+    made once, atomically, by rank 0 while the others wait."""
+    target = universal_path(path)
+    if _rank() == 0 and not target.exists():
+        staging = path.parent / STAGING / target.name
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path)]
+        command += ["--output_folder", str(staging), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"converting {path} to a universal checkpoint failed ({' '.join(command)}):\n"
+                f"{result.stdout[-2000:]}{result.stderr[-3000:]}"
+            )
+        os.replace(staging, target)
+        _fsync_dir(path.parent)
+    _barrier()
+    return target
+
+
+def load_checkpoint(engine, path: Path, universal: bool = False) -> tuple[dict, list[dict]]:
     """Load weights and optimizer state into `engine`; returns the trainer state and every rank's
-    rank state (all of them: a data-loader state is merged across ranks to allow new layouts)."""
+    rank state (all of them: a data-loader state is merged across ranks to allow new layouts).
+
+    universal: read `convert_to_universal(path)` instead of the native files (the engine must have
+    been built with DeepSpeed's `checkpoint.load_universal`); any world size, expert-parallel size
+    or ZeRO stage. DeepSpeed reads the universal files itself, with its own torch.load settings.
+    """
     engine.checkpoint_engine = safe_checkpoint_engine()
+    source = universal_path(path) if universal else path
     load_path, _ = engine.load_checkpoint(
-        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
+        str(source.parent), tag=source.name, load_optimizer_states=True, load_lr_scheduler_states=False
     )
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")

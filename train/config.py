@@ -26,6 +26,9 @@ class ParallelConfig:
     tensor: int = 1  # tensor-parallel size of the attention / DeltaNet heads
     expert: int = 1  # expert-parallel size of the MoE
     zero_stage: int = 1
+    # DeepSpeed AutoEP for the MoE: None = when expert > 1. On at expert 1 too, the checkpoints keep
+    # AutoEP's parameter names, so that they reshard to any expert-parallel size (and back).
+    autoep: bool | None = None
 
 
 @dataclass
@@ -158,6 +161,10 @@ def validate_layout(cfg: PretrainConfig, world: int) -> Layout:
             p.tensor == 1,
             f"parallel.tensor={p.tensor}: tensor parallelism is not in this version yet; use data and "
             "expert parallelism (parallel.expert)",
+        ),
+        (
+            p.expert == 1 or p.autoep is not False,
+            f"parallel.expert={p.expert} runs on DeepSpeed AutoEP: parallel.autoep cannot be false",
         ),
         (
             p.expert == 1 or p.zero_stage >= 1,

@@ -40,7 +40,10 @@ from model.moe import moe_blocks
 from model.qwen3_next import Qwen3NextForCausalLM
 from parallel.expert import attach_after_initialize, autoep_config, moe_optimizer_factory, selection_biases
 from train.checkpoint import (
+    convert_to_universal,
     load_checkpoint,
+    needs_universal,
+    read_trainer_state,
     resolve_resume,
     rng_state,
     save_checkpoint,
@@ -81,8 +84,11 @@ def replicated_grad_norm(model: torch.nn.Module) -> float:
     return float(torch.stack(norms).norm()) if norms else 0.0
 
 
-def deepspeed_config(cfg: PretrainConfig, layout: Layout, on_gpu: bool) -> dict:
+def deepspeed_config(
+    cfg: PretrainConfig, layout: Layout, on_gpu: bool, *, autoep: bool = False, load_universal: bool = False
+) -> dict:
     return {
+        **({"checkpoint": {"load_universal": True}} if load_universal else {}),
         "train_batch_size": cfg.trainer.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.trainer.micro_batch_size,
         "gradient_accumulation_steps": layout.grad_accum,
@@ -92,7 +98,7 @@ def deepspeed_config(cfg: PretrainConfig, layout: Layout, on_gpu: bool) -> dict:
         # bf16 parameters, fp32 master weights and fp32 gradient accumulation over the micro-batches
         # (DeepSpeed supports the latter with ZeRO 1-2; with ZeRO off it accumulates in bf16)
         **({"data_types": {"grad_accum_dtype": "fp32"}} if on_gpu and cfg.parallel.zero_stage > 0 else {}),
-        **({"expert_parallel": autoep_config(layout.expert)} if layout.expert > 1 else {}),
+        **({"expert_parallel": autoep_config(layout.expert)} if autoep else {}),
         "zero_allow_untested_optimizer": True,  # torch's AdamW under ZeRO
         "steps_per_print": 2**31 - 1,  # the trainer prints its own line
         "wall_clock_breakdown": False,
@@ -151,7 +157,15 @@ class Trainer:
         self.layout = layout
         self.run_dir = Path(cfg.run.dir)
         self.stop_file = self.run_dir / "STOP"
-        self.expert_parallel = layout.expert > 1
+        self.autoep = cfg.parallel.autoep if cfg.parallel.autoep is not None else layout.expert > 1
+        # what DeepSpeed's native checkpoint files depend on (a change needs the universal form)
+        self.partitioning = {
+            "world": layout.world,
+            "tensor": layout.tensor,
+            "expert": layout.expert,
+            "zero_stage": cfg.parallel.zero_stage,
+            "autoep": self.autoep,
+        }
         self.device, self.on_gpu = self._setup_distributed()
         self.rank = dist.get_rank()
         self.is_main = self.rank == 0
@@ -162,6 +176,7 @@ class Trainer:
 
         started = time.perf_counter()
         self._message_early(f"building the model and the DeepSpeed engine on {self.device} ...")
+        self.resume_from, self.resume_universal = self._resume_source()
         self.model = self._build_model()
         self.engine = self._build_engine()
         params = sum(p.numel() for p in self.model.parameters())
@@ -242,7 +257,7 @@ class Trainer:
         model = Qwen3NextForCausalLM(cfg.model)
         init_weights(model, cfg.model, seed=cfg.trainer.seed)
         model.model.activation_checkpointing = cfg.trainer.activation_checkpointing
-        if cfg.loss.expert_bias_rate > 0 and not self.expert_parallel:  # AutoEP's layers get theirs later
+        if cfg.loss.expert_bias_rate > 0 and not self.autoep:  # AutoEP's layers get theirs later
             for block in moe_blocks(model):
                 block.enable_expert_bias()
         model.to(self.device)
@@ -264,14 +279,20 @@ class Trainer:
             # fused: one kernel over the fp32 master partitions
             return adamw(groups, lr=cfg.optim.lr, betas=betas, eps=cfg.optim.eps, fused=self.on_gpu)
 
-        if self.expert_parallel:  # the expert parameters exist only once AutoEP has replaced the blocks
+        if self.autoep:  # the expert parameters exist only once AutoEP has replaced the blocks
             optimizer = moe_optimizer_factory(self.model, groups_of, make_optimizer)
         else:
             optimizer = make_optimizer(groups_of(self.model))
         engine, *_ = deepspeed.initialize(
             model=self.model,
             optimizer=optimizer,
-            config=deepspeed_config(cfg, self.layout, self.on_gpu),
+            config=deepspeed_config(
+                cfg,
+                self.layout,
+                self.on_gpu,
+                autoep=self.autoep,
+                load_universal=self.resume_universal,
+            ),
             dist_init_required=False,
         )
         return engine
@@ -280,16 +301,41 @@ class Trainer:
         """After initialize: the router recorder on AutoEP's routers, and the MoE layers' aux-loss-free
         selection biases in fp32 (loss.expert_bias_rate > 0), in router call order."""
         with_bias = self.cfg.loss.expert_bias_rate > 0
-        if self.expert_parallel:
+        if self.autoep:
             return attach_after_initialize(self.engine.module, selection_bias=with_bias)
         return selection_biases(self.engine.module) if with_bias else None
 
-    def _resume(self) -> None:
+    def _resume_source(self) -> tuple[Path | None, bool]:
+        """The checkpoint to resume from, and whether it needs the universal form (saved partitioned
+        otherwise); decided before the engine is built, which must know the latter."""
         path = resolve_resume(self.cfg.checkpoint.resume, self.run_dir)
+        if path is None:
+            return None, False
+        saved = read_trainer_state(path).get("partitioning", {})
+        saved_autoep = saved.get("autoep", saved.get("expert", 1) > 1)
+        if saved_autoep != self.autoep:
+            hint = (
+                "parallel.autoep=true (any parallel.expert, 1 included)"
+                if saved_autoep
+                else "parallel.expert=1 parallel.autoep=false, the layout it was saved with"
+            )
+            raise ValueError(
+                f"{path} holds the MoE in {'AutoEP' if saved_autoep else 'our'} parameter layout, this run "
+                f"uses {'AutoEP' if self.autoep else 'ours'}; resume it with {hint}"
+            )
+        universal = needs_universal(path, self.partitioning)
+        if universal:
+            saved = read_trainer_state(path).get("partitioning")
+            self._message_early(f"{path} was saved partitioned as {saved}: converting it to universal form")
+            convert_to_universal(path)
+        return path, universal
+
+    def _resume(self) -> None:
+        path = self.resume_from
         if path is None:
             return
         self._message_early(f"resuming from {path}")
-        trainer_state, rank_states = load_checkpoint(self.engine, path)
+        trainer_state, rank_states = load_checkpoint(self.engine, path, universal=self.resume_universal)
         self.step = trainer_state["step"]
         self.tokens_seen = trainer_state["tokens"]
         self.skipped_steps = trainer_state.get("skipped_steps", 0)
@@ -470,6 +516,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "world_size": self.layout.world,
             "layout": asdict(self.layout),
+            "partitioning": self.partitioning,
         }
         started = time.perf_counter()
         rank_state = {"loader": self.loader.state_dict(), "rng": rng_state()}

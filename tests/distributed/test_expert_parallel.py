@@ -1,4 +1,5 @@
-"""Data and expert parallel layouts on 4 gloo processes give the 1-process run (DESIGN.md section 5).
+"""Data and expert parallel layouts on 4 gloo processes give the 1-process run (DESIGN.md section 5),
+and checkpoints move between layouts.
 
 The toy model and corpus of test_training.py, trained 3 steps by `torchrun launch/pretrain.py` at
 world 1 and at dp4, dp4 x ep2, dp4 x ep4 (DeepSpeed AutoEP, ZeRO 1): the same global batch each
@@ -7,6 +8,8 @@ are read back into our model's names and fused expert layout (`consolidated_modu
 """
 
 from __future__ import annotations
+
+import subprocess
 
 import numpy as np
 import pytest
@@ -17,7 +20,15 @@ from model.config import ModelConfig
 from model.init import init_weights
 from model.qwen3_next import Qwen3NextForCausalLM
 from parallel.expert import consolidated_module_state
-from tests.distributed.test_training import losses, overrides, pretrain, write_corpus
+from tests.distributed.test_training import (
+    REPO,
+    command,
+    environment,
+    losses,
+    overrides,
+    pretrain,
+    write_corpus,
+)
 
 STEPS = 3
 # Adam's epsilon at 1 makes its update about lr x momentum, linear in the gradients, so the parameters
@@ -65,3 +76,38 @@ def test_four_process_layouts_train_like_one_process(corpus, single, tmp_path, e
         torch.testing.assert_close(
             weights[name], expected, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
         )
+
+
+def test_checkpoints_reshard_across_layouts(corpus, tmp_path):
+    """dp2 x ep2 for 2 steps, then dp4 x ep4 to step 4, then 1 process to step 6 (AutoEP's layer at
+    ep 1, so the names match): each leg resumes through DeepSpeed's universal checkpoint, made
+    automatically, and the whole run gives the losses and weights of 6 uninterrupted steps."""
+
+    def args(run_dir, steps, **layout):
+        return overrides(
+            corpus, run_dir, **{**COMMON, "optim.schedule_steps": 6, "trainer.max_steps": steps}, **layout
+        )
+
+    reference = tmp_path / "reference"
+    pretrain(1, args(reference, 6))
+    run_dir = tmp_path / "resharded"
+    legs = [(2, 2, {"parallel.expert": 2}), (4, 4, {"parallel.expert": 4}), (1, 6, {"parallel.autoep": True})]
+    for nproc, steps, layout in legs:
+        output = pretrain(nproc, args(run_dir, steps, **layout))
+        if steps > 2:
+            assert "converting it to universal form" in output and f"step_{steps - 2}" in output
+    np.testing.assert_allclose(losses(run_dir), losses(reference), rtol=1e-5)
+    expected = consolidated_module_state(reference / "checkpoints" / "step_6")
+    weights = consolidated_module_state(run_dir / "checkpoints" / "step_6")
+    for name, value in expected.items():
+        message = lambda m, n=name: f"{n}: {m}"
+        torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-5, msg=message)
+
+
+def test_a_change_of_the_moe_parameter_layout_is_refused_with_the_fix(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    pretrain(2, overrides(corpus, run_dir, **{**COMMON, "parallel.expert": 2, "trainer.max_steps": 1}))
+    plain = command(1, overrides(corpus, run_dir, **COMMON))
+    result = subprocess.run(plain, cwd=REPO, env=environment(), capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "AutoEP parameter layout" in result.stderr and "parallel.autoep=true" in result.stderr
