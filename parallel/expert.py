@@ -125,23 +125,40 @@ def block_layout_name(name: str) -> str:
 
 
 def consolidated_module_state(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The model weights of a DeepSpeed checkpoint saved under AutoEP, in our model's names and
-    layout (experts fused back into `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I]); what
-    `Qwen3NextForCausalLM.load_state_dict` and `model.hf.save_hf` take. Also reads checkpoints saved
-    without expert parallelism (then only the module file)."""
+    """The model weights of a checkpoint in our model's names and layout (experts fused back into
+    `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I]): what `Qwen3NextForCausalLM.load_state_dict`
+    and `model.hf.save_hf` take. Reads DeepSpeed's native checkpoints, saved with AutoEP (one file per
+    expert) or without, and universal ones (`zero/<name>/fp32.pt`, experts whole)."""
     checkpoint_dir = Path(checkpoint_dir)
     module = torch.load(checkpoint_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
-    state = {block_layout_name(name): tensor for name, tensor in module["module"].items()}
-    experts: dict[str, dict[str, dict[int, torch.Tensor]]] = {}  # block -> w1/w2/w3 -> expert -> tensor
+    raw = dict(module["module"])  # universal: buffers only; native: every non-expert tensor
+    if (checkpoint_dir / "zero").is_dir():
+        for fp32 in sorted((checkpoint_dir / "zero").glob("*/fp32.pt")):
+            raw[fp32.parent.name] = torch.load(fp32, map_location="cpu", weights_only=True)["param"]
+    per_expert: dict[str, dict[int, torch.Tensor]] = {}
     for path in sorted(checkpoint_dir.glob("layer_*_expert_*_model_states.pt")):
         for key, tensor in torch.load(path, map_location="cpu", weights_only=True).items():
             match = EXPERT_KEY.fullmatch(key)
             if match is None:
                 raise ValueError(f"{path}: unexpected expert parameter {key!r}")
-            block, weight, index = match.group(1), match.group(2), int(match.group(3))
-            experts.setdefault(block, {}).setdefault(weight, {})[index] = tensor
-    for block, weights in experts.items():
-        stacked = {w: torch.stack([by_index[i] for i in sorted(by_index)]) for w, by_index in weights.items()}
-        state[f"{block}.experts.gate_up_proj"] = torch.cat([stacked["w1"], stacked["w3"]], dim=1)
-        state[f"{block}.experts.down_proj"] = stacked["w2"]
+            per_expert.setdefault(f"{match.group(1)}.experts.{match.group(2)}", {})[int(match.group(3))] = (
+                tensor
+            )
+    for name, by_index in per_expert.items():
+        raw[name] = torch.stack([by_index[i] for i in sorted(by_index)])
+    return to_block_layout(raw)
+
+
+def to_block_layout(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """AutoEP names with whole expert tensors (`experts.w1` / `w3` [E, I, H], `w2` [E, H, I]) -> ours."""
+    state = {}
+    for name, tensor in raw.items():
+        if name.endswith((".experts.w1", ".experts.w3")):
+            continue
+        if name.endswith(".experts.w2"):
+            block = name.removesuffix(".w2")
+            state[f"{block}.gate_up_proj"] = torch.cat([raw[f"{block}.w1"], raw[f"{block}.w3"]], dim=1)
+            state[f"{block}.down_proj"] = tensor
+        else:
+            state[block_layout_name(name)] = tensor
     return state

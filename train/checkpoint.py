@@ -132,6 +132,7 @@ def save_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)  # also DeepSpeed's zero_to_fp32.py copies
         for _, old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(universal_path(old), ignore_errors=True)
     _barrier()
     return final
 

@@ -88,6 +88,7 @@ class CheckpointConfig:
     every: int = 0  # 0: only at the end
     keep: int = 3
     resume: str = "auto"  # auto | none | a path
+    init_from: str | None = None  # initial weights from `launch/convert_hf.py from-hf` (when not resuming)
 
 
 @dataclass

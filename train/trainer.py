@@ -78,6 +78,23 @@ class SkippingAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
+def load_initial_weights(model: torch.nn.Module, config, path: Path) -> None:
+    """Weights written by `launch/convert_hf.py from-hf` (model.safetensors + model.yaml), after
+    checking that they are for the configured model."""
+    from safetensors.torch import load_file
+
+    saved = OmegaConf.load(path / "model.yaml")
+    differing = [k for k, v in saved.items() if getattr(config, k, None) != v and k != "mtp_num_layers"]
+    if differing:
+        details = ", ".join(f"{k}: {saved[k]} there, {getattr(config, k, None)} here" for k in differing[:5])
+        raise ValueError(f"checkpoint.init_from={path} is for another model ({details})")
+    state = load_file(str(path / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [name for name in missing if not name.startswith("mtp.") and not name.endswith("expert_bias")]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint.init_from={path}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
 def replicated_grad_norm(model: torch.nn.Module) -> float:
     """The L2 norm of gradients every rank holds whole (ZeRO off, after DeepSpeed's all-reduce)."""
     norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
@@ -256,6 +273,9 @@ class Trainer:
         cfg = self.cfg
         model = Qwen3NextForCausalLM(cfg.model)
         init_weights(model, cfg.model, seed=cfg.trainer.seed)
+        if cfg.checkpoint.init_from and self.resume_from is None:
+            load_initial_weights(model, cfg.model, Path(cfg.checkpoint.init_from))
+            self._message_early(f"initial weights from {cfg.checkpoint.init_from}")
         model.model.activation_checkpointing = cfg.trainer.activation_checkpointing
         if cfg.loss.expert_bias_rate > 0 and not self.autoep:  # AutoEP's layers get theirs later
             for block in moe_blocks(model):

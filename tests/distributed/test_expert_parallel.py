@@ -10,6 +10,7 @@ are read back into our model's names and fused expert layout (`consolidated_modu
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -111,3 +112,40 @@ def test_a_change_of_the_moe_parameter_layout_is_refused_with_the_fix(corpus, tm
     result = subprocess.run(plain, cwd=REPO, env=environment(), capture_output=True, text=True)
     assert result.returncode != 0
     assert "AutoEP parameter layout" in result.stderr and "parallel.autoep=true" in result.stderr
+
+
+def test_convert_hf_exports_an_expert_parallel_checkpoint_for_transformers(corpus, tmp_path):
+    """to-hf on an AutoEP checkpoint: transformers loads it and computes our model's logits; from-hf
+    gives the same weights back, and training starts from them (checkpoint.init_from)."""
+    transformers = pytest.importorskip("transformers")
+    run_dir = tmp_path / "run"
+    no_bias = {"loss.expert_bias_rate": 0.0}  # HF's format has no selection bias
+    ep2 = {**COMMON, **no_bias, "parallel.expert": 2, "trainer.max_steps": 1}
+    pretrain(2, overrides(corpus, run_dir, **ep2))
+    hf_dir, init_dir = tmp_path / "hf", tmp_path / "init"
+    convert = [sys.executable, "launch/convert_hf.py"]
+    subprocess.run([*convert, "to-hf", str(run_dir), str(hf_dir), "--dtype", "fp32"], cwd=REPO, check=True)
+    subprocess.run([*convert, "from-hf", str(hf_dir), str(init_dir)], cwd=REPO, check=True)
+
+    trained = consolidated_module_state(run_dir / "checkpoints" / "step_1")
+    config = OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(run_dir / "config.yaml").model)
+    )
+    ours = Qwen3NextForCausalLM(config)
+    ours.load_state_dict(trained)
+    hf = transformers.Qwen3NextForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
+    ids = torch.randint(0, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids).logits, rtol=1e-4, atol=1e-4)
+
+    from safetensors.torch import load_file
+
+    back = load_file(str(init_dir / "model.safetensors"))
+    assert back.keys() == trained.keys()
+    assert all(torch.equal(back[name], trained[name]) for name in trained)
+    fresh, started = tmp_path / "fresh", tmp_path / "started"
+    pretrain(1, overrides(corpus, fresh, **{**COMMON, **no_bias, "trainer.max_steps": 1}))
+    start_from = {**COMMON, **no_bias, "trainer.max_steps": 1, "checkpoint.init_from": init_dir}
+    output = pretrain(1, overrides(corpus, started, **start_from))
+    assert "initial weights from" in output
+    assert losses(started)[0] < losses(fresh)[0], "one trained step: the loaded weights start lower"
