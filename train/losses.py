@@ -246,6 +246,7 @@ class StepLosses:
     lb_loss: float
     z_loss: float
     expert_tokens: torch.Tensor  # int64 [L, E] on CPU: tokens per expert over the global batch
+    local_expert_tokens: torch.Tensor  # int64 [L, E] on CPU: the same for this rank's tokens only
     expert_load_max_over_mean: float  # averaged over layers
     expert_load_max_over_mean_worst_layer: float
 
@@ -392,6 +393,7 @@ class TrainingObjective:
         tokens = self._require_step()
         if self._sums is None:
             raise RuntimeError("end_step before any micro_batch_loss")
+        local_counts = self._sums.counts.round().long().cpu()
         sums = self._sums.unpack(all_reduce_sum(self._sums.pack(), self.group))
         self._tokens = None
 
@@ -415,6 +417,7 @@ class TrainingObjective:
             lb_loss=lb_loss,
             z_loss=z_loss,
             expert_tokens=sums.counts.round().long().cpu(),
+            local_expert_tokens=local_counts,
             expert_load_max_over_mean=load_mean,
             expert_load_max_over_mean_worst_layer=load_worst,
         )

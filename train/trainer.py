@@ -472,7 +472,24 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             **{f"data_{k}": v for k, v in self.loader.metrics().items()},
         }
+        if self.layout.expert > 1:
+            metrics.update(self._all_to_all_volume(losses.local_expert_tokens))
         return metrics, losses.expert_tokens if losses.expert_tokens.numel() else None
+
+    def _all_to_all_volume(self, local_counts_le: torch.Tensor) -> dict[str, float]:
+        """Expert-parallel traffic of the step, over all ranks: the (token, slot) pairs routed to an
+        expert on another rank of the EP group (AutoEP: rank r holds the experts of slice r % ep),
+        and the bytes they move: hidden-size activations out and back (dispatch, combine), forward
+        and backward, plus one more forward under activation checkpointing."""
+        ep, experts = self.layout.expert, local_counts_le.shape[1]
+        local_slice = slice((self.rank % ep) * experts // ep, (self.rank % ep + 1) * experts // ep)
+        remote = local_counts_le.sum() - local_counts_le[:, local_slice].sum()
+        total = torch.tensor([float(remote)], device=self.device)
+        dist.all_reduce(total)
+        passes = 3 if self.cfg.trainer.activation_checkpointing else 2
+        element_bytes = 2 if self.on_gpu else 4
+        moved = float(total) * 2 * passes * self.cfg.model.hidden_size * element_bytes
+        return {"a2a_remote_slots": float(total), "a2a_gib": moved / 2**30}
 
     @contextlib.contextmanager
     def _profiler_at(self, step: int):

@@ -28,6 +28,7 @@ from tests.distributed.test_training import (
     losses,
     overrides,
     pretrain,
+    read_metrics,
     write_corpus,
 )
 
@@ -69,6 +70,10 @@ def test_four_process_layouts_train_like_one_process(corpus, single, tmp_path, e
     output = pretrain(4, overrides(corpus, run_dir, **COMMON, **{"parallel.expert": expert}), timeout=300)
     assert "4 CPU process(es)" in output
     np.testing.assert_allclose(losses(run_dir), losses(single), rtol=1e-5)
+    if expert > 1:  # traffic: slots routed off-rank, about (ep - 1) / ep of all 256 tokens x 3 x 5 routers
+        slots = 8 * 32 * 3 * 5
+        remote = [row["a2a_remote_slots"] / slots for row in read_metrics(run_dir)]
+        assert all(0.5 * (expert - 1) / expert < r < 1.0 for r in remote), remote
     reference, weights = final_weights(single), final_weights(run_dir)
     assert weights.keys() == reference.keys()
     moved = max((reference[n] - initial).abs().max().item() for n, initial in initial_weights(single).items())
