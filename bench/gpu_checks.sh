@@ -5,7 +5,8 @@
 # Logs, the benchmark's JSON and the loop's metrics.jsonl go to $OUT (or the current folder).
 # The first run on a fresh machine spends 2-4 minutes compiling and autotuning fla's Triton kernels.
 # VARLEN=1 runs the packed benchmark and the loop on varlen flash attention (model/ops/attention.py).
-# Stages can be picked: `bash bench/gpu_checks.sh tests bench bench-packed loop` (default: all four).
+# Stages can be picked: `bash bench/gpu_checks.sh tests bench bench-packed loop` (default: those four);
+# `loop-ep` (2 GPUs) compares expert parallelism with data parallelism on conf=small.
 set -uo pipefail
 out=${OUT:-.}
 export TRITON_CACHE_AUTOTUNING=1 PYTHONUNBUFFERED=1
@@ -38,6 +39,19 @@ for stage in $stages; do
             run.dir=/tmp/loop-small logging.wandb.mode=disabled checkpoint.every=0 > "$out/loop.log" 2>&1
         cp /tmp/loop-small/metrics.jsonl "$out/loop_metrics.jsonl"
         tail -6 "$out/loop.log" ;;
+    loop-ep)
+        # 2 GPUs (nvidia-h100-x2): conf=small with experts over both (ep2) against plain data parallel
+        # (ep1 x dp2), same global batch; the profile of step 8 times the all-to-alls
+        for ep in 1 2; do
+            rm -rf /tmp/loop-ep$ep
+            QWEN3NEXT_VARLEN=${VARLEN:-0} torchrun --nproc-per-node 2 launch/pretrain.py conf=small \
+                data.streams=16 trainer.max_steps=${LOOP_STEPS:-12} parallel.expert=$ep \
+                trainer.profile_step=8 run.dir=/tmp/loop-ep$ep logging.wandb.mode=disabled \
+                checkpoint.every=0 > "$out/loop_ep$ep.log" 2>&1
+            cp /tmp/loop-ep$ep/metrics.jsonl "$out/loop_ep${ep}_metrics.jsonl"
+            cp /tmp/loop-ep$ep/profile/operators.txt "$out/loop_ep${ep}_operators.txt" 2>/dev/null
+            tail -3 "$out/loop_ep$ep.log"
+        done ;;
     esac
 done
 stamp done
