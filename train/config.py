@@ -159,9 +159,14 @@ def validate_layout(cfg: PretrainConfig, world: int) -> Layout:
         ),
         (p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1 or 2, got {p.zero_stage}"),
         (
-            p.tensor == 1,
-            f"parallel.tensor={p.tensor}: tensor parallelism is not in this version yet; use data and "
-            "expert parallelism (parallel.expert)",
+            p.tensor == 1 or (p.expert == 1 and not p.autoep),
+            f"parallel.tensor={p.tensor} with AutoEP (parallel.expert={p.expert}, parallel.autoep="
+            f"{p.autoep}) is not supported yet: the MoE is replicated over the tensor-parallel ranks",
+        ),
+        (
+            p.tensor == 1 or p.zero_stage >= 1,
+            f"parallel.tensor={p.tensor} needs parallel.zero_stage 1 or 2 (got 0): the trainer's ZeRO-0 "
+            "gradient checks assume every rank holds whole gradients",
         ),
         (
             p.expert == 1 or p.autoep is not False,
@@ -193,6 +198,12 @@ def validate_layout(cfg: PretrainConfig, world: int) -> Layout:
             p.tensor % m.num_key_value_heads == 0 or m.num_key_value_heads % p.tensor == 0,
             f"parallel.tensor ({p.tensor}) and model.num_key_value_heads ({m.num_key_value_heads}) "
             "must divide one another (KV heads split, or replicated when tensor parallelism exceeds them)",
+        ),
+        (
+            m.num_key_value_heads % p.tensor == 0 or m.num_key_value_heads == 1,
+            f"parallel.tensor ({p.tensor}) above model.num_key_value_heads ({m.num_key_value_heads}) is "
+            "supported for a single KV head only so far: DeepSpeed's gradient norm counts a parameter on "
+            "every tensor-parallel rank or on the first, not once per group of ranks sharing a KV head",
         ),
         (t.micro_batch_size >= 1, f"trainer.micro_batch_size must be >= 1, got {t.micro_batch_size}"),
         (d.seq_len >= 2, f"data.seq_len must be >= 2, got {d.seq_len}"),

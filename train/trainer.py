@@ -39,6 +39,7 @@ from model.init import init_weights
 from model.moe import moe_blocks
 from model.qwen3_next import Qwen3NextForCausalLM
 from parallel.expert import attach_after_initialize, autoep_config, moe_optimizer_factory, selection_biases
+from parallel.tensor import TensorParallelGroups, apply_tensor_parallel
 from train.checkpoint import (
     convert_to_universal,
     load_checkpoint,
@@ -194,6 +195,8 @@ class Trainer:
         started = time.perf_counter()
         self._message_early(f"building the model and the DeepSpeed engine on {self.device} ...")
         self.resume_from, self.resume_universal = self._resume_source()
+        self.tp_groups = TensorParallelGroups(layout.tensor) if layout.tensor > 1 else None
+        self.dp_group = self.tp_groups.dp_group if self.tp_groups else None  # ranks with different tokens
         self.model = self._build_model()
         self.engine = self._build_engine()
         params = sum(p.numel() for p in self.model.parameters())
@@ -222,6 +225,7 @@ class Trainer:
             lb_coef=cfg.loss.lb_coef,
             z_coef=cfg.loss.z_coef,
             selection_biases=self.expert_biases,
+            group=self.dp_group,
         )
         self.mtp_depths = cfg.model.mtp_num_layers
         self.step = 0
@@ -280,6 +284,8 @@ class Trainer:
         if cfg.loss.expert_bias_rate > 0 and not self.autoep:  # AutoEP's layers get theirs later
             for block in moe_blocks(model):
                 block.enable_expert_bias()
+        if self.tp_groups is not None:  # every rank built and initialised the whole model: keep its heads
+            apply_tensor_parallel(model, self.tp_groups)
         model.to(self.device)
         if self.on_gpu and cfg.trainer.compile:
             model.compile_layers()
@@ -306,6 +312,7 @@ class Trainer:
         engine, *_ = deepspeed.initialize(
             model=self.model,
             optimizer=optimizer,
+            mpu=self.tp_groups,
             config=deepspeed_config(
                 cfg,
                 self.layout,
@@ -332,6 +339,12 @@ class Trainer:
         if path is None:
             return None, False
         saved = read_trainer_state(path).get("partitioning", {})
+        if saved.get("tensor", 1) != self.layout.tensor:
+            raise ValueError(
+                f"{path} was saved with parallel.tensor={saved.get('tensor', 1)}; changing the tensor-"
+                "parallel size across a resume is not supported yet (DeepSpeed's universal checkpoint would "
+                "need our head-slicing rules): resume with that parallel.tensor"
+            )
         saved_autoep = saved.get("autoep", saved.get("expert", 1) > 1)
         if saved_autoep != self.autoep:
             hint = (
@@ -434,7 +447,7 @@ class Trainer:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
 
-        tokens = global_target_counts(micro_batches, self.mtp_depths, device=self.device)
+        tokens = global_target_counts(micro_batches, self.mtp_depths, group=self.dp_group, device=self.device)
         self.objective.begin_step(tokens)
         skipped_before = self.engine.skipped_steps
         grad_norm = None
