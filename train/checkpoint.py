@@ -26,6 +26,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -127,10 +128,12 @@ def save_checkpoint(
         _fsync_tree(staging / tag)
         if final.exists():  # the same step saved again (e.g. a stop right after a periodic save)
             shutil.rmtree(final)
+        shutil.rmtree(universal_path(final), ignore_errors=True)  # converted from what was there before
         os.replace(staging / tag, final)
         _fsync_dir(root)
         shutil.rmtree(staging, ignore_errors=True)  # also DeepSpeed's zero_to_fp32.py copies
-        for _, old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
+        earlier = [(s, path) for s, path in complete_checkpoints(root) if s <= step]  # never the new one
+        for _, old in earlier[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
             shutil.rmtree(universal_path(old), ignore_errors=True)
     _barrier()
@@ -138,36 +141,78 @@ def save_checkpoint(
 
 
 def needs_universal(path: Path, partitioning: dict) -> bool:
-    """Whether the checkpoint at `path` was saved partitioned otherwise (world size, tensor and expert
-    parallel sizes, ZeRO stage) than `partitioning`: DeepSpeed's native files then do not fit, the
-    universal form does."""
-    return read_trainer_state(path).get("partitioning") != partitioning
+    """Whether the checkpoint at `path` must be read in universal form: it was saved partitioned
+    otherwise (world size, tensor and expert parallel sizes, ZeRO stage) than `partitioning`.
+    Without ZeRO on both sides the native files fit any world size; between ZeRO 0 and ZeRO 1-2 no
+    form fits (ZeRO 0 writes no optimizer partitions), which raises."""
+    saved = read_trainer_state(path).get("partitioning")
+    if saved == partitioning:
+        return False
+    if saved is not None and (saved.get("zero_stage") == 0) != (partitioning["zero_stage"] == 0):
+        raise ValueError(
+            f"{path} was saved with parallel.zero_stage={saved.get('zero_stage')}; switching between ZeRO 0 "
+            f"and ZeRO 1-2 across a resume is not supported: resume with parallel.zero_stage="
+            f"{saved.get('zero_stage')}"
+        )
+    if saved is not None and saved.get("zero_stage") == 0:
+        ignore_world = {key: value for key, value in saved.items() if key != "world"}
+        return ignore_world != {key: value for key, value in partitioning.items() if key != "world"}
+    return True
 
 
 def universal_path(path: Path) -> Path:
     return path.parent / f"{path.name}_universal"
 
 
-def convert_to_universal(path: Path) -> Path:
-    """DeepSpeed's universal checkpoint of `path` (ds_to_universal), next to it as step_N_universal;
-    made once, atomically, by rank 0 while the others wait."""
+def convert_to_universal(path: Path, poll_seconds: float = 5.0) -> Path:
+    """DeepSpeed's universal checkpoint of `path` (ds_to_universal), next to it as step_N_universal,
+    made once per saved step_N (its `source` file names that save), atomically, by rank 0. The other
+    ranks poll for the result instead of waiting in a collective, whose timeout a large model's
+    conversion would outlast."""
     target = universal_path(path)
-    if _rank() == 0 and not target.exists():
-        staging = path.parent / STAGING / target.name
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.parent.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path)]
-        command += ["--output_folder", str(staging), "--num_extract_workers", "1", "--num_merge_workers", "1"]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(
-                f"converting {path} to a universal checkpoint failed ({' '.join(command)}):\n"
-                f"{result.stdout[-2000:]}{result.stderr[-3000:]}"
-            )
-        os.replace(staging, target)
-        _fsync_dir(path.parent)
+    identity = read_trainer_state(path).get("saved_at", "")
+    failed = path.parent / f".{target.name}.failed"
+    if _rank() == 0:
+        if not (target / "source").is_file() or (target / "source").read_text() != identity:
+            shutil.rmtree(target, ignore_errors=True)
+            failed.unlink(missing_ok=True)
+            try:
+                _run_ds_to_universal(path, target, identity)
+            except Exception as error:
+                failed.write_text(str(error))
+                raise
+    else:
+        while not target.exists():
+            if failed.exists():
+                raise RuntimeError(f"rank 0 failed to convert {path}: {failed.read_text()[-2000:]}")
+            time.sleep(poll_seconds)
     _barrier()
     return target
+
+
+def _run_ds_to_universal(path: Path, target: Path, identity: str) -> None:
+    staging = path.parent / STAGING / target.name
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    workers = str(max(1, min(8, (os.cpu_count() or 1) // 2)))
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path)]
+    command += [
+        "--output_folder",
+        str(staging),
+        "--num_extract_workers",
+        workers,
+        "--num_merge_workers",
+        workers,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"converting {path} to a universal checkpoint failed ({' '.join(command)}):\n"
+            f"{result.stdout[-2000:]}{result.stderr[-3000:]}"
+        )
+    (staging / "source").write_text(identity)
+    os.replace(staging, target)
+    _fsync_dir(path.parent)
 
 
 def load_checkpoint(engine, path: Path, universal: bool = False) -> tuple[dict, list[dict]]:

@@ -41,6 +41,8 @@ from model.qwen3_next import Qwen3NextForCausalLM
 from parallel.expert import attach_after_initialize, autoep_config, moe_optimizer_factory, selection_biases
 from parallel.tensor import TensorParallelGroups, apply_tensor_parallel
 from train.checkpoint import (
+    checkpoint_root,
+    complete_checkpoints,
     convert_to_universal,
     load_checkpoint,
     needs_universal,
@@ -286,6 +288,20 @@ class Trainer:
                 block.enable_expert_bias()
         if self.tp_groups is not None:  # every rank built and initialised the whole model: keep its heads
             apply_tensor_parallel(model, self.tp_groups)
+        elif not self.autoep:
+            # lets ds_to_universal convert the checkpoints (AutoEP writes its own entry): plain
+            # parameters, no slicing rules to record
+            from deepspeed.checkpoint.constants import (
+                UNIVERSAL_CHECKPOINT_INFO,
+                UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+            )
+
+            setattr(
+                model,
+                UNIVERSAL_CHECKPOINT_INFO,
+                {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
+            )
         model.to(self.device)
         if self.on_gpu and cfg.trainer.compile:
             model.compile_layers()
@@ -336,6 +352,7 @@ class Trainer:
         """The checkpoint to resume from, and whether it needs the universal form (saved partitioned
         otherwise); decided before the engine is built, which must know the latter."""
         path = resolve_resume(self.cfg.checkpoint.resume, self.run_dir)
+        self._set_aside_later_checkpoints(read_trainer_state(path)["step"] if path else 0)
         if path is None:
             return None, False
         saved = read_trainer_state(path).get("partitioning", {})
@@ -363,6 +380,21 @@ class Trainer:
             convert_to_universal(path)
         return path, universal
 
+    def _set_aside_later_checkpoints(self, start_step: int) -> None:
+        """Checkpoints past the step this run starts from (checkpoint.resume=none, or an earlier
+        step_N to rewind to) belong to an abandoned future: moved to checkpoints/.abandoned/, so that
+        neither keep-rotation nor a later resume=auto mixes them with this run's."""
+        later = [
+            path for step, path in complete_checkpoints(checkpoint_root(self.run_dir)) if step > start_step
+        ]
+        if later and self.is_main:
+            aside = checkpoint_root(self.run_dir) / ".abandoned" / time.strftime("%Y%m%d-%H%M%S")
+            aside.mkdir(parents=True, exist_ok=True)
+            for path in later:
+                os.replace(path, aside / path.name)
+            self._message_early(f"moved {len(later)} checkpoint(s) after step {start_step} to {aside}")
+        dist.barrier()
+
     def _resume(self) -> None:
         path = self.resume_from
         if path is None:
@@ -372,6 +404,7 @@ class Trainer:
         self.step = trainer_state["step"]
         self.tokens_seen = trainer_state["tokens"]
         self.skipped_steps = trainer_state.get("skipped_steps", 0)
+        self.bad_in_row = trainer_state.get("bad_in_row", 0)
         self.last_saved_step = self.step
         self.loader.load_state_dict(merge_states([s["loader"] for s in rank_states]))
         if len(rank_states) == self.layout.world:
@@ -562,6 +595,8 @@ class Trainer:
     def save(self) -> None:
         trainer_state = {
             "step": self.step,
+            "saved_at": f"{time.time_ns()}",  # tells this save from an earlier one of the same step
+            "bad_in_row": self.bad_in_row,
             "tokens": self.tokens_seen,
             "skipped_steps": self.skipped_steps,
             "world_size": self.layout.world,

@@ -274,3 +274,24 @@ def test_bad_steps_are_skipped_and_too_many_stop_the_run(corpus, tmp_path, zero_
     )["module"]
     for name, value in params.items():
         assert torch.equal(value, saved[name]), f"{name} changed during skipped steps"
+
+
+def test_layout_changes_and_rewinds_keep_the_run_consistent(corpus, tmp_path):
+    """ZeRO 1 without expert parallelism: 2 processes for 2 steps, then 1 process to step 4 through
+    the universal form (the losses of 4 uninterrupted steps); then a rewind to step_2
+    (checkpoint.resume=PATH) sets step_4 aside and rewrites step_4 from a fresh conversion."""
+    exact = {"optim.eps": 1.0, "optim.lr": 0.3, "optim.schedule_steps": 4, "checkpoint.every": 2}
+    reference, run_dir = tmp_path / "reference", tmp_path / "run"
+    pretrain(1, overrides(corpus, reference, **exact, **{"trainer.max_steps": 4}))
+    pretrain(2, overrides(corpus, run_dir, **exact, **{"trainer.max_steps": 2}))
+    output = pretrain(1, overrides(corpus, run_dir, **exact, **{"trainer.max_steps": 4}))
+    assert "converting it to universal form" in output
+    np.testing.assert_allclose(losses(run_dir), losses(reference), rtol=1e-5)
+
+    step_2 = run_dir / "checkpoints" / "step_2"
+    output = pretrain(
+        1, overrides(corpus, run_dir, **exact, **{"trainer.max_steps": 4, "checkpoint.resume": step_2})
+    )
+    assert "moved 1 checkpoint(s) after step 2" in output
+    assert len(list((run_dir / "checkpoints" / ".abandoned").glob("*/step_4"))) == 1
+    np.testing.assert_allclose(losses(run_dir), losses(reference), rtol=1e-5)
