@@ -24,11 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 from omegaconf import OmegaConf
 
-from model.config import ModelConfig
 from model.hf import load_hf, save_hf
 from model.qwen3_next import Qwen3NextForCausalLM
 from parallel.expert import consolidated_module_state
-from train.checkpoint import checkpoint_root, complete_checkpoints
+from train.checkpoint import checkpoint_root, complete_checkpoints, model_config_of
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 INIT_WEIGHTS, INIT_CONFIG = "model.safetensors", "model.yaml"
@@ -46,23 +45,9 @@ def resolve_checkpoint(path: Path) -> Path:
     return found[-1][1]
 
 
-def checkpoint_model_config(checkpoint: Path) -> ModelConfig:
-    """The model settings of the run that wrote `checkpoint` (its config.yaml; a universal checkpoint
-    reads the one of the step_N directory it was converted from)."""
-    candidates = [
-        checkpoint / "config.yaml",
-        checkpoint.parent / checkpoint.name.removesuffix("_universal") / "config.yaml",
-    ]
-    for candidate in candidates:
-        if candidate.exists():
-            saved = OmegaConf.load(candidate).model
-            return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), saved))
-    raise SystemExit(f"convert_hf.py: no config.yaml in {checkpoint} (or its step_N directory)")
-
-
 def to_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype) -> None:
     checkpoint = resolve_checkpoint(checkpoint)
-    config = checkpoint_model_config(checkpoint)
+    config = model_config_of(checkpoint)
     state = consolidated_module_state(checkpoint)
     biases = [name for name in state if name.endswith(".expert_bias")]
     if biases:

@@ -128,10 +128,17 @@ def consolidated_module_state(checkpoint_dir: str | Path) -> dict[str, torch.Ten
     """The model weights of a checkpoint in our model's names and layout (experts fused back into
     `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I]): what `Qwen3NextForCausalLM.load_state_dict`
     and `model.hf.save_hf` take. Reads DeepSpeed's native checkpoints, saved with AutoEP (one file per
-    expert) or without, and universal ones (`zero/<name>/fp32.pt`, experts whole)."""
+    expert), without, or tensor-parallel (one module file per TP rank, joined by the head-slicing
+    rules), and universal ones (`zero/<name>/fp32.pt`, experts whole)."""
     checkpoint_dir = Path(checkpoint_dir)
-    module = torch.load(checkpoint_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
-    raw = dict(module["module"])  # universal: buffers only; native: every non-expert tensor
+    tp_files = sorted(checkpoint_dir.glob("mp_rank_*_model_states.pt"))
+    modules = [torch.load(f, map_location="cpu", weights_only=True)["module"] for f in tp_files]
+    if len(modules) > 1:  # tensor parallel (no AutoEP with it): join the head shards
+        from parallel.tensor import gather_tensor_parallel
+        from train.checkpoint import model_config_of
+
+        return gather_tensor_parallel(modules, model_config_of(checkpoint_dir))
+    raw = dict(modules[0])  # universal: buffers only; native: every non-expert tensor
     if (checkpoint_dir / "zero").is_dir():
         for fp32 in sorted((checkpoint_dir / "zero").glob("*/fp32.pt")):
             raw[fp32.parent.name] = torch.load(fp32, map_location="cpu", weights_only=True)["param"]

@@ -22,6 +22,8 @@ the `mpu` below) to count them on every rank and replicated ones once.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -91,6 +93,19 @@ class TensorParallelGroups:
         return self.tp_group if size == self.tp else self.subgroups[size]
 
 
+@dataclass(frozen=True)
+class TensorParallelPosition:
+    """A rank's place in a tensor-parallel group without the process groups: enough to compute its
+    shards (for joining checkpoint shards offline, `gather_tensor_parallel`)."""
+
+    tp: int
+    tp_rank: int
+    tp_group: None = None
+
+    def group_of(self, size: int) -> None:
+        return None
+
+
 class _CopyToTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
@@ -153,6 +168,8 @@ def sharded_parameter(full: torch.Tensor, dim: int, index: torch.Tensor) -> nn.P
 
 def sum_gradient_over(param: nn.Parameter, group) -> None:
     """The parameter is the same on the ranks of `group` but each uses it on its own heads only."""
+    if group is None:  # planning shards offline: nothing runs backward
+        return
 
     def hook(grad):
         grad = grad.clone()
@@ -166,7 +183,7 @@ def head_rows(head: torch.Tensor, rows_per_head: int) -> torch.Tensor:
     return (head[:, None] * rows_per_head + torch.arange(rows_per_head)).flatten()
 
 
-def shard_attention(attn: GatedAttention, groups: TensorParallelGroups) -> None:
+def shard_attention(attn: GatedAttention, groups: TensorParallelGroups | TensorParallelPosition) -> None:
     tp, r = groups.tp, groups.tp_rank
     heads, kv_heads, hd = attn.num_heads, attn.num_kv_heads, attn.head_dim
     local_heads = torch.arange(r * heads // tp, (r + 1) * heads // tp)
@@ -188,7 +205,7 @@ def shard_attention(attn: GatedAttention, groups: TensorParallelGroups) -> None:
         sum_gradient_over(norm.weight, groups.tp_group)
 
 
-def shard_deltanet(mixer: GatedDeltaNet, groups: TensorParallelGroups) -> None:
+def shard_deltanet(mixer: GatedDeltaNet, groups: TensorParallelGroups | TensorParallelPosition) -> None:
     tp, r = groups.tp, groups.tp_rank
     dk, dv, g = mixer.head_k_dim, mixer.head_v_dim, mixer.v_per_k
     local_k = torch.arange(r * mixer.num_k_heads // tp, (r + 1) * mixer.num_k_heads // tp)
@@ -219,10 +236,35 @@ def shard_deltanet(mixer: GatedDeltaNet, groups: TensorParallelGroups) -> None:
     sum_gradient_over(mixer.norm.weight, groups.tp_group)
 
 
-def apply_tensor_parallel(model: nn.Module, groups: TensorParallelGroups) -> None:
+def apply_tensor_parallel(model: nn.Module, groups: TensorParallelGroups | TensorParallelPosition) -> None:
     """Shard every attention and DeltaNet mixer of the model (main stack and MTP) in place."""
     for module in list(model.modules()):
         if isinstance(module, GatedAttention):
             shard_attention(module, groups)
         elif isinstance(module, GatedDeltaNet):
             shard_deltanet(module, groups)
+
+
+def gather_tensor_parallel(rank_states: list[dict[str, torch.Tensor]], config) -> dict[str, torch.Tensor]:
+    """The whole model's state from the module states of the TP ranks (DeepSpeed's mp_rank_XX files,
+    in TP-rank order): each shard goes back where `apply_tensor_parallel` took it from for that rank;
+    replicated tensors come from rank 0."""
+    from model.qwen3_next import Qwen3NextForCausalLM
+
+    tp = len(rank_states)
+    with torch.device("meta"):
+        whole_shapes = {name: t.shape for name, t in Qwen3NextForCausalLM(config).state_dict().items()}
+    whole: dict[str, torch.Tensor] = {}
+    for rank, state in enumerate(rank_states):
+        with torch.device("meta"):
+            plan = Qwen3NextForCausalLM(config)
+        apply_tensor_parallel(plan, TensorParallelPosition(tp, rank))
+        shards = {name: p.tp_shard for name, p in plan.named_parameters() if hasattr(p, "tp_shard")}
+        for name, tensor in state.items():
+            if name in shards:
+                dim, index = shards[name]
+                target = whole.setdefault(name, tensor.new_empty(whole_shapes[name]))
+                target.index_copy_(dim, index, tensor)
+            elif rank == 0:
+                whole[name] = tensor
+    return whole

@@ -75,6 +75,21 @@ def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path | None:
     return path
 
 
+def model_config_of(checkpoint: Path):
+    """The model settings of the run that wrote `checkpoint` (its config.yaml; a universal checkpoint
+    reads the one of the step_N directory it was converted from)."""
+    from omegaconf import OmegaConf
+
+    from model.config import ModelConfig
+
+    source = checkpoint.parent / checkpoint.name.removesuffix("_universal")
+    for candidate in (checkpoint / "config.yaml", source / "config.yaml"):
+        if candidate.exists():
+            saved = OmegaConf.load(candidate).model
+            return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), saved))
+    raise FileNotFoundError(f"no config.yaml in {checkpoint} (or its step_N directory)")
+
+
 def read_trainer_state(path: Path) -> dict:
     return json.loads((path / TRAINER_STATE).read_text())
 

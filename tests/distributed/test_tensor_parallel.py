@@ -4,8 +4,9 @@
   matches it: a shard's gradient is the whole gradient's slice (`tp_shard` says which), replicated
   parameters' gradients are the whole ones. With split KV heads and with a KV head replicated over
   the two ranks (tp > num_key_value_heads).
-- Trainer level, 4 processes: tp2 x dp2 gives the 1-process losses and gradient norms over 3 steps
-  (DeepSpeed's norm through our mpu counts sharded and replicated parameters right).
+- Trainer level, 4 processes: tp2 x dp2 gives the 1-process losses, gradient norms (DeepSpeed's
+  norm through our mpu counts sharded and replicated parameters right) and, with the checkpoint's
+  head shards joined, weights over 3 steps.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from parallel.expert import consolidated_module_state
 from tests.conftest import tiny_config
 from tests.distributed.gloo import run_on_ranks
 from tests.distributed.test_training import (
@@ -81,6 +83,13 @@ def test_tp2_dp2_trains_like_one_process(tmp_path):
     np.testing.assert_allclose(losses(parallel), losses(single), rtol=1e-5)
     norms = [[row["grad_norm"] for row in read_metrics(run)] for run in (parallel, single)]
     np.testing.assert_allclose(*norms, rtol=1e-5)
+    # the weights after 3 steps, the two TP ranks' shards joined back (parallel.tensor.gather_tensor_parallel)
+    expected = consolidated_module_state(single / "checkpoints" / "step_3")
+    joined = consolidated_module_state(parallel / "checkpoints" / "step_3")
+    assert joined.keys() == expected.keys()
+    for name, value in expected.items():
+        message = lambda m, n=name: f"{n}: {m}"
+        torch.testing.assert_close(joined[name], value, rtol=1e-5, atol=1e-5, msg=message)
 
     # resuming on another tensor-parallel size is refused, naming the setting
     result = subprocess.run(
