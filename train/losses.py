@@ -76,6 +76,7 @@ import torch.distributed as dist
 
 from model.documents import DocumentLayout
 from model.moe import route
+from model.ops.experts import expert_token_counts
 from model.qwen3_next import IGNORE_INDEX, CausalLMOutput, mtp_targets
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +187,7 @@ def expert_counts(
     for layer, logits_te in enumerate(router_logits):
         bias_e = selection_biases[layer] if selection_biases is not None else None
         _, topk_idx_tk = route(logits_te.detach(), top_k, renormalize=False, selection_bias_e=bias_e)
-        counts.append(torch.bincount(topk_idx_tk.flatten(), minlength=logits_te.shape[-1]))
+        counts.append(expert_token_counts(topk_idx_tk, logits_te.shape[-1]))
     return torch.stack(counts)
 
 
