@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from data.shards import write_atomically
+
 CHECKPOINTS = "checkpoints"
 STAGING = ".staging"
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -139,7 +141,7 @@ def save_checkpoint(
     _barrier()
     if _rank() == 0:
         (staging / tag / "config.yaml").write_text(config_yaml)
-        _write_json_atomically(staging / tag / TRAINER_STATE, trainer_state)
+        write_atomically(staging / tag / TRAINER_STATE, json.dumps(trainer_state, indent=2).encode())
         _fsync_tree(staging / tag)
         if final.exists():  # the same step saved again (e.g. a stop right after a periodic save)
             shutil.rmtree(final)
@@ -155,12 +157,12 @@ def save_checkpoint(
     return final
 
 
-def needs_universal(path: Path, partitioning: dict) -> bool:
-    """Whether the checkpoint at `path` must be read in universal form: it was saved partitioned
-    otherwise (world size, tensor and expert parallel sizes, ZeRO stage) than `partitioning`.
-    Without ZeRO on both sides the native files fit any world size; between ZeRO 0 and ZeRO 1-2 no
-    form fits (ZeRO 0 writes no optimizer partitions), which raises."""
-    saved = read_trainer_state(path).get("partitioning")
+def needs_universal(path: Path, saved: dict | None, partitioning: dict) -> bool:
+    """Whether the checkpoint at `path`, saved partitioned as `saved` (its trainer state's
+    "partitioning"), must be read in universal form for a run partitioned as `partitioning` (world
+    size, tensor and expert parallel sizes, ZeRO stage). Without ZeRO on both sides the native files
+    fit any world size; between ZeRO 0 and ZeRO 1-2 no form fits (ZeRO 0 writes no optimizer
+    partitions), which raises."""
     if saved == partitioning:
         return False
     if saved is not None and (saved.get("zero_stage") == 0) != (partitioning["zero_stage"] == 0):
@@ -248,12 +250,6 @@ def load_checkpoint(engine, path: Path, universal: bool = False) -> tuple[dict, 
     rank_files = sorted(path.glob("rank_*.pt"))
     rank_states = [torch.load(f, map_location="cpu", weights_only=True) for f in rank_files]
     return read_trainer_state(path), rank_states
-
-
-def _write_json_atomically(path: Path, value: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
 
 
 def _fsync_tree(path: Path) -> None:

@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from data.shards import write_atomically
+
 if TYPE_CHECKING:
     import torch
     from matplotlib.figure import Figure
@@ -84,15 +86,6 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         return [r for r in map(parse_metrics_line, f) if r is not None]
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def truncate_metrics(path: Path, last_step: int) -> tuple[list[dict[str, Any]], int]:
     """Keep the records with step <= last_step (rewriting the file atomically if anything goes);
     returns them and how many lines were dropped."""
@@ -106,7 +99,7 @@ def truncate_metrics(path: Path, last_step: int) -> tuple[list[dict[str, Any]], 
             kept.append(record)
     dropped = len(lines) - len(kept_lines)
     if dropped:
-        write_text_atomically(path, "".join(line + "\n" for line in kept_lines))
+        write_atomically(path, "".join(line + "\n" for line in kept_lines).encode())
     return kept, dropped
 
 
@@ -481,7 +474,7 @@ class RunMonitor:
             run_id = id_path.read_text().strip()
         else:
             run_id = new_wandb_id()
-            write_text_atomically(id_path, run_id + "\n")
+            write_atomically(id_path, (run_id + "\n").encode())
         try:
             import wandb
 

@@ -352,10 +352,11 @@ class Trainer:
         """The checkpoint to resume from, and whether it needs the universal form (saved partitioned
         otherwise); decided before the engine is built, which must know the latter."""
         path = resolve_resume(self.cfg.checkpoint.resume, self.run_dir)
-        self._set_aside_later_checkpoints(read_trainer_state(path)["step"] if path else 0)
+        state = read_trainer_state(path) if path else {}
+        self._set_aside_later_checkpoints(state.get("step", 0))
         if path is None:
             return None, False
-        saved = read_trainer_state(path).get("partitioning", {})
+        saved = state.get("partitioning", {})
         if saved.get("tensor", 1) != self.layout.tensor:
             raise ValueError(
                 f"{path} was saved with parallel.tensor={saved.get('tensor', 1)}; changing the tensor-"
@@ -373,9 +374,8 @@ class Trainer:
                 f"{path} holds the MoE in {'AutoEP' if saved_autoep else 'our'} parameter layout, this run "
                 f"uses {'AutoEP' if self.autoep else 'ours'}; resume it with {hint}"
             )
-        universal = needs_universal(path, self.partitioning)
+        universal = needs_universal(path, state.get("partitioning"), self.partitioning)
         if universal:
-            saved = read_trainer_state(path).get("partitioning")
             self._message_early(f"{path} was saved partitioned as {saved}: converting it to universal form")
             convert_to_universal(path)
         return path, universal

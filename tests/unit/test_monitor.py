@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from data.shards import PARTIAL_SUFFIX
 from train.monitor import (
     EXPERT_LOAD_PLOT,
     LOSS_PLOT,
@@ -121,6 +122,7 @@ def test_resume_drops_steps_after_the_checkpoint_and_keeps_the_rest(tmp_path):
     resumed.close()
     assert steps_in(tmp_path) == [1, 2, 3, 4, 5, 6, 7, 8]
     assert not list(tmp_path.glob(".*tmp*"))
+    assert not list(tmp_path.glob(f".*{PARTIAL_SUFFIX}")), "the rewritten metrics.jsonl's temporary file"
 
 
 @pytest.mark.usefixtures("no_plots")
