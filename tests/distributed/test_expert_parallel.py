@@ -15,9 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from model.config import ModelConfig
 from model.init import init_weights
 from model.qwen3_next import Qwen3NextForCausalLM
 from parallel.expert import consolidated_module_state
@@ -31,6 +29,7 @@ from tests.distributed.test_training import (
     read_metrics,
     write_corpus,
 )
+from train.checkpoint import model_config_of
 
 STEPS = 3
 # Adam's epsilon at 1 makes its update about lr x momentum, linear in the gradients, so the parameters
@@ -53,8 +52,7 @@ def single(corpus, tmp_path_factory):
 
 def initial_weights(run_dir):
     """The seeded initial weights of the run's model (its resolved config.yaml)."""
-    saved = OmegaConf.load(run_dir / "config.yaml").model
-    config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), saved))
+    config = model_config_of(run_dir)
     model = Qwen3NextForCausalLM(config)
     init_weights(model, config, seed=0)
     return model.state_dict()
@@ -133,9 +131,7 @@ def test_convert_hf_exports_an_expert_parallel_checkpoint_for_transformers(corpu
     subprocess.run([*convert, "from-hf", str(hf_dir), str(init_dir)], cwd=REPO, check=True)
 
     trained = consolidated_module_state(run_dir / "checkpoints" / "step_1")
-    config = OmegaConf.to_object(
-        OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(run_dir / "config.yaml").model)
-    )
+    config = model_config_of(run_dir)
     ours = Qwen3NextForCausalLM(config)
     ours.load_state_dict(trained)
     hf = transformers.Qwen3NextForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
