@@ -4,7 +4,8 @@
 # the training loop on the same preset against the benchmark's raw step (issue: >= 90%).
 # Logs, the benchmark's JSON and the loop's metrics.jsonl go to $OUT (or the current folder).
 # The first run on a fresh machine spends 2-4 minutes compiling and autotuning fla's Triton kernels.
-# VARLEN=1 runs the packed benchmark and the loop on varlen flash attention (model/ops/attention.py).
+# VARLEN=0 runs the packed benchmark and the loop on masked SDPA instead of varlen flash attention
+# (model/ops/attention.py).
 # Stages can be picked: `bash bench/gpu_checks.sh tests bench bench-packed loop` (default: those four);
 # `loop-ep` (2 GPUs) compares expert parallelism with data parallelism on conf=small.
 set -uo pipefail
@@ -16,8 +17,9 @@ for stage in $stages; do
     stamp "$stage"
     case $stage in
     tests)
-        timeout "${TEST_TIMEOUT:-300}" python -m pytest tests/gpu -q -rfE --tb=short -p no:cacheprovider \
-            > "$out/gpu_tests.log" 2>&1
+        # TEST_ARGS picks tests, e.g. TEST_ARGS='-k "not compiled"' (pytest options)
+        eval timeout "${TEST_TIMEOUT:-300}" python -m pytest tests/gpu -q -rfE --tb=short -p no:cacheprovider \
+            "${TEST_ARGS:-}" > "$out/gpu_tests.log" 2>&1
         tail -25 "$out/gpu_tests.log" ;;
     bench)
         python launch/bench.py model --preset small --steps 6 --warmup 3 \
@@ -26,25 +28,26 @@ for stage in $stages; do
         tail -8 "$out/bench.log" ;;
     bench-packed)
         # the same step on rows of 8 packed documents each, as the training loop sees real data
-        QWEN3NEXT_VARLEN=${VARLEN:-0} python launch/bench.py model --preset small --steps 6 --warmup 3 --documents 8 \
-            --variants ${BENCH_VARIANTS:-ours-compiled+mtp} --out "$out/bench_packed.json" \
-            > "$out/bench_packed.log" 2>&1
-        tail -4 "$out/bench_packed.log" ;;
+        QWEN3NEXT_VARLEN=${VARLEN:-1} python launch/bench.py model --preset small --steps 6 --warmup 3 --documents 8 \
+            --variants ${BENCH_VARIANTS:-ours-compiled+mtp} --out "$out/bench_packed_varlen${VARLEN:-1}.json" \
+            > "$out/bench_packed_varlen${VARLEN:-1}.log" 2>&1
+        tail -4 "$out/bench_packed_varlen${VARLEN:-1}.log" ;;
     loop)
         # conf=small as shipped (4 x 4096 micro-batches, 4 per optimizer step, MTP on), on the demo
         # shards (29 of them: fewer streams than the preset's 64)
         rm -rf /tmp/loop-small
-        QWEN3NEXT_VARLEN=${VARLEN:-0} python launch/pretrain.py conf=small data.streams=16 trainer.max_steps=${LOOP_STEPS:-12} \
+        QWEN3NEXT_VARLEN=${VARLEN:-1} python launch/pretrain.py conf=small data.streams=16 trainer.max_steps=${LOOP_STEPS:-12} \
             trainer.profile_step=${PROFILE_STEP:-0} \
             run.dir=/tmp/loop-small logging.wandb.mode=disabled checkpoint.every=0 > "$out/loop.log" 2>&1
         cp /tmp/loop-small/metrics.jsonl "$out/loop_metrics.jsonl"
+        cp /tmp/loop-small/profile/operators.txt "$out/loop_operators.txt" 2>/dev/null
         tail -6 "$out/loop.log" ;;
     loop-ep)
         # 2 GPUs (nvidia-h100-x2): conf=small with experts over both (ep2) against plain data parallel
         # (ep1 x dp2), same global batch; the profile of step 8 times the all-to-alls
         for ep in 1 2; do
             rm -rf /tmp/loop-ep$ep
-            QWEN3NEXT_VARLEN=${VARLEN:-0} torchrun --nproc-per-node 2 launch/pretrain.py conf=small \
+            QWEN3NEXT_VARLEN=${VARLEN:-1} torchrun --nproc-per-node 2 launch/pretrain.py conf=small \
                 data.streams=16 trainer.max_steps=${LOOP_STEPS:-12} parallel.expert=$ep \
                 trainer.profile_step=8 run.dir=/tmp/loop-ep$ep logging.wandb.mode=disabled \
                 checkpoint.every=0 > "$out/loop_ep$ep.log" 2>&1
