@@ -73,7 +73,14 @@ class GatedDeltaNet(nn.Module):
                 x.flatten(0, 1).unsqueeze(0) for x in (q_bthk, k_bthk, v_bthv, g_bth, beta_bth)
             )
         o_bthv, _ = chunk_gated_delta_rule(
-            q_bthk, k_bthk, v_bthv, g_bth, beta_bth, use_qk_l2norm=True, cu_seqlens=layout.cu_seqlens_n1
+            q_bthk,
+            k_bthk,
+            v_bthv,
+            g_bth,
+            beta_bth,
+            use_qk_l2norm=True,
+            cu_seqlens=layout.cu_seqlens_n1,
+            cu_seqlens_cpu=layout.cu_seqlens_host_n1,
         )
         o_bthv = self.norm(o_bthv.reshape(b, t, self.num_v_heads, self.head_v_dim), z_bthv)
         return self.out_proj(o_bthv.reshape(b, t, self.value_dim))

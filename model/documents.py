@@ -21,16 +21,46 @@ class DocumentLayout:
     segment_pos_bt: torch.Tensor  # index of each token inside its segment of the row (conv taps)
     segment_ids_bt: torch.Tensor | None  # None when each row is a single segment (no packing)
     cu_seqlens_n1: torch.Tensor | None  # int32 segment offsets over the flattened batch, when packed
-    max_seqlen: int
+    max_seqlen: int  # an upper bound on the segment lengths (kernels size their grids by it)
+    # cu_seqlens on the host, when the layout was derived there: kernels that plan their launch grid
+    # from the segment lengths (fla's) read it instead of waiting on the GPU for a copy
+    cu_seqlens_host_n1: torch.Tensor | None = None
 
     @property
     def is_packed(self) -> bool:
         return self.segment_ids_bt is not None
 
+    def to(self, device: torch.device | str) -> DocumentLayout:
+        """This layout with its tensors on `device` (copied asynchronously), the host copy kept.
+
+        The training loop derives each batch's layout on the CPU and moves it: deriving it on the
+        GPU costs host syncs (segment count, start offsets), and each one drains the GPU's queue."""
+
+        def move(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.to(device, non_blocking=True)
+
+        return DocumentLayout(
+            move(self.position_ids_bt),
+            move(self.segment_pos_bt),
+            move(self.segment_ids_bt),
+            move(self.cu_seqlens_n1),
+            self.max_seqlen,
+            self.cu_seqlens_host_n1,
+        )
+
     @classmethod
     def from_position_ids(
-        cls, position_ids_bt: torch.Tensor | None, batch: int, seq_len: int, device: torch.device
+        cls,
+        position_ids_bt: torch.Tensor | None,
+        batch: int,
+        seq_len: int,
+        device: torch.device,
+        *,
+        always_packed: bool = False,
     ) -> DocumentLayout:
+        """The layout of a batch. `always_packed` keeps the packed form even when every row holds a
+        single segment: compiled layers and fla's autotuned kernels then see one form, where a first
+        all-single-segment micro-batch cost a recompile and re-tune of 126 s mid-run (H100)."""
         if position_ids_bt is None:
             pos = torch.arange(seq_len, device=device).expand(batch, seq_len)
             return cls(pos, pos, None, None, seq_len)
@@ -45,7 +75,7 @@ class DocumentLayout:
         starts_bt[:, 0] = True  # a row may open in the middle of a document: a new segment all the same
         segment_ids_bt = starts_bt.flatten().cumsum(0).view(batch, seq_len) - 1
         num_segments = int(segment_ids_bt[-1, -1]) + 1
-        if num_segments == batch:  # one segment a row: the plain causal fast paths apply
+        if num_segments == batch and not always_packed:  # one segment a row: the plain causal paths
             return cls(
                 position_ids_bt,
                 torch.arange(seq_len, device=device).expand(batch, seq_len),
@@ -57,5 +87,8 @@ class DocumentLayout:
         cu_seqlens_n1 = torch.cat([start_idx_n, start_idx_n.new_tensor([batch * seq_len])]).to(torch.int32)
         seg_start_bt = start_idx_n[segment_ids_bt]  # flat index of each token's segment start
         flat_idx_bt = torch.arange(batch * seq_len, device=device).view(batch, seq_len)
-        max_seqlen = int((cu_seqlens_n1[1:] - cu_seqlens_n1[:-1]).max())
-        return cls(position_ids_bt, flat_idx_bt - seg_start_bt, segment_ids_bt, cu_seqlens_n1, max_seqlen)
+        # The row length bounds every segment. The exact maximum would cost a host sync, and as a
+        # Python int it made compiled layers recompile whenever it changed (130 s, on an H100).
+        host_copy = cu_seqlens_n1 if cu_seqlens_n1.device.type == "cpu" else None
+        segment_pos_bt = flat_idx_bt - seg_start_bt
+        return cls(position_ids_bt, segment_pos_bt, segment_ids_bt, cu_seqlens_n1, seq_len, host_copy)

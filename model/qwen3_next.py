@@ -1,11 +1,12 @@
 """Qwen3-Next for causal LM pretraining: the hybrid decoder stack, LM head, MTP and their losses.
 
-`Qwen3NextForCausalLM.forward(input_ids, position_ids=None, labels=None)`:
+`Qwen3NextForCausalLM.forward(input_ids, position_ids=None, labels=None, documents=None)`:
 - without labels it returns full logits [batch, seq, vocab] (HF parity, evaluation);
 - with labels it never materialises the logits: it returns per-objective loss *sums* and token
   counts (next-token and each MTP depth) plus every router's logits, so that the training loop can
   form token-weighted means and the load-balancing loss over the whole global batch.
-Document boundaries come in `position_ids` (0 starts a document); see model/documents.py.
+Document boundaries come in `position_ids` (0 starts a document), or already derived as `documents`
+(a DocumentLayout, which the training loop builds on the host); see model/documents.py.
 """
 
 from __future__ import annotations
@@ -95,10 +96,13 @@ class Qwen3NextForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        documents: DocumentLayout | None = None,
     ) -> CausalLMOutput:
         self.check_input_ids(input_ids)
         batch, seq_len = input_ids.shape
-        layout = DocumentLayout.from_position_ids(position_ids, batch, seq_len, input_ids.device)
+        if documents is not None and position_ids is not None:
+            raise ValueError("pass position_ids or documents (which holds them), not both")
+        layout = documents or DocumentLayout.from_position_ids(position_ids, batch, seq_len, input_ids.device)
         embeds_btd = self.model.embed_tokens(input_ids)
         rope = self.model.rotary_emb(layout.position_ids_bt, embeds_btd.dtype)
         self.router_recorder.pop()  # drop anything a failed forward left behind
@@ -124,6 +128,9 @@ class Qwen3NextForCausalLM(nn.Module):
         )
 
     def check_input_ids(self, input_ids: torch.Tensor) -> None:
+        """Shape and length always; the id range on CPU only: on CUDA it would cost a host sync, and
+        an out-of-range id there still fails loudly, as a device-side assert in the embedding.
+        (The training loop checks every batch on the host before moving it.)"""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         if input_ids.shape[1] > self.config.max_position_embeddings:
@@ -131,7 +138,9 @@ class Qwen3NextForCausalLM(nn.Module):
                 f"sequence length {input_ids.shape[1]} exceeds model.max_position_embeddings "
                 f"({self.config.max_position_embeddings})"
             )
-        low, high = (int(v) for v in torch.aminmax(input_ids))  # one host sync, not two
+        if input_ids.is_cuda:
+            return
+        low, high = (int(v) for v in torch.aminmax(input_ids))
         if low < 0 or high >= self.config.vocab_size:
             bad = low if low < 0 else high
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")

@@ -39,7 +39,7 @@ def linear_cross_entropy(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     labels_n = labels_n.reshape(-1)
     if not labels_n.is_cuda:
-        _check_labels_in_range(labels_n, weight_vd.shape[0], ignore_index)
+        check_labels_in_range(labels_n, weight_vd.shape[0], ignore_index)
     num_tokens = (labels_n != ignore_index).sum()
     needs_grad = torch.is_grad_enabled() and (h_nd.requires_grad or weight_vd.requires_grad)
     if not needs_grad:
@@ -58,7 +58,7 @@ def linear_cross_entropy_reference(
     return loss_sum, (labels_n != ignore_index).sum()
 
 
-def _check_labels_in_range(labels_n: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+def check_labels_in_range(labels_n: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
     """One min/max over the kept labels; raises ValueError naming the first offending value."""
     kept_n = labels_n[labels_n != ignore_index]
     if kept_n.numel() == 0:

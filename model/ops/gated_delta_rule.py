@@ -45,6 +45,7 @@ def chunk_gated_delta_rule(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: Tensor | None = None,
+    cu_seqlens_cpu: Tensor | None = None,
     use_qk_l2norm: bool = True,
     chunk_size: int = 64,
 ) -> tuple[Tensor, Tensor | None]:
@@ -54,16 +55,19 @@ def chunk_gated_delta_rule(
     scale defaults to k ** -0.5. With use_qk_l2norm, q and k are L2-normalised over their last dim.
     cu_seqlens: optional [n+1] cumulative lengths of sequences packed into the single row of a b=1
     batch; each sequence starts from its own initial_state [n, hv, k, v] (zeros when None).
+    cu_seqlens_cpu: the same offsets on the host, if the caller has them: both paths plan their
+    chunks from the lengths, and reading them off a CUDA tensor would wait for the GPU.
     Returns o [b, t, hv, v] in v's dtype and, if output_final_state, the final state [n, hv, k, v]
     in fp32 (float64 for float64 inputs on the reference path). chunk_size only steers the
     reference: fla's kernel always uses 64.
     """
-    check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
+    check_inputs(q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu)
     options = dict(
         scale=scale,
         initial_state=initial_state,
         output_final_state=output_final_state,
         cu_seqlens=cu_seqlens,
+        cu_seqlens_cpu=cu_seqlens_cpu,
         use_qk_l2norm=use_qk_l2norm,
     )
     fla_kernel = _load_fla_kernel() if q.is_cuda else None
@@ -85,6 +89,7 @@ def check_inputs(
     beta: Tensor,
     initial_state: Tensor | None,
     cu_seqlens: Tensor | None,
+    cu_seqlens_cpu: Tensor | None = None,
 ) -> None:
     """Raise ValueError, naming the argument, on shapes that the convention does not allow."""
     if q.dim() != 4 or k.shape != q.shape:
@@ -105,6 +110,10 @@ def check_inputs(
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
             raise ValueError(f"cu_seqlens must be [n+1] with n >= 1; got {tuple(cu_seqlens.shape)}")
         n = cu_seqlens.numel() - 1
+        if cu_seqlens_cpu is not None and cu_seqlens_cpu.shape != cu_seqlens.shape:
+            raise ValueError(
+                f"cu_seqlens_cpu {tuple(cu_seqlens_cpu.shape)} must copy cu_seqlens {tuple(cu_seqlens.shape)}"
+            )
     if initial_state is not None and initial_state.shape != (n, hv, dk, dv):
         raise ValueError(
             f"initial_state must be [n, hv, k, v] = {(n, hv, dk, dv)}; got {tuple(initial_state.shape)}"
@@ -291,6 +300,7 @@ def chunk_gated_delta_rule_reference(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: Tensor | None = None,
+    cu_seqlens_cpu: Tensor | None = None,
     use_qk_l2norm: bool = True,
     chunk_size: int = 64,
 ) -> tuple[Tensor, Tensor | None]:
@@ -299,12 +309,12 @@ def chunk_gated_delta_rule_reference(
     Computes in fp32 (float64 for float64 inputs), vectorised over sequences and heads, looping only
     over chunk positions; autograd gives gradients for every tensor input.
     """
-    check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
+    check_inputs(q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu)
     b, t, _, dk = q.shape
     hv, dv = v.shape[2:]
     dtype = compute_dtype(q, k, v, g, beta, initial_state)
     q_bthk, k_bthk = prepare_qk(q, k, hv, scale, use_qk_l2norm, dtype)
-    starts, lengths = sequence_bounds(cu_seqlens, b, t)
+    starts, lengths = sequence_bounds(cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu, b, t)
     plan = ChunkPlan.build(starts, lengths, chunk_size, q.device)
 
     q_c, k_c, v_c, g_c, beta_c = (
@@ -390,6 +400,7 @@ def _run_fla(
     initial_state: Tensor | None,
     output_final_state: bool,
     cu_seqlens: Tensor | None,
+    cu_seqlens_cpu: Tensor | None,
     use_qk_l2norm: bool,
 ) -> tuple[Tensor, Tensor | None]:
     hv, h = v.shape[2], q.shape[2]
@@ -412,5 +423,6 @@ def _run_fla(
         output_final_state=output_final_state,
         use_qk_l2norm_in_kernel=use_qk_l2norm,
         cu_seqlens=cu_seqlens,
+        cu_seqlens_cpu=None if cu_seqlens_cpu is None else cu_seqlens_cpu.long(),
     )
     return o.to(v.dtype), final_state

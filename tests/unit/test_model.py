@@ -58,14 +58,21 @@ def losses(out):
     return out.lm_loss_sum + sum(out.mtp_loss_sums)
 
 
-def test_packed_batch_equals_documents_run_one_by_one():
+@pytest.mark.parametrize("boundaries_as", ["position_ids", "documents"])
+def test_packed_batch_equals_documents_run_one_by_one(boundaries_as):
+    """Also with the layout derived beforehand and passed as `documents` (the training loop's way)."""
     model = build()
     docs = random_documents()
     ids, labels, pos = pack(docs, row_len=80)
     assert ids.shape[0] >= 2 and (pos == 0).sum() > ids.shape[0]  # really packed
 
     model.zero_grad()
-    packed = model(ids, position_ids=pos, labels=labels)
+    if boundaries_as == "documents":
+        layout = DocumentLayout.from_position_ids(pos, *ids.shape, ids.device).to("cpu")
+        assert torch.equal(layout.cu_seqlens_host_n1, layout.cu_seqlens_n1)
+        packed = model(ids, labels=labels, documents=layout)
+    else:
+        packed = model(ids, position_ids=pos, labels=labels)
     losses(packed).backward()
     packed_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -99,6 +106,27 @@ def test_packed_logits_equal_per_document_logits():
         alone = model(torch.tensor([doc])).logits[0]
         torch.testing.assert_close(logits[0, start : start + len(doc)], alone, rtol=1e-5, atol=1e-5)
         start += len(doc)
+
+
+def test_always_packed_layout_computes_the_unpacked_model():
+    """Single-document rows in the packed form (the training loop's) give the plain causal paths' result."""
+    model = build()
+    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(0))
+    labels = torch.cat([ids[:, 1:], torch.full((2, 1), IGNORE_INDEX)], dim=1)
+    pos = torch.arange(40).expand(2, 40)
+    layout = DocumentLayout.from_position_ids(pos, 2, 40, ids.device, always_packed=True)
+    assert layout.is_packed and layout.cu_seqlens_n1.tolist() == [0, 40, 80]
+    packed = model(ids, labels=labels, documents=layout)
+    plain = model(ids, labels=labels)
+    torch.testing.assert_close(losses(packed), losses(plain), rtol=1e-5, atol=1e-5)
+
+
+def test_position_ids_and_documents_together_are_refused():
+    model = build()
+    ids, labels, pos = pack(random_documents(), row_len=80)
+    layout = DocumentLayout.from_position_ids(pos, *ids.shape, ids.device)
+    with pytest.raises(ValueError, match="not both"):
+        model(ids, position_ids=pos, labels=labels, documents=layout)
 
 
 def test_row_starting_mid_document_is_one_fresh_segment():
