@@ -16,8 +16,9 @@ replicated KV head) get their gradient summed over the ranks sharing them by a h
 (embeddings, LM head, norms of the residual stream, the MoE) is replicated and computed on identical
 inputs, so its gradients agree without communication.
 
-Sharded parameters carry `tensor_model_parallel = True`, which DeepSpeed's gradient-norm reads (via
-the `mpu` below) to count them on every rank and replicated ones once.
+Sharded parameters carry `tensor_model_parallel = True`, which DeepSpeed's gradient norm reads (via
+the `mpu` below) to count them on every rank, and replicated ones on the first rank only. A KV head
+kept by some ranks of the group is marked on the first of those.
 """
 
 from __future__ import annotations
@@ -196,10 +197,13 @@ def shard_attention(attn: GatedAttention, groups: TensorParallelGroups | TensorP
     attn.v_proj = ColumnParallelLinear(attn.v_proj, head_rows(local_kv, hd), groups.tp_group)
     attn.o_proj = RowParallelLinear(attn.o_proj, head_rows(local_heads, hd), groups.tp_group)
     if kv_heads < tp:  # a replicated KV head: its gradient is split over the ranks sharing it
-        sharing = groups.group_of(tp // kv_heads)
+        sharing = tp // kv_heads
         for linear in (attn.k_proj, attn.v_proj):
-            linear.weight.tensor_model_parallel = False
-            sum_gradient_over(linear.weight, sharing)
+            # DeepSpeed's gradient norm counts a parameter on every rank that marks it model-parallel,
+            # and every parameter on TP rank 0: marked on the first rank of each sharing group only,
+            # each KV head counts once
+            linear.weight.tensor_model_parallel = r % sharing == 0
+            sum_gradient_over(linear.weight, groups.group_of(sharing))
     attn.num_heads, attn.num_kv_heads = len(local_heads), len(local_kv)
     for norm in (attn.q_norm, attn.k_norm):
         sum_gradient_over(norm.weight, groups.tp_group)

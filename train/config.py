@@ -199,12 +199,6 @@ def validate_layout(cfg: PretrainConfig, world: int) -> Layout:
             f"parallel.tensor ({p.tensor}) and model.num_key_value_heads ({m.num_key_value_heads}) "
             "must divide one another (KV heads split, or replicated when tensor parallelism exceeds them)",
         ),
-        (
-            m.num_key_value_heads % p.tensor == 0 or m.num_key_value_heads == 1,
-            f"parallel.tensor ({p.tensor}) above model.num_key_value_heads ({m.num_key_value_heads}) is "
-            "supported for a single KV head only so far: DeepSpeed's gradient norm counts a parameter on "
-            "every tensor-parallel rank or on the first, not once per group of ranks sharing a KV head",
-        ),
         (t.micro_batch_size >= 1, f"trainer.micro_batch_size must be >= 1, got {t.micro_batch_size}"),
         (d.seq_len >= 2, f"data.seq_len must be >= 2, got {d.seq_len}"),
         (

@@ -4,9 +4,9 @@
   matches it: a shard's gradient is the whole gradient's slice (`tp_shard` says which), replicated
   parameters' gradients are the whole ones. With split KV heads and with a KV head replicated over
   the two ranks (tp > num_key_value_heads).
-- Trainer level, 4 processes: tp2 x dp2 gives the 1-process losses, gradient norms (DeepSpeed's
-  norm through our mpu counts sharded and replicated parameters right) and, with the checkpoint's
-  head shards joined, weights over 3 steps.
+- Trainer level, 4 processes: tp2 x dp2, and tp4 with each of 2 KV heads kept by a pair of ranks,
+  give the 1-process losses, gradient norms (DeepSpeed's norm through our mpu counts sharded and
+  replicated parameters right) and, with the checkpoint's head shards joined, weights over 3 steps.
 """
 
 from __future__ import annotations
@@ -74,12 +74,14 @@ def test_sharded_model_computes_the_whole_models_loss_and_gradients(tmp_path, kv
         assert errors[worst] < 1e-5, f"{worst}: relative gradient error {errors[worst]:.2e}"
 
 
-def test_tp2_dp2_trains_like_one_process(tmp_path):
-    corpus = write_corpus(tmp_path / "corpus")
-    common = {"trainer.max_steps": 3, "optim.schedule_steps": 3, "optim.eps": 1.0, "optim.lr": 0.3}
-    single, parallel = tmp_path / "single", tmp_path / "tp2dp2"
+def train_single_and_tensor_parallel(tmp_path, corpus, tp: int, **extra):
+    """3 steps on 1 process and on 4 with parallel.tensor=tp; asserts equal losses, gradient norms
+    and (the TP ranks' shards joined) weights. Large steps (lr 0.3, eps 1) so a wrong gradient or
+    norm shows; clipping (at 1.0) acts on these norms, so a miscounted norm changes the weights."""
+    common = {"trainer.max_steps": 3, "optim.schedule_steps": 3, "optim.eps": 1.0, "optim.lr": 0.3, **extra}
+    single, parallel = tmp_path / "single", tmp_path / f"tp{tp}"
     pretrain(1, overrides(corpus, single, **common))
-    pretrain(4, overrides(corpus, parallel, **common, **{"parallel.tensor": 2}), timeout=300)
+    pretrain(4, overrides(corpus, parallel, **common, **{"parallel.tensor": tp}), timeout=300)
     np.testing.assert_allclose(losses(parallel), losses(single), rtol=1e-5)
     norms = [[row["grad_norm"] for row in read_metrics(run)] for run in (parallel, single)]
     np.testing.assert_allclose(*norms, rtol=1e-5)
@@ -90,6 +92,12 @@ def test_tp2_dp2_trains_like_one_process(tmp_path):
     for name, value in expected.items():
         message = lambda m, n=name: f"{n}: {m}"
         torch.testing.assert_close(joined[name], value, rtol=1e-5, atol=1e-5, msg=message)
+    return common, parallel
+
+
+def test_tp2_dp2_trains_like_one_process(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    common, parallel = train_single_and_tensor_parallel(tmp_path, corpus, 2)
 
     # resuming on another tensor-parallel size is refused, naming the setting
     result = subprocess.run(
@@ -97,3 +105,11 @@ def test_tp2_dp2_trains_like_one_process(tmp_path):
         cwd=REPO, env=environment(), capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode != 0 and "parallel.tensor=2" in result.stderr + result.stdout
+
+
+def test_tp4_with_kv_heads_kept_by_rank_pairs_trains_like_one_process(tmp_path):
+    """2 KV heads over 4 TP ranks: ranks {0, 1} keep one, {2, 3} the other. Each head's gradient is
+    summed over its pair, and DeepSpeed's gradient norm must count each head once."""
+    corpus = write_corpus(tmp_path / "corpus")
+    heads = {"model.linear_num_key_heads": 4, "model.linear_num_value_heads": 8}
+    train_single_and_tensor_parallel(tmp_path, corpus, 4, **heads)
