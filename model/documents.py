@@ -30,6 +30,22 @@ class DocumentLayout:
     def is_packed(self) -> bool:
         return self.segment_ids_bt is not None
 
+    def __eq__(self, other: object) -> bool:
+        """The same boundaries, element by element (DeepSpeed compares a batch's inputs across the
+        tensor-parallel ranks, which must hold the same one)."""
+        if not isinstance(other, DocumentLayout):
+            return NotImplemented
+
+        def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+            if a is None or b is None:
+                return a is b
+            return a.shape == b.shape and torch.equal(a, b.to(a.device))
+
+        fields = ("position_ids_bt", "segment_pos_bt", "segment_ids_bt", "cu_seqlens_n1")
+        return self.max_seqlen == other.max_seqlen and all(
+            same(getattr(self, f), getattr(other, f)) for f in fields
+        )
+
     def to(self, device: torch.device | str) -> DocumentLayout:
         """This layout with its tensors on `device` (copied asynchronously), the host copy kept.
 

@@ -21,6 +21,21 @@ What we add from our side (and would ask DeepSpeed for upstream):
   the ranks' local norms instead of the global norm, and our replicated-gradient checks would let
   ranks disagree about skipping a step.
 
+With tensor parallelism too (tp x dp ranks, ep > 1), AutoEP "folds" the expert-parallel group onto
+the tensor-parallel ranks: TP peers hold the same tokens, each dispatches a share of their (token,
+slot) pairs, and the results are all-gathered back over the TP group. DeepSpeed enables folding
+through its own AutoTP setting (`tensor_parallel.autotp_size`), refuses a tensor-parallel `mpu`
+with AutoEP, and reduces each parameter family's gradient over the TP group itself, skipping those
+marked model-parallel (our head shards). `fold_onto_tensor_parallel` / `after_folded_initialize`
+adapt our model:
+- our heads are sharded already, so AutoTP must not partition again (`ds_autotp_parsed`);
+- ZeRO 1-2's gradient norm counts unmarked parameters on TP rank 0 only, which under folding leaves
+  out the experts the other TP ranks hold. The expert weights are marked model-parallel (counted on
+  every rank), and we divide their gradient by tp ourselves, which folding would otherwise do (the
+  all-gather's backward multiplies it by tp).
+Upstream asks: a documented switch for "the model is TP-sharded already", and the norm counting
+expert parameters under folding.
+
 Names after replacement (checkpoints): `mlp.router.gate.weight`, `mlp.experts.w1` / `w3` [E/ep, I, H]
 (gate / up halves of our `gate_up_proj`), `mlp.experts.w2` [E/ep, H, I] (`down_proj`),
 `mlp.shared_experts.*`, `mlp.shared_experts_gate.weight`; rank r holds experts r*E/ep ... .
@@ -86,6 +101,23 @@ def moe_optimizer_factory(
     return factory
 
 
+def fold_onto_tensor_parallel(model: nn.Module) -> None:
+    """Before `deepspeed.initialize` with AutoEP and `tensor_parallel.autotp_size` > 1: the model's
+    heads are already sharded (parallel/tensor.py), so DeepSpeed's AutoTP must leave them as they are."""
+    model.ds_autotp_parsed = True  # the engine's own flag for a model AutoTP has partitioned
+
+
+def after_folded_initialize(model: nn.Module, tp: int) -> None:
+    """After `deepspeed.initialize` under folding: expert weights counted by the gradient norm on the
+    rank that holds them, and their gradient's factor tp from the TP all-gather taken out here."""
+    experts = [p for name, p in model.named_parameters() if ".mlp.experts.w" in name]
+    if not experts:
+        raise RuntimeError("tensor and expert parallelism are on but AutoEP replaced no MoE block")
+    for param in experts:
+        param.tensor_model_parallel = True  # folding then skips it: no TP reduction, no 1/tp
+        param.register_hook(lambda grad: grad / tp)
+
+
 def attach_after_initialize(model: nn.Module, *, selection_bias: bool) -> list[torch.Tensor] | None:
     """Re-attach the router-logits recorder to the replaced routers; with `selection_bias`, give every
     replaced layer a zero fp32 `expert_bias` buffer. Returns the biases in router call order."""
@@ -133,11 +165,11 @@ def consolidated_module_state(checkpoint_dir: str | Path) -> dict[str, torch.Ten
     checkpoint_dir = Path(checkpoint_dir)
     tp_files = sorted(checkpoint_dir.glob("mp_rank_*_model_states.pt"))
     modules = [torch.load(f, map_location="cpu", weights_only=True)["module"] for f in tp_files]
-    if len(modules) > 1:  # tensor parallel (no AutoEP with it): join the head shards
+    if len(modules) > 1:  # tensor parallel: join the head shards (AutoEP's names pass as replicated)
         from parallel.tensor import gather_tensor_parallel
         from train.checkpoint import model_config_of
 
-        return gather_tensor_parallel(modules, model_config_of(checkpoint_dir))
+        modules = [gather_tensor_parallel(modules, model_config_of(checkpoint_dir))]
     raw = dict(modules[0])  # universal: buffers only; native: every non-expert tensor
     if (checkpoint_dir / "zero").is_dir():
         for fp32 in sorted((checkpoint_dir / "zero").glob("*/fp32.pt")):
@@ -145,6 +177,8 @@ def consolidated_module_state(checkpoint_dir: str | Path) -> dict[str, torch.Ten
     per_expert: dict[str, dict[int, torch.Tensor]] = {}
     for path in sorted(checkpoint_dir.glob("layer_*_expert_*_model_states.pt")):
         for key, tensor in torch.load(path, map_location="cpu", weights_only=True).items():
+            if key == "folding":  # AutoEP's record of the tensor-parallel folding it was saved under
+                continue
             match = EXPERT_KEY.fullmatch(key)
             if match is None:
                 raise ValueError(f"{path}: unexpected expert parameter {key!r}")

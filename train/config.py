@@ -159,9 +159,18 @@ def validate_layout(cfg: PretrainConfig, world: int) -> Layout:
         ),
         (p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1 or 2, got {p.zero_stage}"),
         (
-            p.tensor == 1 or (p.expert == 1 and not p.autoep),
-            f"parallel.tensor={p.tensor} with AutoEP (parallel.expert={p.expert}, parallel.autoep="
-            f"{p.autoep}) is not supported yet: the MoE is replicated over the tensor-parallel ranks",
+            p.tensor == 1 or p.expert > 1 or not p.autoep,
+            f"parallel.tensor={p.tensor} with parallel.autoep=true needs parallel.expert >= 2: AutoEP folds "
+            "its experts onto the tensor-parallel ranks, and at expert 1 each would compute every token",
+        ),
+        (
+            p.tensor == 1
+            or p.expert == 1
+            or m.num_key_value_heads % p.tensor == 0
+            or m.num_key_value_heads == 1,
+            f"parallel.tensor={p.tensor} with parallel.expert={p.expert} needs model.num_key_value_heads "
+            f"({m.num_key_value_heads}) divisible by parallel.tensor, or a single KV head: AutoEP's folding "
+            "averages replicated gradients over the whole tensor group, mixing KV heads kept by part of it",
         ),
         (
             p.tensor == 1 or p.zero_stage >= 1,

@@ -40,7 +40,14 @@ from model.init import init_weights
 from model.moe import moe_blocks
 from model.ops.cross_entropy import check_labels_in_range
 from model.qwen3_next import IGNORE_INDEX, Qwen3NextForCausalLM
-from parallel.expert import attach_after_initialize, autoep_config, moe_optimizer_factory, selection_biases
+from parallel.expert import (
+    after_folded_initialize,
+    attach_after_initialize,
+    autoep_config,
+    fold_onto_tensor_parallel,
+    moe_optimizer_factory,
+    selection_biases,
+)
 from parallel.tensor import TensorParallelGroups, apply_tensor_parallel
 from train.checkpoint import (
     checkpoint_root,
@@ -109,9 +116,12 @@ def replicated_grad_norm(model: torch.nn.Module) -> float:
 def deepspeed_config(
     cfg: PretrainConfig, layout: Layout, on_gpu: bool, *, autoep: bool = False, load_universal: bool = False
 ) -> dict:
+    folded = autoep and layout.tensor > 1  # AutoEP folded onto tensor parallelism (parallel/expert.py)
     return {
         **({"checkpoint": {"load_universal": True}} if load_universal else {}),
-        "train_batch_size": cfg.trainer.global_batch_size,
+        # folded, DeepSpeed gets no mpu and counts every rank as a data-parallel one in this check
+        "train_batch_size": cfg.trainer.global_batch_size * (layout.tensor if folded else 1),
+        **({"tensor_parallel": {"autotp_size": layout.tensor}} if folded else {}),
         "train_micro_batch_size_per_gpu": cfg.trainer.micro_batch_size,
         "gradient_accumulation_steps": layout.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
@@ -330,10 +340,13 @@ class Trainer:
             optimizer = moe_optimizer_factory(self.model, groups_of, make_optimizer)
         else:
             optimizer = make_optimizer(groups_of(self.model))
+        folded = self.autoep and self.layout.tensor > 1
+        if folded:
+            fold_onto_tensor_parallel(self.model)
         engine, *_ = deepspeed.initialize(
             model=self.model,
             optimizer=optimizer,
-            mpu=self.tp_groups,
+            mpu=None if folded else self.tp_groups,  # folded: DeepSpeed builds the same groups itself
             config=deepspeed_config(
                 cfg,
                 self.layout,
@@ -343,6 +356,8 @@ class Trainer:
             ),
             dist_init_required=False,
         )
+        if folded:
+            after_folded_initialize(engine.module, self.layout.tensor)
         return engine
 
     def _expert_biases(self) -> list[torch.Tensor] | None:
@@ -380,6 +395,12 @@ class Trainer:
                 f"uses {'AutoEP' if self.autoep else 'ours'}; resume it with {hint}"
             )
         universal = needs_universal(path, state.get("partitioning"), self.partitioning)
+        if universal and self.layout.tensor > 1:
+            raise ValueError(
+                f"{path} was saved partitioned as {saved}; resharding it under tensor parallelism is not "
+                "supported yet (DeepSpeed's universal checkpoint would need our head-slicing rules): resume "
+                "with the layout it was saved with"
+            )
         if universal:
             self._message_early(f"{path} was saved partitioned as {saved}: converting it to universal form")
             convert_to_universal(path)
@@ -538,6 +559,9 @@ class Trainer:
         remote = local_counts_le.sum() - local_counts_le[:, local_slice].sum()
         total = torch.tensor([float(remote)], device=self.device)
         dist.all_reduce(total)
+        # tensor-parallel peers route the same tokens and (folded) each dispatches a 1/tp share of
+        # them; their counts against their own slices, averaged, estimate what moves
+        total /= self.layout.tensor
         passes = 3 if self.cfg.trainer.activation_checkpointing else 2
         element_bytes = 2 if self.on_gpu else 4
         moved = float(total) * 2 * passes * self.cfg.model.hidden_size * element_bytes

@@ -4,9 +4,10 @@
   matches it: a shard's gradient is the whole gradient's slice (`tp_shard` says which), replicated
   parameters' gradients are the whole ones. With split KV heads and with a KV head replicated over
   the two ranks (tp > num_key_value_heads).
-- Trainer level, 4 processes: tp2 x dp2, and tp4 with each of 2 KV heads kept by a pair of ranks,
-  give the 1-process losses, gradient norms (DeepSpeed's norm through our mpu counts sharded and
-  replicated parameters right) and, with the checkpoint's head shards joined, weights over 3 steps.
+- Trainer level, 4 processes: tp2 x dp2, tp4 with each of 2 KV heads kept by a pair of ranks, and
+  tp2 x dp2 with AutoEP's ep2 folded onto the tensor pairs give the 1-process losses, gradient
+  norms (DeepSpeed's norm counts sharded, replicated and expert parameters right) and, with the
+  checkpoint's head shards and expert files joined, weights over 3 steps.
 """
 
 from __future__ import annotations
@@ -74,14 +75,18 @@ def test_sharded_model_computes_the_whole_models_loss_and_gradients(tmp_path, kv
         assert errors[worst] < 1e-5, f"{worst}: relative gradient error {errors[worst]:.2e}"
 
 
-def train_single_and_tensor_parallel(tmp_path, corpus, tp: int, **extra):
+def train_single_and_tensor_parallel(tmp_path, corpus, tp: int, parallel_only=None, **extra):
     """3 steps on 1 process and on 4 with parallel.tensor=tp; asserts equal losses, gradient norms
     and (the TP ranks' shards joined) weights. Large steps (lr 0.3, eps 1) so a wrong gradient or
     norm shows; clipping (at 1.0) acts on these norms, so a miscounted norm changes the weights."""
     common = {"trainer.max_steps": 3, "optim.schedule_steps": 3, "optim.eps": 1.0, "optim.lr": 0.3, **extra}
     single, parallel = tmp_path / "single", tmp_path / f"tp{tp}"
     pretrain(1, overrides(corpus, single, **common))
-    pretrain(4, overrides(corpus, parallel, **common, **{"parallel.tensor": tp}), timeout=300)
+    pretrain(
+        4,
+        overrides(corpus, parallel, **common, **{"parallel.tensor": tp, **(parallel_only or {})}),
+        timeout=300,
+    )
     np.testing.assert_allclose(losses(parallel), losses(single), rtol=1e-5)
     norms = [[row["grad_norm"] for row in read_metrics(run)] for run in (parallel, single)]
     np.testing.assert_allclose(*norms, rtol=1e-5)
@@ -113,3 +118,21 @@ def test_tp4_with_kv_heads_kept_by_rank_pairs_trains_like_one_process(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     heads = {"model.linear_num_key_heads": 4, "model.linear_num_value_heads": 8}
     train_single_and_tensor_parallel(tmp_path, corpus, 4, **heads)
+
+
+def test_tp2_dp2_with_ep2_trains_like_one_process(tmp_path):
+    """AutoEP folded onto the tensor-parallel pairs: ranks {0, 1} and {2, 3} each hold the 8 experts
+    split in two, and each TP peer dispatches half of their shared tokens' (token, slot) pairs."""
+    corpus = write_corpus(tmp_path / "corpus")
+    common, parallel = train_single_and_tensor_parallel(tmp_path, corpus, 2, {"parallel.expert": 2})
+    assert any(parallel.joinpath("checkpoints", "step_3").glob("layer_*_expert_*_model_states.pt"))
+
+    # resharding a tensor-parallel run (here to ep4) is refused, saying what to do
+    resume = {**common, "trainer.max_steps": 4, "parallel.tensor": 2, "parallel.expert": 4}
+    result = subprocess.run(
+        command(4, overrides(corpus, parallel, **resume)),
+        cwd=REPO, env=environment(), capture_output=True, text=True,
+    )  # fmt: skip
+    assert (
+        result.returncode != 0 and "resume with the layout it was saved with" in result.stderr + result.stdout
+    )

@@ -81,3 +81,20 @@ def test_80b_a3b_without_gpus_stops_at_once_saying_what_it_needs():
     for world, verdict in ((64, "fits"), (32, "does NOT fit")):
         plan = pretrain("conf=80b_a3b", "trainer.dry_run=true", f"trainer.dry_run_world_size={world}")
         assert f"{verdict} trainer.gpu_memory_gb" in plan.stdout
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["parallel.tensor=2", "parallel.autoep=true"], "parallel.expert >= 2"),
+        (
+            ["parallel.tensor=4", "parallel.expert=2", "model.linear_num_key_heads=4"],
+            "model.num_key_value_heads (2) divisible by parallel.tensor",
+        ),
+    ],
+    ids=["autoep-at-expert-1", "kv-heads-split-under-folding"],
+)
+def test_tensor_with_expert_parallel_refuses_what_folding_cannot_do(overrides, named):
+    result = pretrain("conf=tiny", "trainer.dry_run=true", "trainer.dry_run_world_size=4", *overrides)
+    assert result.returncode != 0
+    assert named in result.stderr
