@@ -7,7 +7,8 @@
 # VARLEN=0 runs the packed benchmark and the loop on masked SDPA instead of varlen flash attention
 # (model/ops/attention.py).
 # Stages can be picked: `bash bench/gpu_checks.sh tests bench bench-packed loop` (default: those four);
-# `loop-ep` (2 GPUs) compares expert parallelism with data parallelism on conf=small.
+# `bench-ep` and `loop-ep` (2 GPUs) compare expert parallelism with data parallelism on conf=small,
+# as the raw step (launch/bench.py layout) and as the training loop.
 set -uo pipefail
 out=${OUT:-.}
 export TRITON_CACHE_AUTOTUNING=1 PYTHONUNBUFFERED=1
@@ -42,6 +43,14 @@ for stage in $stages; do
         cp /tmp/loop-small/metrics.jsonl "$out/loop_metrics.jsonl"
         cp /tmp/loop-small/profile/operators.txt "$out/loop_operators.txt" 2>/dev/null
         tail -6 "$out/loop.log" ;;
+    bench-ep)
+        # 2 GPUs (nvidia-h100-x2): the raw step of conf=small with experts over both GPUs (ep2) against
+        # plain data parallel (ep1 x dp2), and the all-to-all time per MoE layer (issue 5)
+        for ep in 1 2; do
+            torchrun --nproc-per-node 2 launch/bench.py layout --preset small --expert $ep --steps 6 \
+                --warmup 3 --out "$out/bench_ep$ep.json" > "$out/bench_ep$ep.log" 2>&1
+            grep "^layout" "$out/bench_ep$ep.log" || tail -5 "$out/bench_ep$ep.log"
+        done ;;
     loop-ep)
         # 2 GPUs (nvidia-h100-x2): conf=small with experts over both (ep2) against plain data parallel
         # (ep1 x dp2), same global batch; the profile of step 8 times the all-to-alls

@@ -4,6 +4,7 @@
     python launch/bench.py model --preset tiny --device cpu --batch 2 --seq 128 --steps 2   # smoke run
     python launch/bench.py prepare [FILES]   # prepare_data vs the raw tokenizer, MB/s and tokens/s
     python launch/bench.py loader [--path DIR]   # packed batches per second from local shards
+    torchrun --nproc_per_node 2 launch/bench.py layout --preset small --expert 2   # a parallel layout
 
 `model`: forward + backward + optimizer step (AdamW, bf16 parameters for both models, same
 random batch), side by side with `transformers.Qwen3NextForCausalLM` on the same config (MTP off
@@ -207,11 +208,12 @@ def main(argv=None):
     )
     m.add_argument("--profile", type=Path, default=None, help="folder for per-variant kernel tables")
     m.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    for name, module in (("prepare", "data.bench_prepare"), ("loader", "data.bench_loader")):
+    others = {"prepare": "data.bench_prepare", "loader": "data.bench_loader", "layout": "train.bench_layout"}
+    for name, module in others.items():
         sub.add_parser(name, help=f"{module} (its own options follow)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.what != "model":
-        return importlib.import_module(f"data.bench_{args.what}").main(rest)
+        return importlib.import_module(others[args.what]).main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
 

@@ -184,6 +184,74 @@ def stop_signal_flag() -> dict:
     return flag
 
 
+def build_engine(
+    cfg: PretrainConfig,
+    layout: Layout,
+    model: Qwen3NextForCausalLM,
+    *,
+    on_gpu: bool,
+    autoep: bool,
+    tp_groups: TensorParallelGroups | None,
+    load_universal: bool = False,
+):
+    """The DeepSpeed engine over `model` (built, head-sharded under tensor parallelism, on its device):
+    AdamW over our parameter groups (built by a factory under AutoEP, whose expert parameters exist
+    only after the replacement), AutoEP folded onto the tensor-parallel ranks when both are on."""
+    import deepspeed
+
+    def groups_of(module: torch.nn.Module) -> list[dict]:
+        return without_names(param_groups(module, cfg.optim.weight_decay))
+
+    def make_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
+        adamw = SkippingAdamW if cfg.parallel.zero_stage == 0 else torch.optim.AdamW
+        betas = (cfg.optim.beta1, cfg.optim.beta2)
+        # fused: one kernel over the fp32 master partitions
+        return adamw(groups, lr=cfg.optim.lr, betas=betas, eps=cfg.optim.eps, fused=on_gpu)
+
+    if autoep:
+        optimizer = moe_optimizer_factory(model, groups_of, make_optimizer)
+    else:
+        optimizer = make_optimizer(groups_of(model))
+    folded = autoep and layout.tensor > 1
+    if folded:
+        fold_onto_tensor_parallel(model)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        mpu=None if folded else tp_groups,  # folded: DeepSpeed builds the same groups itself
+        config=deepspeed_config(cfg, layout, on_gpu, autoep=autoep, load_universal=load_universal),
+        dist_init_required=False,
+    )
+    if folded:
+        after_folded_initialize(engine.module, layout.tensor)
+    return engine
+
+
+def setup_distributed() -> tuple[torch.device, bool]:
+    """torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU; a world of one without
+    torchrun), this rank's device, and whether it is a GPU."""
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # said up front, DeepSpeed does not warn
+    import deepspeed
+
+    quiet_deepspeed()
+    if on_gpu:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        skip_deepspeed_cpu_shm_build()
+    if not dist.is_initialized():  # `python launch/pretrain.py` without torchrun: a world of one
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(find_free_port()))
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
+    return device, on_gpu
+
+
 class Trainer:
     """Build everything from a validated config, then `fit()`."""
 
@@ -201,7 +269,7 @@ class Trainer:
             "zero_stage": cfg.parallel.zero_stage,
             "autoep": self.autoep,
         }
-        self.device, self.on_gpu = self._setup_distributed()
+        self.device, self.on_gpu = setup_distributed()
         self.rank = dist.get_rank()
         self.is_main = self.rank == 0
         self.config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
@@ -268,28 +336,6 @@ class Trainer:
 
     # -- set-up --------------------------------------------------------------------------------
 
-    def _setup_distributed(self) -> tuple[torch.device, bool]:
-        on_gpu = torch.cuda.is_available()
-        if not on_gpu:
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # said up front, DeepSpeed does not warn
-        import deepspeed
-
-        quiet_deepspeed()
-        if on_gpu:
-            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local_rank)
-            device = torch.device("cuda", local_rank)
-        else:
-            device = torch.device("cpu")
-            skip_deepspeed_cpu_shm_build()
-        if not dist.is_initialized():  # `python launch/pretrain.py` without torchrun: a world of one
-            for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-                os.environ.setdefault(key, value)
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(find_free_port()))
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
-        return device, on_gpu
-
     def _build_model(self) -> Qwen3NextForCausalLM:
         cfg = self.cfg
         model = Qwen3NextForCausalLM(cfg.model)
@@ -323,42 +369,15 @@ class Trainer:
         return model
 
     def _build_engine(self):
-        import deepspeed
-
-        cfg = self.cfg
-
-        def groups_of(model: torch.nn.Module) -> list[dict]:
-            return without_names(param_groups(model, cfg.optim.weight_decay))
-
-        def make_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
-            adamw = SkippingAdamW if cfg.parallel.zero_stage == 0 else torch.optim.AdamW
-            betas = (cfg.optim.beta1, cfg.optim.beta2)
-            # fused: one kernel over the fp32 master partitions
-            return adamw(groups, lr=cfg.optim.lr, betas=betas, eps=cfg.optim.eps, fused=self.on_gpu)
-
-        if self.autoep:  # the expert parameters exist only once AutoEP has replaced the blocks
-            optimizer = moe_optimizer_factory(self.model, groups_of, make_optimizer)
-        else:
-            optimizer = make_optimizer(groups_of(self.model))
-        folded = self.autoep and self.layout.tensor > 1
-        if folded:
-            fold_onto_tensor_parallel(self.model)
-        engine, *_ = deepspeed.initialize(
-            model=self.model,
-            optimizer=optimizer,
-            mpu=None if folded else self.tp_groups,  # folded: DeepSpeed builds the same groups itself
-            config=deepspeed_config(
-                cfg,
-                self.layout,
-                self.on_gpu,
-                autoep=self.autoep,
-                load_universal=self.resume_universal,
-            ),
-            dist_init_required=False,
+        return build_engine(
+            self.cfg,
+            self.layout,
+            self.model,
+            on_gpu=self.on_gpu,
+            autoep=self.autoep,
+            tp_groups=self.tp_groups,
+            load_universal=self.resume_universal,
         )
-        if folded:
-            after_folded_initialize(engine.module, self.layout.tensor)
-        return engine
 
     def _expert_biases(self) -> list[torch.Tensor] | None:
         """After initialize: the router recorder on AutoEP's routers, and the MoE layers' aux-loss-free

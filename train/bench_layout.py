@@ -1,0 +1,206 @@
+"""The training step of a parallel layout across processes: `launch/bench.py layout` under torchrun.
+
+    torchrun --nproc_per_node 2 launch/bench.py layout --preset small --expert 2   # ep2
+    torchrun --nproc_per_node 2 launch/bench.py layout --preset small --expert 1   # ep1 x dp2
+
+The engine is built as the trainer builds it (`build_engine`: DeepSpeed, ZeRO, AutoEP, tensor
+parallel), with the same objective, on fixed random single-document rows that differ between data-
+parallel ranks. No data loader and no checkpoints: this is the raw step of the layout. Reported on
+rank 0: tokens/s over the world, ms per step, TFLOP/s per GPU, peak memory, and from a profiled step
+the all-to-all time per MoE layer (forward and backward dispatch and combine together). On CPU the
+processes talk over gloo, which makes the numbers a functional check only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="launch/bench.py layout", description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small", help="conf/<preset>.yaml")
+    parser.add_argument("--expert", type=int, default=1, help="parallel.expert")
+    parser.add_argument("--tensor", type=int, default=1, help="parallel.tensor")
+    parser.add_argument("--zero-stage", type=int, default=1)
+    parser.add_argument("--micro-batch", type=int, default=None, help="rows per rank (default: preset's)")
+    parser.add_argument("--seq", type=int, default=None, help="tokens a row (default: preset's)")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--no-compile", action="store_true", help="eager layers on GPU")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here (rank 0)")
+    parser.add_argument("overrides", nargs="*", help="further Hydra overrides, e.g. model.num_experts=64")
+    return parser.parse_args(argv)
+
+
+def compose_config(args: argparse.Namespace, world: int):
+    """The preset with this layout, one micro-batch a step per data-parallel rank."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from train.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        preset = OmegaConf.to_object(compose("pretrain", [f"conf={args.preset}"]))
+        micro_batch = args.micro_batch or preset.trainer.micro_batch_size
+        dp = world // args.tensor
+        overrides = [
+            f"conf={args.preset}",
+            f"parallel.expert={args.expert}",
+            f"parallel.tensor={args.tensor}",
+            f"parallel.zero_stage={args.zero_stage}",
+            f"trainer.micro_batch_size={micro_batch}",
+            f"trainer.global_batch_size={micro_batch * dp}",
+            f"data.streams={dp}",
+            f"trainer.compile={not args.no_compile}",
+            *([f"data.seq_len={args.seq}"] if args.seq else []),
+            *args.overrides,
+        ]
+        return OmegaConf.to_object(compose("pretrain", overrides))
+
+
+def random_batch(cfg, dp_rank: int, device: torch.device) -> dict:
+    """Rows of random tokens, the same on the ranks of a tensor-parallel group."""
+    from model.documents import DocumentLayout
+
+    gen = torch.Generator().manual_seed(1000 + dp_rank)
+    rows, seq = cfg.trainer.micro_batch_size, cfg.data.seq_len
+    ids = torch.randint(0, cfg.model.vocab_size, (rows, seq + 1), generator=gen)
+    layout = DocumentLayout.from_position_ids(None, rows, seq, torch.device("cpu"))
+    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "documents": layout}
+
+
+def all_to_all_ms(profile, on_gpu: bool) -> float:
+    """Time in all-to-all collectives: on GPU the device kernels (NCCL runs all-to-all as send/recv
+    kernels), on CPU the c10d op (gloo works while the caller waits)."""
+    total_us = 0.0
+    for event in profile.key_averages():
+        name = event.key.lower()
+        if on_gpu:
+            kernel = event.device_type == torch.autograd.DeviceType.CUDA
+            if kernel and ("sendrecv" in name or "alltoall" in name):
+                total_us += event.self_device_time_total
+        elif name.startswith("c10d::alltoall"):
+            total_us += event.cpu_time_total
+    return total_us / 1e3
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    from model.accounting import flops_per_token
+    from model.init import init_weights
+    from model.qwen3_next import Qwen3NextForCausalLM
+    from parallel.expert import attach_after_initialize, autoep_layers
+    from parallel.tensor import TensorParallelGroups, apply_tensor_parallel
+    from train.config import validate_layout
+    from train.losses import TrainingObjective, global_target_counts
+    from train.trainer import build_engine, setup_distributed
+
+    device, on_gpu = setup_distributed()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    cfg = compose_config(args, world)
+    layout = validate_layout(cfg, world)
+    autoep = layout.expert > 1
+    tp_groups = TensorParallelGroups(layout.tensor) if layout.tensor > 1 else None
+
+    model = Qwen3NextForCausalLM(cfg.model)
+    init_weights(model, cfg.model, seed=0)
+    if tp_groups is not None:
+        apply_tensor_parallel(model, tp_groups)
+    model.to(device)
+    if on_gpu and cfg.trainer.compile:
+        model.compile_layers()
+    engine = build_engine(cfg, layout, model, on_gpu=on_gpu, autoep=autoep, tp_groups=tp_groups)
+    moe_layers = len(autoep_layers(engine.module)) if autoep else 0
+    if autoep:
+        attach_after_initialize(engine.module, selection_bias=False)
+    dp_group = tp_groups.dp_group if tp_groups else None
+    objective = TrainingObjective(
+        cfg.model.num_experts,
+        cfg.model.num_experts_per_tok,
+        mtp_weight=cfg.loss.mtp_weight,
+        lb_coef=cfg.loss.lb_coef,
+        z_coef=cfg.loss.z_coef,
+        group=dp_group,
+    )
+    host_batch = random_batch(cfg, rank // layout.tensor, device)
+    batch = {
+        "input_ids": host_batch["input_ids"].to(device),
+        "labels": host_batch["labels"].to(device),
+        "documents": host_batch["documents"].to(device),
+    }
+    tokens = global_target_counts([host_batch], cfg.model.mtp_num_layers, group=dp_group, device=device)
+
+    def step() -> None:
+        objective.begin_step(tokens)
+        out = engine(batch["input_ids"], labels=batch["labels"], documents=batch["documents"])
+        engine.backward(objective.micro_batch_loss(out))
+        engine.step()
+        objective.end_step()
+
+    def synchronize() -> None:
+        if on_gpu:
+            torch.cuda.synchronize()
+        dist.barrier()
+
+    for _ in range(args.warmup):
+        step()
+    synchronize()
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    synchronize()
+    elapsed = time.perf_counter() - started
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        step()
+        synchronize()
+    a2a_ms = torch.tensor([all_to_all_ms(prof, on_gpu)], device=device)
+    dist.all_reduce(a2a_ms, op=dist.ReduceOp.MAX)  # the slowest rank's
+
+    global_tokens = cfg.trainer.global_batch_size * cfg.data.seq_len
+    tokens_per_s = global_tokens * args.steps / elapsed
+    result = {
+        "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+        "world": world,
+        "tensor": layout.tensor,
+        "expert": layout.expert,
+        "data": layout.data,
+        "zero_stage": cfg.parallel.zero_stage,
+        "micro_batch": cfg.trainer.micro_batch_size,
+        "seq_len": cfg.data.seq_len,
+        "tokens_per_s": tokens_per_s,
+        "ms_per_step": 1e3 * elapsed / args.steps,
+        "tflops_per_gpu": flops_per_token(cfg.model, cfg.data.seq_len, with_mtp=cfg.model.mtp_num_layers > 0)
+        * tokens_per_s
+        / world
+        / 1e12,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
+        "moe_layers": moe_layers,
+        "a2a_ms_per_step": float(a2a_ms),
+        "a2a_ms_per_moe_layer": float(a2a_ms) / moe_layers if moe_layers else 0.0,
+    }
+    if rank == 0:
+        print(
+            f"layout tp{layout.tensor} x dp{layout.data}, ep{layout.expert} on {world} x {result['device']}: "
+            f"{tokens_per_s:,.0f} tok/s  {result['ms_per_step']:.1f} ms/step  "
+            f"{result['tflops_per_gpu']:.1f} TFLOP/s/gpu  all-to-all {result['a2a_ms_per_moe_layer']:.2f} "
+            f"ms per MoE layer a step"
+        )
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2))
+    dist.barrier()
+    dist.destroy_process_group()
