@@ -67,12 +67,26 @@ class Qwen3NextModel(nn.Module):
         return self.norm(x_btd)
 
 
+class LMHead(nn.Linear):
+    """The output projection. `cross_entropy` gives the loss sum and target count without the
+    [tokens, vocab] logits; tensor parallelism swaps in a vocabulary-parallel head with the same two
+    methods (parallel/tensor.py)."""
+
+    def __init__(self, hidden_size: int, vocab_size: int):
+        super().__init__(hidden_size, vocab_size, bias=False)
+
+    def cross_entropy(
+        self, h_nd: torch.Tensor, targets_n: torch.Tensor, ignore_index: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return linear_cross_entropy(h_nd, self.weight, targets_n, ignore_index=ignore_index)
+
+
 class Qwen3NextForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.model = Qwen3NextModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.mtp = MultiTokenPredictor(config) if config.mtp_num_layers > 0 else None
@@ -123,9 +137,7 @@ class Qwen3NextForCausalLM(nn.Module):
     def cross_entropy(
         self, h_btd: torch.Tensor, targets_bt: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return linear_cross_entropy(
-            h_btd.flatten(0, 1), self.lm_head.weight, targets_bt.flatten(), ignore_index=IGNORE_INDEX
-        )
+        return self.lm_head.cross_entropy(h_btd.flatten(0, 1), targets_bt.flatten(), IGNORE_INDEX)
 
     def check_input_ids(self, input_ids: torch.Tensor) -> None:
         """Shape and length always; the id range on CPU only: on CUDA it would cost a host sync, and

@@ -12,9 +12,10 @@ of the heads of every mixer (Megatron's layout):
 Column-parallel inputs go through `copy_to_tp` (identity forward, gradient summed over the group in
 backward) and row-parallel outputs through `reduce_from_tp` (sum forward, identity backward).
 Parameters every TP rank holds but uses on its own heads only (q/k norms, the gated norm, a
-replicated KV head) get their gradient summed over the ranks sharing them by a hook. Everything else
-(embeddings, LM head, norms of the residual stream, the MoE) is replicated and computed on identical
-inputs, so its gradients agree without communication.
+replicated KV head) get their gradient summed over the ranks sharing them by a hook. The LM head is
+split over the vocabulary (parallel/vocab.py), unless tied to the embedding. Everything else (the
+embedding, norms of the residual stream, the MoE) is replicated and computed on identical inputs, so
+its gradients agree without communication.
 
 Sharded parameters carry `tensor_model_parallel = True`, which DeepSpeed's gradient norm reads (via
 the `mpu` below) to count them on every rank, and replicated ones on the first rank only. A KV head
@@ -241,12 +242,17 @@ def shard_deltanet(mixer: GatedDeltaNet, groups: TensorParallelGroups | TensorPa
 
 
 def apply_tensor_parallel(model: nn.Module, groups: TensorParallelGroups | TensorParallelPosition) -> None:
-    """Shard every attention and DeltaNet mixer of the model (main stack and MTP) in place."""
+    """Shard every attention and DeltaNet mixer of the model (main stack and MTP) in place, and the LM
+    head over the vocabulary (parallel/vocab.py) unless it is tied to the replicated embedding."""
+    from parallel.vocab import VocabParallelLMHead
+
     for module in list(model.modules()):
         if isinstance(module, GatedAttention):
             shard_attention(module, groups)
         elif isinstance(module, GatedDeltaNet):
             shard_deltanet(module, groups)
+    if not model.config.tie_word_embeddings:
+        model.lm_head = VocabParallelLMHead(model.lm_head, groups.tp, groups.tp_rank, groups.tp_group)
 
 
 def gather_tensor_parallel(rank_states: list[dict[str, torch.Tensor]], config) -> dict[str, torch.Tensor]:

@@ -36,13 +36,14 @@ class MemoryEstimate:
 
 
 def split_parameters(c: ModelConfig) -> tuple[int, int, int]:
-    """(routed experts, tensor-parallel mixers, replicated rest), MTP included."""
+    """(routed experts, tensor-parallel mixers and LM head, replicated rest), MTP included."""
     counted = count_parameters(c)
     moe_layers = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers)) + c.mtp_num_layers
     experts = routed_expert_params(c) * moe_layers
     mixers = (
         sum(attention_params(c) if t == "full_attention" else deltanet_params(c) for t in c.layer_types)
         + attention_params(c) * c.mtp_num_layers
+        + (0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size)  # split over the vocabulary
     )
     rest = counted.total + counted.mtp - experts - mixers
     return experts, mixers, rest

@@ -3,7 +3,8 @@
 - Model level, 2 gloo ranks: the sharded model's loss is the whole model's, and every gradient
   matches it: a shard's gradient is the whole gradient's slice (`tp_shard` says which), replicated
   parameters' gradients are the whole ones. With split KV heads and with a KV head replicated over
-  the two ranks (tp > num_key_value_heads).
+  the two ranks (tp > num_key_value_heads). The LM head is split over the toy vocabulary of 97
+  (48 and 49 rows): its loss, gradient and gathered logits are the whole head's.
 - Trainer level, 4 processes: tp2 x dp2, tp4 with each of 2 KV heads kept by a pair of ranks, and
   tp2 x dp2 with AutoEP's ep2 folded onto the tensor pairs give the 1-process losses, gradient
   norms (DeepSpeed's norm counts sharded, replicated and expert parameters right) and, with the
@@ -61,16 +62,20 @@ def sharded_against_whole(rank, world, kv_heads):
             sharded_count += 1
         assert param.grad.shape == expected.shape, name
         errors[name] = ((param.grad - expected).norm() / expected.norm().clamp_min(1e-12)).item()
-    return results, errors, sharded_count
+    with torch.no_grad():  # the vocabulary-parallel head gathers whole logits
+        logits = [model(ids, position_ids=position_ids).logits for model in (whole, sharded)]
+    logits_error = ((logits[1] - logits[0]).abs().max() / logits[0].abs().max()).item()
+    return results, errors, sharded_count, logits_error
 
 
 @pytest.mark.parametrize("kv_heads", [2, 1], ids=["kv-split", "kv-replicated"])
 def test_sharded_model_computes_the_whole_models_loss_and_gradients(tmp_path, kv_heads):
-    for (whole_loss, sharded_loss), errors, sharded_count in run_on_ranks(
+    for (whole_loss, sharded_loss), errors, sharded_count, logits_error in run_on_ranks(
         sharded_against_whole, 2, tmp_path, kv_heads
     ):
         assert sharded_loss == pytest.approx(whole_loss, rel=1e-6)
         assert sharded_count > 20, "every mixer's projections, conv, A_log and dt_bias are sharded"
+        assert "lm_head.weight" in errors and logits_error < 1e-6
         worst = max(errors, key=errors.get)
         assert errors[worst] < 1e-5, f"{worst}: relative gradient error {errors[worst]:.2e}"
 
