@@ -105,6 +105,7 @@ class DocumentLayout:
         flat_idx_bt = torch.arange(batch * seq_len, device=device).view(batch, seq_len)
         # The row length bounds every segment. The exact maximum would cost a host sync, and as a
         # Python int it made compiled layers recompile whenever it changed (130 s, on an H100).
-        host_copy = cu_seqlens_n1 if cu_seqlens_n1.device.type == "cpu" else None
+        # int64 as fla wants it, made once: fla caches its chunk plan per tensor object
+        host_copy = cu_seqlens_n1.long() if cu_seqlens_n1.device.type == "cpu" else None
         segment_pos_bt = flat_idx_bt - seg_start_bt
         return cls(position_ids_bt, segment_pos_bt, segment_ids_bt, cu_seqlens_n1, seq_len, host_copy)

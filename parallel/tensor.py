@@ -271,7 +271,8 @@ def gather_tensor_parallel(rank_states: list[dict[str, torch.Tensor]], config) -
         apply_tensor_parallel(plan, TensorParallelPosition(tp, rank))
         shards = {name: p.tp_shard for name, p in plan.named_parameters() if hasattr(p, "tp_shard")}
         for name, tensor in state.items():
-            if name in shards:
+            # whole-shaped: kept whole then (an LM head saved before it was split over the vocabulary)
+            if name in shards and tensor.shape != whole_shapes[name]:
                 dim, index = shards[name]
                 target = whole.setdefault(name, tensor.new_empty(whole_shapes[name]))
                 target.index_copy_(dim, index, tensor)

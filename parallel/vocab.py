@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model.ops.cross_entropy import check_labels_in_range
+from model.ops.cross_entropy import accumulate_grad_weight, check_labels_in_range
 
 
 def vocab_rows(vocab_size: int, tp: int, tp_rank: int) -> torch.Tensor:
@@ -44,12 +44,18 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             mine_c = keep_c & (local_label_c >= 0) & (local_label_c < local_vocab)
             local_label_c = torch.where(mine_c, local_label_c, 0).long()
 
+            # a kept label that no rank holds is out of the vocabulary: on CUDA, where the caller does
+            # not range-check (a host sync), that fails here as a device-side assert
+            owners_c = _all_reduce(mine_c.int(), group)
+            owned_c = (owners_c == 1).logical_or(~keep_c)
+            torch._assert_async(owned_c.all(), "a label is outside the vocabulary")
+
             logits_cv = (h_cd @ weight_vd.T).float()
-            max_c = _all_reduce(logits_cv.amax(dim=-1), group, dist.ReduceOp.MAX)
-            exp_cv = (logits_cv - max_c[:, None]).exp_()
-            sum_exp_c = _all_reduce(exp_cv.sum(dim=-1), group)
             target_c = torch.where(mine_c, logits_cv.gather(1, local_label_c[:, None]).squeeze(1), 0.0)
             target_c = _all_reduce(target_c, group)
+            max_c = _all_reduce(logits_cv.amax(dim=-1), group, dist.ReduceOp.MAX)
+            exp_cv = logits_cv.sub_(max_c[:, None]).exp_()  # in place: one [c, v] fp32 buffer a chunk
+            sum_exp_c = _all_reduce(exp_cv.sum(dim=-1), group)
             lse_c = max_c + sum_exp_c.log()
             loss_sum += torch.where(keep_c, lse_c - target_c, 0.0).sum()
 
@@ -57,7 +63,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             grad_cv.scatter_add_(1, local_label_c[:, None], -mine_c.float()[:, None])
             grad_cv = grad_cv.to(h_cd.dtype)
             grad_h_nd[rows] = grad_cv @ weight_vd
-            grad_w_vd.add_(grad_cv.T @ h_cd)
+            grad_w_vd = accumulate_grad_weight(grad_w_vd, grad_cv, h_cd)
         _all_reduce(grad_h_nd, group)  # each rank's part covers its vocabulary rows only
         ctx.save_for_backward(grad_h_nd.to(h_nd.dtype), grad_w_vd.to(weight_vd.dtype))
         return loss_sum
@@ -84,7 +90,7 @@ class VocabParallelLMHead(nn.Module):
         self, h_nd: torch.Tensor, targets_n: torch.Tensor, ignore_index: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         targets_n = targets_n.reshape(-1)
-        if not targets_n.is_cuda:  # as model/ops/cross_entropy.py: a host sync on CUDA
+        if not targets_n.is_cuda:  # on CUDA a host sync: the kernel asserts instead
             check_labels_in_range(targets_n, self.vocab_size, ignore_index)
         loss_sum = _VocabParallelLinearCrossEntropy.apply(
             h_nd, self.weight, targets_n, ignore_index, self.chunk_size, self.vocab_start, self.group

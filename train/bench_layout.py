@@ -4,11 +4,13 @@
     torchrun --nproc_per_node 2 launch/bench.py layout --preset small --expert 1   # ep1 x dp2
 
 The engine is built as the trainer builds it (`build_engine`: DeepSpeed, ZeRO, AutoEP, tensor
-parallel), with the same objective, on fixed random single-document rows that differ between data-
-parallel ranks. No data loader and no checkpoints: this is the raw step of the layout. Reported on
-rank 0: tokens/s over the world, ms per step, TFLOP/s per GPU, peak memory, and from a profiled step
-the all-to-all time per MoE layer (forward and backward dispatch and combine together). On CPU the
-processes talk over gloo, which makes the numbers a functional check only.
+parallel, the preset's activation checkpointing), with the same objective, on fixed random
+single-document rows that differ between data-parallel ranks (packed on GPUs, as the trainer
+passes them). The aux-loss-free expert biases are left out. No data loader and no checkpoints:
+this is the raw step of the layout. Reported on rank 0: tokens/s over the world, ms per step,
+TFLOP/s per GPU, peak memory, and from a profiled step the all-to-all time per MoE layer (forward
+and backward dispatch and combine together). On CPU the processes talk over gloo, which makes the
+numbers a functional check only.
 """
 
 from __future__ import annotations
@@ -67,14 +69,16 @@ def compose_config(args: argparse.Namespace, world: int):
         return OmegaConf.to_object(compose("pretrain", overrides))
 
 
-def random_batch(cfg, dp_rank: int, device: torch.device) -> dict:
-    """Rows of random tokens, the same on the ranks of a tensor-parallel group."""
+def random_batch(cfg, dp_rank: int, packed: bool) -> dict:
+    """Rows of random tokens, the same on the ranks of a tensor-parallel group; one document a row,
+    in the packed form when the trainer would use it (on GPUs)."""
     from model.documents import DocumentLayout
 
     gen = torch.Generator().manual_seed(1000 + dp_rank)
     rows, seq = cfg.trainer.micro_batch_size, cfg.data.seq_len
     ids = torch.randint(0, cfg.model.vocab_size, (rows, seq + 1), generator=gen)
-    layout = DocumentLayout.from_position_ids(None, rows, seq, torch.device("cpu"))
+    positions = torch.arange(seq).expand(rows, seq)
+    layout = DocumentLayout.from_position_ids(positions, rows, seq, torch.device("cpu"), always_packed=packed)
     return {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "documents": layout}
 
 
@@ -115,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     init_weights(model, cfg.model, seed=0)
     if tp_groups is not None:
         apply_tensor_parallel(model, tp_groups)
+    model.model.activation_checkpointing = cfg.trainer.activation_checkpointing
     model.to(device)
     if on_gpu and cfg.trainer.compile:
         model.compile_layers()
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         z_coef=cfg.loss.z_coef,
         group=dp_group,
     )
-    host_batch = random_batch(cfg, rank // layout.tensor, device)
+    host_batch = random_batch(cfg, rank // layout.tensor, packed=on_gpu)
     batch = {
         "input_ids": host_batch["input_ids"].to(device),
         "labels": host_batch["labels"].to(device),

@@ -164,13 +164,11 @@ def validate_layout(cfg: PretrainConfig, world: int) -> Layout:
             "its experts onto the tensor-parallel ranks, and at expert 1 each would compute every token",
         ),
         (
-            p.tensor == 1
-            or p.expert == 1
-            or m.num_key_value_heads % p.tensor == 0
-            or m.num_key_value_heads == 1,
+            p.tensor == 1 or p.expert == 1 or m.num_key_value_heads % p.tensor == 0,
             f"parallel.tensor={p.tensor} with parallel.expert={p.expert} needs model.num_key_value_heads "
-            f"({m.num_key_value_heads}) divisible by parallel.tensor, or a single KV head: AutoEP's folding "
-            "averages replicated gradients over the whole tensor group, mixing KV heads kept by part of it",
+            f"({m.num_key_value_heads}) divisible by parallel.tensor: AutoEP's folding reduces every "
+            "parameter not sharded on all tensor ranks over the whole group, which a KV head kept by "
+            "several ranks (marked sharded on the first of them only) cannot follow",
         ),
         (
             p.tensor == 1 or p.zero_stage >= 1,

@@ -1,7 +1,7 @@
 """Causal softmax attention with grouped KV heads and optional document masking.
 
 Unpacked batches take SDPA's `is_causal` fast path (flash / efficient kernels on GPU). Packed batches
-keep every document to itself:
+(on the GPU the training loop passes even single-document rows packed) keep every document to itself:
 - on CUDA in bf16/fp16, torch's variable-length flash attention over the documents (`cu_seqlens`),
   which computes only the blocks inside documents (on an H100 a step on rows of 8 packed documents
   ran as fast as one on single-document rows; `QWEN3NEXT_VARLEN=0` turns it off);

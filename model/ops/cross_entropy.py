@@ -157,7 +157,7 @@ def _chunk_loss_and_grad(
 _ADDMM_OUT_DTYPE = True  # cleared if this torch lacks addmm(out_dtype=) on CUDA
 
 
-def _accumulate_grad_weight(
+def accumulate_grad_weight(
     grad_w_vd: torch.Tensor, grad_cv: torch.Tensor, h_cd: torch.Tensor
 ) -> torch.Tensor:
     """grad_w += grad^T h, accumulated in fp32. On CUDA the GEMM writes fp32 itself (addmm with
@@ -199,7 +199,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if want_grad_h:
                 grad_h_nd[rows] = grad_cv @ weight_vd
             if want_grad_w:
-                grad_w_vd = _accumulate_grad_weight(grad_w_vd, grad_cv, h_cd)
+                grad_w_vd = accumulate_grad_weight(grad_w_vd, grad_cv, h_cd)
         grad_w_vd = grad_w_vd.to(weight_vd.dtype) if want_grad_w else None
         ctx.save_for_backward(grad_h_nd, grad_w_vd)
         return loss_sum

@@ -91,8 +91,12 @@ def test_80b_a3b_without_gpus_stops_at_once_saying_what_it_needs():
             ["parallel.tensor=4", "parallel.expert=2", "model.linear_num_key_heads=4"],
             "model.num_key_value_heads (2) divisible by parallel.tensor",
         ),
+        (
+            ["parallel.tensor=2", "parallel.expert=2", "model.num_key_value_heads=1"],
+            "model.num_key_value_heads (1) divisible by parallel.tensor",
+        ),
     ],
-    ids=["autoep-at-expert-1", "kv-heads-split-under-folding"],
+    ids=["autoep-at-expert-1", "kv-heads-split-under-folding", "one-kv-head-under-folding"],
 )
 def test_tensor_with_expert_parallel_refuses_what_folding_cannot_do(overrides, named):
     result = pretrain("conf=tiny", "trainer.dry_run=true", "trainer.dry_run_world_size=4", *overrides)
