@@ -116,6 +116,11 @@ class Qwen3NextForCausalLM(nn.Module):
         batch, seq_len = input_ids.shape
         if documents is not None and position_ids is not None:
             raise ValueError("pass position_ids or documents (which holds them), not both")
+        if documents is not None and documents.position_ids_bt.shape != input_ids.shape:
+            raise ValueError(
+                f"documents describe a batch of shape {tuple(documents.position_ids_bt.shape)}, "
+                f"input_ids has {tuple(input_ids.shape)}"
+            )
         layout = documents or DocumentLayout.from_position_ids(position_ids, batch, seq_len, input_ids.device)
         embeds_btd = self.model.embed_tokens(input_ids)
         rope = self.model.rotary_emb(layout.position_ids_bt, embeds_btd.dtype)

@@ -141,3 +141,26 @@ def test_tp2_dp2_with_ep2_trains_like_one_process(tmp_path):
     assert (
         result.returncode != 0 and "resume with the layout it was saved with" in result.stderr + result.stdout
     )
+
+
+def test_joining_shards_keeps_a_whole_saved_lm_head_whole():
+    """A checkpoint from before the head was split over the vocabulary holds it whole on every
+    tensor rank: the join takes it as it is, the split tensors as before."""
+    from model.init import init_weights
+    from model.qwen3_next import Qwen3NextForCausalLM
+    from parallel.tensor import TensorParallelPosition, apply_tensor_parallel, gather_tensor_parallel
+
+    config = tiny_config()
+    whole = Qwen3NextForCausalLM(config)
+    init_weights(whole, config, seed=0)
+    rank_states = []
+    for rank in range(2):
+        sharded = Qwen3NextForCausalLM(config)
+        sharded.load_state_dict(whole.state_dict())
+        apply_tensor_parallel(sharded, TensorParallelPosition(2, rank))
+        state = sharded.state_dict()
+        state["lm_head.weight"] = whole.lm_head.weight.detach().clone()  # saved whole
+        rank_states.append(state)
+    joined = gather_tensor_parallel(rank_states, config)
+    for name, value in whole.state_dict().items():
+        torch.testing.assert_close(joined[name], value, rtol=0, atol=0, msg=name)

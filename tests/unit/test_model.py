@@ -121,12 +121,14 @@ def test_always_packed_layout_computes_the_unpacked_model():
     torch.testing.assert_close(losses(packed), losses(plain), rtol=1e-5, atol=1e-5)
 
 
-def test_position_ids_and_documents_together_are_refused():
+def test_documents_must_come_alone_and_fit_the_batch():
     model = build()
     ids, labels, pos = pack(random_documents(), row_len=80)
     layout = DocumentLayout.from_position_ids(pos, *ids.shape, ids.device)
     with pytest.raises(ValueError, match="not both"):
         model(ids, position_ids=pos, labels=labels, documents=layout)
+    with pytest.raises(ValueError, match="documents describe a batch of shape"):
+        model(ids[:1], labels=labels[:1], documents=layout)
 
 
 def test_row_starting_mid_document_is_one_fresh_segment():
