@@ -181,6 +181,12 @@ def sum_gradient_over(param: nn.Parameter, group) -> None:
     param.register_hook(hook)
 
 
+def rank_slice(count: int, tp: int, tp_rank: int) -> torch.Tensor:
+    """The indices [r * count // tp, (r + 1) * count // tp) a TP rank keeps of `count` heads or rows
+    (slices differ by one at most when tp does not divide count)."""
+    return torch.arange(tp_rank * count // tp, (tp_rank + 1) * count // tp)
+
+
 def head_rows(head: torch.Tensor, rows_per_head: int) -> torch.Tensor:
     return (head[:, None] * rows_per_head + torch.arange(rows_per_head)).flatten()
 
@@ -188,9 +194,9 @@ def head_rows(head: torch.Tensor, rows_per_head: int) -> torch.Tensor:
 def shard_attention(attn: GatedAttention, groups: TensorParallelGroups | TensorParallelPosition) -> None:
     tp, r = groups.tp, groups.tp_rank
     heads, kv_heads, hd = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    local_heads = torch.arange(r * heads // tp, (r + 1) * heads // tp)
+    local_heads = rank_slice(heads, tp, r)
     if kv_heads >= tp:
-        local_kv = torch.arange(r * kv_heads // tp, (r + 1) * kv_heads // tp)
+        local_kv = rank_slice(kv_heads, tp, r)
     else:  # each rank's query heads read one KV head, kept whole by tp / kv_heads ranks
         local_kv = torch.tensor([local_heads[0].item() // (heads // kv_heads)])
     attn.q_proj = ColumnParallelLinear(attn.q_proj, head_rows(local_heads, 2 * hd), groups.tp_group)
@@ -213,7 +219,7 @@ def shard_attention(attn: GatedAttention, groups: TensorParallelGroups | TensorP
 def shard_deltanet(mixer: GatedDeltaNet, groups: TensorParallelGroups | TensorParallelPosition) -> None:
     tp, r = groups.tp, groups.tp_rank
     dk, dv, g = mixer.head_k_dim, mixer.head_v_dim, mixer.v_per_k
-    local_k = torch.arange(r * mixer.num_k_heads // tp, (r + 1) * mixer.num_k_heads // tp)
+    local_k = rank_slice(mixer.num_k_heads, tp, r)
     local_v = head_rows(local_k, g)  # value heads are grouped under their key head
     mixer.in_proj_qkvz = ColumnParallelLinear(
         mixer.in_proj_qkvz, head_rows(local_k, 2 * dk + 2 * g * dv), groups.tp_group

@@ -16,10 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from model.ops.cross_entropy import accumulate_grad_weight, check_labels_in_range
-
-
-def vocab_rows(vocab_size: int, tp: int, tp_rank: int) -> torch.Tensor:
-    return torch.arange(tp_rank * vocab_size // tp, (tp_rank + 1) * vocab_size // tp)
+from parallel.tensor import rank_slice, sharded_parameter
 
 
 def _all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -78,11 +75,9 @@ class VocabParallelLMHead(nn.Module):
     """This rank's rows of the LM head: the loss over the whole vocabulary, and whole logits."""
 
     def __init__(self, full: nn.Linear, tp: int, tp_rank: int, group, chunk_size: int = 2048):
-        from parallel.tensor import sharded_parameter
-
         super().__init__()
         self.vocab_size = full.weight.shape[0]
-        rows = vocab_rows(self.vocab_size, tp, tp_rank)
+        rows = rank_slice(self.vocab_size, tp, tp_rank)
         self.weight = sharded_parameter(full.weight, 0, rows)
         self.vocab_start, self.tp, self.group, self.chunk_size = int(rows[0]), tp, group, chunk_size
 
@@ -104,5 +99,5 @@ class VocabParallelLMHead(nn.Module):
         padded = nn.functional.pad(local_btv, (0, width - local_btv.shape[-1]))
         pieces = [torch.empty_like(padded) for _ in range(self.tp)]
         dist.all_gather(pieces, padded.contiguous(), group=self.group)
-        sizes = [len(vocab_rows(self.vocab_size, self.tp, r)) for r in range(self.tp)]
+        sizes = [len(rank_slice(self.vocab_size, self.tp, r)) for r in range(self.tp)]
         return torch.cat([piece[..., :size] for piece, size in zip(pieces, sizes, strict=True)], dim=-1)

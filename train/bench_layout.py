@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     from parallel.expert import attach_after_initialize, autoep_layers
     from parallel.tensor import TensorParallelGroups, apply_tensor_parallel
     from train.config import validate_layout
-    from train.losses import TrainingObjective, global_target_counts
-    from train.trainer import build_engine, setup_distributed
+    from train.losses import global_target_counts
+    from train.trainer import build_engine, setup_distributed, training_objective
 
     device, on_gpu = setup_distributed()
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -128,14 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     if autoep:
         attach_after_initialize(engine.module, selection_bias=False)
     dp_group = tp_groups.dp_group if tp_groups else None
-    objective = TrainingObjective(
-        cfg.model.num_experts,
-        cfg.model.num_experts_per_tok,
-        mtp_weight=cfg.loss.mtp_weight,
-        lb_coef=cfg.loss.lb_coef,
-        z_coef=cfg.loss.z_coef,
-        group=dp_group,
-    )
+    objective = training_objective(cfg, dp_group)
     host_batch = random_batch(cfg, rank // layout.tensor, packed=on_gpu)
     batch = {
         "input_ids": host_batch["input_ids"].to(device),

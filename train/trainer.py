@@ -227,6 +227,22 @@ def build_engine(
     return engine
 
 
+def training_objective(
+    cfg: PretrainConfig, dp_group, selection_biases: list[torch.Tensor] | None = None
+) -> TrainingObjective:
+    """The step's objective from `loss.*`, its global sums over `dp_group` (the ranks holding
+    different tokens)."""
+    return TrainingObjective(
+        cfg.model.num_experts,
+        cfg.model.num_experts_per_tok,
+        mtp_weight=cfg.loss.mtp_weight,
+        lb_coef=cfg.loss.lb_coef,
+        z_coef=cfg.loss.z_coef,
+        selection_biases=selection_biases,
+        group=dp_group,
+    )
+
+
 def setup_distributed() -> tuple[torch.device, bool]:
     """torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU; a world of one without
     torchrun), this rank's device, and whether it is a GPU."""
@@ -303,15 +319,7 @@ class Trainer:
             verify_sha256=cfg.data.verify_sha256,
         )
         self.expert_biases = self._expert_biases()
-        self.objective = TrainingObjective(
-            cfg.model.num_experts,
-            cfg.model.num_experts_per_tok,
-            mtp_weight=cfg.loss.mtp_weight,
-            lb_coef=cfg.loss.lb_coef,
-            z_coef=cfg.loss.z_coef,
-            selection_biases=self.expert_biases,
-            group=self.dp_group,
-        )
+        self.objective = training_objective(cfg, self.dp_group, self.expert_biases)
         self.mtp_depths = cfg.model.mtp_num_layers
         self.step = 0
         self.tokens_seen = 0
