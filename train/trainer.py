@@ -65,6 +65,7 @@ from train.config import Layout, PretrainConfig
 from train.losses import TrainingObjective, global_target_counts, update_expert_biases
 from train.monitor import RunMonitor
 from train.optim import lr_at, param_groups, without_names
+from train.precision import bf16_settings, finish_bf16_setup
 
 
 class BadStepsError(RuntimeError):
@@ -126,10 +127,7 @@ def deepspeed_config(
         "gradient_accumulation_steps": layout.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
-        "bf16": {"enabled": on_gpu},
-        # bf16 parameters, fp32 master weights and fp32 gradient accumulation over the micro-batches
-        # (DeepSpeed supports the latter with ZeRO 1-2; with ZeRO off it accumulates in bf16)
-        **({"data_types": {"grad_accum_dtype": "fp32"}} if on_gpu and cfg.parallel.zero_stage > 0 else {}),
+        **bf16_settings(on_gpu, cfg.parallel.zero_stage),
         **({"expert_parallel": autoep_config(layout.expert)} if autoep else {}),
         "zero_allow_untested_optimizer": True,  # torch's AdamW under ZeRO
         "steps_per_print": 2**31 - 1,  # the trainer prints its own line
@@ -224,6 +222,7 @@ def build_engine(
     )
     if folded:
         after_folded_initialize(engine.module, layout.tensor)
+    finish_bf16_setup(engine, layout.world)
     return engine
 
 
