@@ -13,6 +13,22 @@ from dataclasses import dataclass
 import torch
 
 
+def copy_to_device(x: torch.Tensor | None, device: torch.device | str) -> torch.Tensor | None:
+    """`x` on `device` without stalling the host: a copy to a GPU goes through page-locked memory.
+
+    From ordinary (pageable) memory CUDA first waits for all the GPU's queued work before copying, so
+    each batch tensor moved that way drained the queue: the host then launched the next forward
+    from an empty queue while the GPU waited (up to 34 ms a micro-batch on an H100)."""
+    if x is None:
+        return None
+    device = torch.device(device)
+    if device.type == "cuda" and x.device.type == "cpu":
+        # from torch's cache of pinned blocks, reused once the copy is done (an expanded view, such as
+        # shared positions, is made whole first: pinning cannot copy into overlapping elements)
+        x = x.contiguous().pin_memory()
+    return x.to(device, non_blocking=True)
+
+
 @dataclass
 class DocumentLayout:
     """Legend: b = batch row, t = position in the row, n = segments (documents pieces) in the batch."""
@@ -52,14 +68,11 @@ class DocumentLayout:
         The training loop derives each batch's layout on the CPU and moves it: deriving it on the
         GPU costs host syncs (segment count, start offsets), and each one drains the GPU's queue."""
 
-        def move(x: torch.Tensor | None) -> torch.Tensor | None:
-            return None if x is None else x.to(device, non_blocking=True)
-
         return DocumentLayout(
-            move(self.position_ids_bt),
-            move(self.segment_pos_bt),
-            move(self.segment_ids_bt),
-            move(self.cu_seqlens_n1),
+            copy_to_device(self.position_ids_bt, device),
+            copy_to_device(self.segment_pos_bt, device),
+            copy_to_device(self.segment_ids_bt, device),
+            copy_to_device(self.cu_seqlens_n1, device),
             self.max_seqlen,
             self.cu_seqlens_host_n1,
         )
