@@ -14,6 +14,13 @@ holds each step once; a fresh start (N = 0) moves an old file aside to `metrics.
 
 `elapsed_s`, when the trainer gives it, is seconds since some fixed start (cumulative); the ETA uses
 its differences over the recent steps, otherwise the wall-clock time between calls.
+
+The plots (train/plots.py) render in one spawned worker process: a refresh takes about as long as an
+H100 training step, so drawn in the training loop every plot_every steps it cost ~10% of throughput. A
+refresh hands the worker a copy of the history and never waits; while the worker is still busy,
+refreshes are skipped. close() waits for it (a bounded time) and draws the final plots, so they are
+current when it returns. Where no worker can run (it fails to start, or dies), plots are drawn in
+this process as before.
 """
 
 from __future__ import annotations
@@ -21,12 +28,19 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import multiprocessing
+import multiprocessing.connection
 import os
 import secrets
+import signal
 import string
+import threading
 import time
+from array import array
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import BrokenExecutor, Future, ProcessPoolExecutor
+from concurrent.futures import wait as futures_wait
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,20 +48,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from data.shards import write_atomically
+from train.plots import EXPERT_LOAD_PLOT, PlotJob, render_plots
+from train.plots import LOSS_PLOT as LOSS_PLOT  # the run directory's file names are importable here
 
 if TYPE_CHECKING:
     import torch
-    from matplotlib.figure import Figure
 
 METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "train.log"
 WANDB_ID_FILE = "wandb_id.txt"
-LOSS_PLOT = "loss.png"
-EXPERT_LOAD_PLOT = "expert_load.png"
 WANDB_MODES = ("auto", "offline", "online", "disabled")
 ETA_WINDOW = 20  # steps whose mean duration predicts the rest: recent enough to forget compile time
-MAX_PLOT_POINTS = 2000  # per curve; plotting 100k raw points takes seconds and shows nothing more
 PLOTTED = ("loss", "lm_loss", "mtp_loss", "lb_loss", "z_loss", "lr")
+PLOT_WAIT_S = 120.0  # the longest close() waits for one render (about a second normally) before giving up
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,103 +199,6 @@ class StepClock:
 
 
 # ---------------------------------------------------------------------------------------------
-# Plots
-
-
-def as_float_array(counts: torch.Tensor | np.ndarray) -> np.ndarray:
-    if hasattr(counts, "detach"):
-        counts = counts.detach().cpu().numpy()
-    return np.asarray(counts, dtype=np.float64)
-
-
-def relative_expert_load(counts: np.ndarray) -> np.ndarray:
-    """count / mean count of its layer (1 = uniform); a layer that routed nothing is all 0."""
-    counts = np.asarray(counts, dtype=np.float64)
-    mean = counts.mean(axis=1, keepdims=True)
-    return np.divide(counts, mean, out=np.zeros_like(counts), where=mean > 0)
-
-
-def save_figure_atomically(fig: Figure, path: Path) -> None:
-    """Render to a temp file in the same directory, then rename, so a viewer never sees half a PNG."""
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    try:
-        # light compression: the default zlib level is most of the time spent on a refresh
-        fig.savefig(tmp, format="png", dpi=100, pil_kwargs={"compress_level": 1})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def finite_series(
-    history: dict[str, list[tuple[int, float]]], key: str, max_points: int = MAX_PLOT_POINTS
-) -> tuple[np.ndarray, np.ndarray]:
-    """The finite points of a series; a long one as bucket means, so a refresh stays cheap on a long run."""
-    points = np.array(history.get(key, []), dtype=np.float64).reshape(-1, 2)
-    points = points[np.isfinite(points[:, 1])]
-    if len(points) > max_points:
-        points = np.stack([chunk.mean(axis=0) for chunk in np.array_split(points, max_points)])
-    return points[:, 0], points[:, 1]
-
-
-def plot_losses(history: dict[str, list[tuple[int, float]]], path: Path) -> None:
-    """Losses on top, the auxiliary losses (load balance, z) in the middle, the LR below; NaN
-    points skipped (a line through them would vanish)."""
-    # Figure without pyplot: Agg rendering, no global figure registry to leak, no backend switch
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 8), layout="constrained")
-    top, middle, bottom = fig.subplots(3, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1.5, 1]})
-    for key, style in (("loss", "-"), ("lm_loss", "-"), ("mtp_loss", "--")):
-        steps, values = finite_series(history, key)
-        if len(steps):
-            top.plot(steps, values, style, label=key, linewidth=1)
-    top.set_ylabel("loss")
-    top.set_title("training loss")
-    for key in ("lb_loss", "z_loss"):
-        steps, values = finite_series(history, key)
-        if len(steps) and values.any():  # z_loss is all zeros when its coefficient is 0
-            middle.plot(steps, values, label=key, linewidth=1)
-    middle.set_ylabel("aux loss")
-    steps, values = finite_series(history, "lr")
-    bottom.plot(steps, values, color="tab:gray", linewidth=1)
-    bottom.set_ylabel("lr")
-    bottom.set_xlabel("step")
-    bottom.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    for ax in (top, middle):
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="upper right", fontsize="small")
-    for ax in (top, middle, bottom):
-        ax.grid(alpha=0.3)
-    save_figure_atomically(fig, path)
-
-
-def plot_expert_load(counts: np.ndarray, first_step: int, last_step: int, path: Path) -> None:
-    """Heatmap of count / layer mean (rows = layers, columns = experts), white = uniform load."""
-    from matplotlib.colors import TwoSlopeNorm
-    from matplotlib.figure import Figure
-
-    load = relative_expert_load(counts)
-    layers, experts = load.shape
-    row_max = load.max(axis=1)
-    worst = int(row_max.argmax())
-    fig = Figure(figsize=(min(4 + experts * 0.1, 16), min(2.5 + layers * 0.25, 10)), layout="constrained")
-    ax = fig.subplots()
-    # Diverging around 1: over-loaded experts red, starved ones blue
-    norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max(2.0, float(load.max())))
-    image = ax.imshow(load, aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest")
-    fig.colorbar(image, ax=ax, label="tokens / layer mean")
-    ax.set_xlabel("expert")
-    ax.set_ylabel("layer")
-    steps = f"step {last_step}" if first_step == last_step else f"steps {first_step}-{last_step}"
-    ax.set_title(
-        f"expert load, {steps}: max/mean {row_max.mean():.2f} (mean over layers), "
-        f"worst {row_max[worst]:.2f} (layer {worst})",
-        fontsize="medium",
-    )
-    save_figure_atomically(fig, path)
-
-
-# ---------------------------------------------------------------------------------------------
 # Weights & Biases
 
 
@@ -311,10 +227,63 @@ def wandb_scalars(metrics: dict[str, Any]) -> dict[str, float | int]:
 
 
 # ---------------------------------------------------------------------------------------------
+# The plot worker
+
+PlotRenderer = Callable[[PlotJob], dict[str, str]]  # a job -> {plot: error} of the plots that failed
+
+
+def start_plot_worker() -> ProcessPoolExecutor:
+    """The one process that renders plots. Spawned, not forked: a fork of the training process would
+    inherit its CUDA context and its threads' locks in whatever state they were in. Like any spawned
+    process it imports the main script again, which must keep its work under `if __name__ ==
+    "__main__"` (launch/pretrain.py does)."""
+    context = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=plot_worker_setup)
+
+
+def plot_worker_setup() -> None:
+    """In the worker: leave stop signals to the training process, and die with it.
+
+    Ctrl-C and srun's SIGTERM reach every process of the group; the trainer finishes its step, saves and
+    closes the monitor, which stops the worker after the final plots; a worker killed first would
+    leave them undrawn. The training process can also end without closing (kill -9, out of memory):
+    the worker then exits instead of lingering idle forever."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=exit_when_ready, args=(parent.sentinel,), daemon=True).start()
+
+
+def exit_when_ready(sentinel: int) -> None:
+    multiprocessing.connection.wait([sentinel])
+    os._exit(0)
+
+
+def stop_plot_worker(pool: ProcessPoolExecutor) -> None:
+    """Shut the pool down without waiting on a stuck render. Its process is killed (it ignores
+    SIGTERM), since the interpreter's exit would otherwise join it forever; Python < 3.14 has no
+    public call for that, hence the private attribute."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def as_float_array(counts: torch.Tensor | np.ndarray) -> np.ndarray:
+    if hasattr(counts, "detach"):
+        counts = counts.detach().cpu().numpy()
+    return np.asarray(counts, dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 class RunMonitor:
-    """Console, train.log, metrics.jsonl, plots and W&B of one run; a no-op off the main rank."""
+    """Console, train.log, metrics.jsonl, plots and W&B of one run; a no-op off the main rank.
+
+    `plot_renderer` draws a `PlotJob` (default `train.plots.render_plots`). It runs in the worker
+    process, so it must be a module-level function (it is pickled by name); tests pass slow or failing
+    ones."""
 
     def __init__(
         self,
@@ -330,6 +299,7 @@ class RunMonitor:
         plot_every: int = 10,
         log_every: int = 1,
         resume_step: int = 0,
+        plot_renderer: PlotRenderer | None = None,
     ):
         self.active = is_main
         self.closed = False
@@ -339,13 +309,24 @@ class RunMonitor:
         self.total_steps = total_steps
         self.plot_every = plot_every
         self.log_every = max(log_every, 1)
-        self.history: dict[str, list[tuple[int, float]]] = {key: [] for key in PLOTTED}
+        self.last_step: int | None = None
+        # (step, value) pairs flattened into typed arrays: a plot job's copy is a memcpy, where pickling
+        # lists of 100k tuples took ~20 ms a metric, in the training process
+        self.history: dict[str, array] = {key: array("d") for key in PLOTTED}
         self.clock = StepClock()
         # the last plot_every steps' routed tokens, summed for the heatmap
         self.recent_expert_tokens: deque[tuple[int, np.ndarray]] = deque(maxlen=max(plot_every, 1))
         self.warned: set[str] = set()
         self.wandb = None
         self.wandb_run = None
+
+        # Plots render in one background process, started at the first refresh (see _refresh_plots)
+        self.render = plot_renderer or render_plots
+        self.plot_pool: ProcessPoolExecutor | None = None
+        self.plot_job: tuple[Future, PlotJob] | None = None  # submitted, its result not yet taken in
+        self.plots_in_process = False  # the worker failed: render here, stalling the step
+        self.plotted_step: int | None = None  # the step the plots on disk show (all drawn without error)
+        self.heatmap_for_wandb = False  # a new expert_load.png that W&B has not had yet
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log_file = open(self.run_dir / LOG_FILE, "a", buffering=1)  # noqa: SIM115 (kept open)
@@ -360,12 +341,13 @@ class RunMonitor:
 
     def log_step(self, metrics: dict[str, float | int], expert_tokens: torch.Tensor | None = None) -> None:
         """Record one optimizer step: metrics.jsonl line, history, console every log_every steps,
-        plots every plot_every steps, W&B."""
+        plots every plot_every steps (handed to the worker: this never waits for a render), W&B."""
         if not self.active:
             return
         if self.closed:
             raise RuntimeError("RunMonitor.log_step after close()")
         step = int(metrics["step"])
+        self.last_step = step
         self.metrics_file.write(metrics_line(metrics) + "\n")
         self.metrics_file.flush()
         self._remember(metrics)
@@ -378,11 +360,11 @@ class RunMonitor:
             eta = self.clock.eta(step, self.total_steps)
             self.message(console_line(metrics, self.total_steps, eta, moe=expert_tokens is not None))
 
-        plotted = self.plot_every > 0 and step % self.plot_every == 0
-        if plotted:
+        self._collect_plots()
+        if self.plot_every > 0 and step % self.plot_every == 0:
             self._refresh_plots()
         if self.wandb_run is not None:
-            self._log_wandb(step, metrics, with_heatmap=plotted)
+            self._log_wandb(step, metrics)
 
     def message(self, text: str) -> None:
         """A line on the console (main rank only), also kept in run_dir/train.log."""
@@ -393,7 +375,7 @@ class RunMonitor:
             self._write_log(text)
 
     def close(self) -> None:
-        """Final plots, W&B finish, files closed; safe to call twice."""
+        """Final plots (current when this returns), W&B finish, files closed; safe to call twice."""
         self._close(exit_code=0)
 
     def __enter__(self) -> RunMonitor:
@@ -408,9 +390,12 @@ class RunMonitor:
         if not self.active or self.closed:
             return
         try:
-            self._refresh_plots()
+            self._final_plots()
+            if self.wandb_run is not None and self.heatmap_for_wandb and self.last_step is not None:
+                self._log_wandb(self.last_step, {})  # the final heatmap, with the last step's metrics
         finally:
             self.closed = True
+            self._shut_plot_worker(kill=self.plot_job is not None)  # a job left only if close was cut short
             if self.wandb_run is not None:
                 with self._guard("wandb.finish"):
                     self.wandb_run.finish(exit_code=exit_code)
@@ -443,27 +428,148 @@ class RunMonitor:
             value = metrics.get(key)
             value = value.item() if hasattr(value, "item") else value
             if isinstance(value, int | float):
-                self.history[key].append((step, float(value)))
+                self.history[key].extend((step, float(value)))
+
+    # -- plots --------------------------------------------------------------------------------
+    # One job at a time goes to the worker; its result (warnings, a new heatmap for W&B) is taken in
+    # by the first log_step after it finished, or by close(). A render costs about a training step on
+    # an H100 and matplotlib holds the GIL throughout, hence a process rather than a thread.
+
+    def _plot_job(self) -> PlotJob | None:
+        """The plots as of now, as plain arrays; None when there is nothing to plot."""
+        if not self.history["loss"] and not self.recent_expert_tokens:
+            return None
+        # the last step logged, or before any (a resumed run closed at once) the last one loaded
+        step = self.last_step if self.last_step is not None else int(self.history["loss"][-2])
+        series = {key: np.array(flat, dtype=np.float64).reshape(-1, 2) for key, flat in self.history.items()}
+        run_dir = str(self.run_dir.absolute())  # the worker's working directory is the one at its start
+        if not self.recent_expert_tokens:
+            return PlotJob(run_dir, step, series)
+        steps = [s for s, _ in self.recent_expert_tokens]
+        counts = sum(c for _, c in self.recent_expert_tokens)
+        return PlotJob(run_dir, step, series, counts, (steps[0], steps[-1]))
 
     def _refresh_plots(self) -> None:
+        """Hand the current plots to the worker, unless it is still busy with earlier ones: then this
+        refresh is skipped, and the next one draws everything (the history is cumulative)."""
+        if self.plot_job is not None:
+            return
+        job = self._plot_job()
+        if job is None:
+            return
+        if self.plots_in_process:
+            self._render_here(job)
+        else:
+            self._submit(job)
+
+    def _submit(self, job: PlotJob) -> None:
+        try:
+            if self.plot_pool is None:
+                self.plot_pool = start_plot_worker()
+            self.plot_job = (self.plot_pool.submit(self.render, job), job)
+        except Exception as e:  # no worker here (no sem_open, a process limit, a broken pool): draw here
+            self._lose_plot_worker(e)
+            self._render_here(job)
+
+    def _collect_plots(self) -> None:
+        """Take in the result of a finished job; never waits."""
+        if self.plot_job is not None and self.plot_job[0].done():
+            self._take_result()
+
+    def _wait_for_plots(self) -> bool:
+        """Wait (at most PLOT_WAIT_S) for the running job and take in its result; False if it did not
+        finish, and the stuck worker was stopped."""
+        if self.plot_job is None:
+            return True
+        done, _ = futures_wait([self.plot_job[0]], timeout=PLOT_WAIT_S)
+        if not done:
+            self.plot_job = None
+            self._shut_plot_worker(kill=True)
+            self._warn_once(
+                "plot worker",
+                f"the plot worker was still busy after {PLOT_WAIT_S:g} s and was stopped; the plots may "
+                "be stale",
+            )
+            return False
+        self._take_result()
+        return True
+
+    def _take_result(self) -> None:
+        assert self.plot_job is not None
+        future, job = self.plot_job
+        self.plot_job = None
+        try:
+            failures = future.result()
+        except BrokenExecutor as e:  # the worker died (killed, out of memory, failed to start)
+            self._lose_plot_worker(e)
+            self._render_here(job)
+            return
+        except Exception as e:  # the renderer itself raised
+            failures = {"plot rendering": f"{type(e).__name__}: {e}"}
+        self._plots_done(job, failures)
+
+    def _render_here(self, job: PlotJob) -> None:
+        """Render in the training process: the fallback without a worker, and close()'s final plots
+        when no worker was ever needed (starting one then would cost more than the render)."""
+        try:
+            failures = self.render(job)
+        except Exception as e:
+            failures = {"plot rendering": f"{type(e).__name__}: {e}"}
+        self._plots_done(job, failures)
+
+    def _plots_done(self, job: PlotJob, failures: dict[str, str]) -> None:
         # A broken plot must not end a long training run: warn once, keep training
-        if self.history["loss"]:
-            with self._guard("loss plot"):
-                plot_losses(self.history, self.run_dir / LOSS_PLOT)
-        if self.recent_expert_tokens:
-            steps = [s for s, _ in self.recent_expert_tokens]
-            with self._guard("expert-load plot"):
-                counts = sum(c for _, c in self.recent_expert_tokens)
-                plot_expert_load(counts, steps[0], steps[-1], self.run_dir / EXPERT_LOAD_PLOT)
+        for what, error in failures.items():
+            self._warn_once(what, f"{what} failed ({error}); training continues")
+        self.plotted_step = None if failures else job.step
+        if job.expert_counts is not None and not failures.keys() & {"expert-load plot", "plot rendering"}:
+            self.heatmap_for_wandb = True
+
+    def _final_plots(self) -> None:
+        """Bring the plots on disk up to the last step before close() returns (the trainer prints
+        their paths), waiting a bounded time for the worker."""
+        if not self._wait_for_plots():
+            return  # the worker hung: leave the plots as they are rather than risk hanging here too
+        job = self._plot_job()
+        if job is None or job.step == self.plotted_step:
+            return  # nothing to plot, or the last job drew exactly this
+        if self.plot_pool is None:
+            self._render_here(job)
+        else:
+            self._submit(job)
+            self._wait_for_plots()
+
+    def _lose_plot_worker(self, error: Exception) -> None:
+        self._warn_once(
+            "plot worker",
+            f"the plot worker failed ({type(error).__name__}: {error}); plots are drawn in the training "
+            "process from now on, stalling the steps that refresh them",
+        )
+        self.plots_in_process = True
+        self._shut_plot_worker(kill=True)
+
+    def _shut_plot_worker(self, kill: bool) -> None:
+        pool, self.plot_pool = self.plot_pool, None
+        if pool is None:
+            return
+        if kill:
+            stop_plot_worker(pool)
+        else:
+            pool.shutdown(wait=True)  # idle by now: its process exits at once
+
+    def _warn_once(self, key: str, text: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            self.message(f"WARNING: {text}")
 
     @contextlib.contextmanager
     def _guard(self, what: str):
         try:
             yield
         except Exception as e:
-            if what not in self.warned:
-                self.warned.add(what)
-                self.message(f"WARNING: {what} failed ({type(e).__name__}: {e}); training continues")
+            self._warn_once(what, f"{what} failed ({type(e).__name__}: {e}); training continues")
+
+    # -- W&B ----------------------------------------------------------------------------------
 
     def _init_wandb(
         self, mode: str, project: str, entity: str | None, name: str | None, config: dict, resume_step: int
@@ -504,10 +610,13 @@ class RunMonitor:
                 f"W&B already has steps up to {next_step - 1}; it ignores this run's steps until then"
             )
 
-    def _log_wandb(self, step: int, metrics: dict[str, Any], with_heatmap: bool) -> None:
+    def _log_wandb(self, step: int, metrics: dict[str, Any]) -> None:
+        """The scalars, and each new heatmap once: with the first log after its render finished."""
         data: dict[str, Any] = wandb_scalars(metrics)
         heatmap = self.run_dir / EXPERT_LOAD_PLOT
-        if with_heatmap and self.recent_expert_tokens and heatmap.exists():
+        if self.heatmap_for_wandb and heatmap.exists():
             data["expert_load"] = self.wandb.Image(str(heatmap))
-        with self._guard("wandb.log"):
-            self.wandb_run.log(data, step=step)
+        self.heatmap_for_wandb = False
+        if data:
+            with self._guard("wandb.log"):
+                self.wandb_run.log(data, step=step)

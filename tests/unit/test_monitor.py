@@ -1,5 +1,6 @@
-"""train/monitor.py: metrics.jsonl contents and resume, the main-rank-only rule, plots, the console
-line, and W&B (never imported when disabled; an offline run when asked)."""
+"""train/monitor.py: metrics.jsonl contents and resume, the main-rank-only rule, plots (rendered by a
+background process that log_step never waits for, current after close), the console line, and W&B
+(never imported when disabled; an offline run when asked)."""
 
 import json
 import math
@@ -7,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import types
 from pathlib import Path
 
@@ -14,6 +16,8 @@ import pytest
 import torch
 
 from data.shards import PARTIAL_SUFFIX
+from tests.unit import plot_renderers
+from tests.unit.plot_renderers import RENDERS_LOG, SLOW_RENDER_S
 from train.monitor import (
     EXPERT_LOAD_PLOT,
     LOSS_PLOT,
@@ -22,9 +26,9 @@ from train.monitor import (
     format_count,
     format_duration,
     read_metrics,
-    relative_expert_load,
     resolve_wandb_mode,
 )
+from train.plots import relative_expert_load
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -32,9 +36,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture
 def no_plots(monkeypatch):
-    """Plots cost ~0.3 s each to render; tests about other things skip them."""
-    monkeypatch.setattr("train.monitor.plot_losses", lambda *args: None)
-    monkeypatch.setattr("train.monitor.plot_expert_load", lambda *args: None)
+    """Plots cost ~0.3 s each to render; tests about other things skip them. (The monitor's default
+    renderer, wherever it runs: in close()'s final render here, or in a worker if a test refreshes.)"""
+    monkeypatch.setattr("train.monitor.render_plots", plot_renderers.skip_render)
 
 
 def make_monitor(run_dir, **overrides) -> RunMonitor:
@@ -116,7 +120,7 @@ def test_resume_drops_steps_after_the_checkpoint_and_keeps_the_rest(tmp_path):
     first.close()
 
     resumed = make_monitor(tmp_path, resume_step=6)
-    assert [s for s, _ in resumed.history["loss"]] == [1, 2, 3, 4, 5, 6]  # loaded for the plots
+    assert list(resumed.history["loss"][::2]) == [1, 2, 3, 4, 5, 6]  # loaded: (step, value) pairs, flat
     for step in (7, 8):
         resumed.log_step(fake_metrics(step))
     resumed.close()
@@ -146,7 +150,9 @@ def test_fresh_start_moves_an_old_metrics_file_aside(tmp_path):
     assert read_metrics(tmp_path / METRICS_FILE)[0]["loss"] == fake_metrics(1)["loss"]
 
 
-def test_non_main_rank_writes_and_prints_nothing(tmp_path, capsys):
+def test_non_main_rank_writes_and_prints_nothing(tmp_path, capsys, monkeypatch):
+    started = []
+    monkeypatch.setattr("train.monitor.start_plot_worker", lambda: started.append("worker"))
     run_dir = tmp_path / "run"
     monitor = make_monitor(run_dir, is_main=False, wandb_mode="offline", plot_every=1)
     for step in (1, 2):
@@ -155,6 +161,7 @@ def test_non_main_rank_writes_and_prints_nothing(tmp_path, capsys):
     monitor.close()
     assert not run_dir.exists()
     assert capsys.readouterr().out == ""
+    assert started == []  # no plot process either
 
 
 def test_disabled_wandb_is_never_imported(tmp_path):
@@ -190,20 +197,174 @@ def assert_valid_png(path: Path):
     assert pixels.std() > 0.01  # not a blank canvas
 
 
+def wait_for(condition, what: str, timeout: float = 60.0) -> None:
+    """Poll until condition() holds; generous, since a worker starts slowly on a loaded 2-core machine."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen in {timeout} s"
+        time.sleep(0.05)
+
+
+def wait_for_plot_job(monitor: RunMonitor) -> None:
+    wait_for(lambda: monitor.plot_job is None or monitor.plot_job[0].done(), "the plot job")
+
+
+def warnings_in(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("WARNING")]
+
+
+def process_is_gone(pid: int) -> bool:
+    """Also true of a zombie: dead, but not reaped yet (or never, without an init in a container)."""
+    try:
+        return "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+
+
 def test_plots_are_valid_pngs_and_no_temp_files_remain(tmp_path):
     monitor = make_monitor(tmp_path, plot_every=4)
     for step in range(1, 7):
         loss = float("nan") if step == 3 else None
         metrics = fake_metrics(step) if loss is None else fake_metrics(step, loss=loss)
         monitor.log_step(metrics, fake_expert_tokens(step))
-    assert (tmp_path / LOSS_PLOT).exists()  # refreshed at step 4, before close
+    assert monitor.plot_pool is not None, "the step-4 refresh went to the worker"
+    wait_for(lambda: (tmp_path / EXPERT_LOAD_PLOT).exists(), "the step-4 plots")  # drawn before close
     monitor.close()
     monitor.close()  # idempotent
+    assert monitor.plot_pool is None  # shut down
     assert_valid_png(tmp_path / LOSS_PLOT)
     assert_valid_png(tmp_path / EXPERT_LOAD_PLOT)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [METRICS_FILE, "train.log", LOSS_PLOT, EXPERT_LOAD_PLOT]
     )
+
+
+def test_log_step_never_waits_for_a_slow_render_and_close_leaves_current_plots(tmp_path):
+    monitor = make_monitor(tmp_path, plot_every=2, plot_renderer=plot_renderers.slow_render)
+    submitted = time.monotonic()
+    for step in range(1, 6):
+        started = time.monotonic()
+        monitor.log_step(fake_metrics(step), fake_expert_tokens(step))
+        # step 2 starts the worker and hands it a job; step 4 finds it busy and skips its refresh
+        assert time.monotonic() - started < 1.0, f"log_step({step}) waited for the plots"
+    assert time.monotonic() - submitted < SLOW_RENDER_S
+    assert monitor.plot_job is not None and monitor.plot_job[1].step == 2
+    assert not (tmp_path / LOSS_PLOT).exists()  # the job is still asleep
+
+    monitor.close()  # waits for the step-2 job, then draws the final plots of step 5
+    assert monitor.plotted_step == 5
+    assert_valid_png(tmp_path / LOSS_PLOT)
+    assert_valid_png(tmp_path / EXPERT_LOAD_PLOT)
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_close_draws_the_final_plots_only_if_the_last_job_did_not(tmp_path):
+    current = tmp_path / "current"
+    monitor = make_monitor(current, plot_every=2, plot_renderer=plot_renderers.counting_render)
+    for step in range(1, 5):
+        monitor.log_step(fake_metrics(step), fake_expert_tokens(step))
+        wait_for_plot_job(monitor)  # so that step 4's refresh is not skipped
+    monitor.close()
+    assert (current / RENDERS_LOG).read_text().split() == ["2", "4"]  # step 4's plots were already drawn
+
+    behind = tmp_path / "behind"
+    monitor = make_monitor(behind, plot_every=2, plot_renderer=plot_renderers.counting_render)
+    for step in range(1, 4):
+        monitor.log_step(fake_metrics(step), fake_expert_tokens(step))
+    monitor.close()
+    assert (behind / RENDERS_LOG).read_text().split() == ["2", "3"]
+
+
+def test_a_failing_render_warns_once_and_training_goes_on(tmp_path, capsys):
+    monitor = make_monitor(tmp_path, plot_every=1, plot_renderer=plot_renderers.failing_render)
+    monitor.log_step(fake_metrics(1), fake_expert_tokens(1))
+    wait_for_plot_job(monitor)
+    monitor.log_step(fake_metrics(2), fake_expert_tokens(2))  # takes in the failure
+    assert warnings_in(capsys.readouterr().out) == [
+        "WARNING: plot rendering failed (RuntimeError: no fonts here); training continues"
+    ]
+    for step in range(3, 8):
+        monitor.log_step(fake_metrics(step), fake_expert_tokens(step))  # more jobs, failing again
+    monitor.close()
+    assert warnings_in(capsys.readouterr().out) == []  # once only
+    assert steps_in(tmp_path) == list(range(1, 8))
+    assert not (tmp_path / LOSS_PLOT).exists()
+
+
+def test_plots_are_drawn_in_process_when_the_worker_cannot_start(tmp_path, monkeypatch, capsys):
+    def no_processes():
+        raise OSError("no sem_open here")
+
+    monkeypatch.setattr("train.monitor.start_plot_worker", no_processes)
+    monitor = make_monitor(tmp_path, plot_every=2)
+    for step in (1, 2):
+        monitor.log_step(fake_metrics(step), fake_expert_tokens(step))
+    assert_valid_png(tmp_path / LOSS_PLOT)  # drawn in log_step itself
+    for step in (3, 4):
+        monitor.log_step(fake_metrics(step), fake_expert_tokens(step))
+    monitor.close()
+    warnings = warnings_in(capsys.readouterr().out)
+    assert len(warnings) == 1 and "plot worker failed (OSError: no sem_open here)" in warnings[0]
+    assert monitor.plotted_step == 4
+
+
+def test_a_dead_worker_falls_back_to_drawing_in_process(tmp_path, capsys):
+    monitor = make_monitor(tmp_path, plot_every=2, plot_renderer=plot_renderers.dying_render)
+    for step in (1, 2):
+        monitor.log_step(fake_metrics(step), fake_expert_tokens(step))
+    wait_for_plot_job(monitor)
+    monitor.log_step(fake_metrics(3), fake_expert_tokens(3))  # finds the pool broken: draws step 2 here
+    assert monitor.plotted_step == 2 and monitor.plot_pool is None
+    assert_valid_png(tmp_path / LOSS_PLOT)
+    monitor.log_step(fake_metrics(4), fake_expert_tokens(4))
+    assert monitor.plotted_step == 4  # in log_step, from now on
+    monitor.close()
+    warnings = warnings_in(capsys.readouterr().out)
+    assert len(warnings) == 1 and "plot worker failed (BrokenProcessPool" in warnings[0]
+
+
+@needs_proc
+def test_close_gives_up_on_a_stuck_worker(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("train.monitor.PLOT_WAIT_S", 0.5)
+    monitor = make_monitor(tmp_path, plot_every=2, plot_renderer=plot_renderers.slow_render)
+    for step in (1, 2, 3):
+        monitor.log_step(fake_metrics(step), fake_expert_tokens(step))
+    (worker,) = monitor.plot_pool._processes  # its pid
+    started = time.monotonic()
+    monitor.close()
+    assert time.monotonic() - started < SLOW_RENDER_S - 0.5, "close waited for the render"
+    # killed, not left behind (by pid: Process.is_alive races the pool's own thread reaping it)
+    wait_for(lambda: process_is_gone(worker), "the stuck worker's exit", timeout=30)
+    warnings = warnings_in(capsys.readouterr().out)
+    assert len(warnings) == 1 and "still busy after 0.5 s and was stopped" in warnings[0]
+    assert not (tmp_path / LOSS_PLOT).exists()  # no final render after a hang: it might hang too
+
+
+@needs_proc
+def test_the_worker_exits_when_the_training_process_dies_without_closing(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import os
+        import numpy as np
+        from train.monitor import RunMonitor
+        m = RunMonitor({str(tmp_path)!r}, is_main=True, total_steps=3, wandb_mode="disabled",
+                       wandb_project="p", wandb_entity=None, wandb_name=None, config={{}}, plot_every=1)
+        m.log_step(dict(step=1, loss=1.0, lr=1e-3), np.ones((2, 4), dtype=np.int64))
+        m.plot_job[0].result(timeout=60)  # the worker is up
+        print("worker", *m.plot_pool._processes, flush=True)
+        os._exit(0)  # as if killed: no close()
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    (pid,) = map(int, result.stdout.splitlines()[-1].split()[1:])
+    wait_for(lambda: process_is_gone(pid), "the orphaned worker's exit", timeout=30)
 
 
 def test_relative_expert_load_is_count_over_layer_mean():
@@ -327,14 +488,17 @@ def test_wandb_gets_the_scalars_at_their_step_and_a_resumed_run_keeps_its_id(tmp
     first = make_monitor(tmp_path, wandb_mode="offline", plot_every=2)
     for step in (1, 2, 3):
         first.log_step(fake_metrics(step), fake_expert_tokens(step))
+        wait_for_plot_job(first)
     first.close()
     run_id = (tmp_path / "wandb_id.txt").read_text().strip()
     assert fake.inits[0]["id"] == run_id and fake.inits[0]["resume"] == "allow"
     assert fake.inits[0]["mode"] == "offline" and fake.inits[0]["dir"] == str(tmp_path)
-    assert [step for step, _ in fake.logged] == [1, 2, 3]
+    # each heatmap once: step 2's with the first log after it was drawn, the final one at close
+    assert [step for step, _ in fake.logged] == [1, 2, 3, 3]
     assert fake.logged[0][1]["loss"] == fake_metrics(1)["loss"] and "step" not in fake.logged[0][1]
-    assert [("expert_load" in data) for _, data in fake.logged] == [False, True, False]  # plot_every
-    assert fake.logged[1][1]["expert_load"] == ("image", PNG_MAGIC)
+    assert [("expert_load" in data) for _, data in fake.logged] == [False, False, True, True]
+    assert fake.logged[2][1]["expert_load"] == ("image", PNG_MAGIC)
+    assert fake.logged[3][1] == {"expert_load": ("image", PNG_MAGIC)}
     assert fake.finished == [0]
 
     make_monitor(tmp_path, wandb_mode="offline", resume_step=2).close()
