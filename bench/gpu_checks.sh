@@ -42,13 +42,16 @@ for stage in $stages; do
             run.dir=/tmp/loop-small logging.wandb.mode=disabled checkpoint.every=0 > "$out/loop.log" 2>&1
         cp /tmp/loop-small/metrics.jsonl "$out/loop_metrics.jsonl"
         cp /tmp/loop-small/profile/operators.txt "$out/loop_operators.txt" 2>/dev/null
+        gzip -c /tmp/loop-small/profile/trace.json > "$out/loop_trace.json.gz" 2>/dev/null
         tail -6 "$out/loop.log" ;;
     bench-ep)
         # 2 GPUs (nvidia-h100-x2): the raw step of conf=small with experts over both GPUs (ep2) against
         # plain data parallel (ep1 x dp2), and the all-to-all time per MoE layer (issue 5)
-        for ep in 1 2; do
-            torchrun --nproc-per-node 2 launch/bench.py layout --preset small --expert $ep --steps 6 \
-                --warmup 3 --out "$out/bench_ep$ep.json" > "$out/bench_ep$ep.log" 2>&1
+        # LAYOUT_ARGS passes more options (e.g. --no-compile), EP_TIMEOUT bounds each run (seconds)
+        for ep in ${EP_SIZES:-1 2}; do
+            timeout "${EP_TIMEOUT:-600}" torchrun --nproc-per-node 2 launch/bench.py layout --preset small \
+                --expert $ep --steps 6 --warmup 3 ${LAYOUT_ARGS:-} --out "$out/bench_ep$ep.json" \
+                > "$out/bench_ep$ep.log" 2>&1
             grep "^layout" "$out/bench_ep$ep.log" || tail -5 "$out/bench_ep$ep.log"
         done ;;
     loop-ep)
