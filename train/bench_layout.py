@@ -63,6 +63,7 @@ def compose_config(args: argparse.Namespace, world: int):
             f"trainer.global_batch_size={micro_batch * dp}",
             f"data.streams={dp}",
             f"trainer.compile={not args.no_compile}",
+            "loss.expert_bias_rate=0",  # the biases' update lives in the training loop
             *([f"data.seq_len={args.seq}"] if args.seq else []),
             *args.overrides,
         ]
@@ -100,13 +101,11 @@ def all_to_all_ms(profile, on_gpu: bool) -> float:
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     from model.accounting import flops_per_token
-    from model.init import init_weights
-    from model.qwen3_next import Qwen3NextForCausalLM
     from parallel.expert import attach_after_initialize, autoep_layers
-    from parallel.tensor import TensorParallelGroups, apply_tensor_parallel
+    from parallel.tensor import TensorParallelGroups
     from train.config import validate_layout
     from train.losses import global_target_counts
-    from train.trainer import build_engine, setup_distributed, training_objective
+    from train.trainer import build_engine, build_model, setup_distributed, training_objective
 
     device, on_gpu = setup_distributed()
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -115,14 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     autoep = layout.expert > 1
     tp_groups = TensorParallelGroups(layout.tensor) if layout.tensor > 1 else None
 
-    model = Qwen3NextForCausalLM(cfg.model)
-    init_weights(model, cfg.model, seed=0)
-    if tp_groups is not None:
-        apply_tensor_parallel(model, tp_groups)
-    model.model.activation_checkpointing = cfg.trainer.activation_checkpointing
-    model.to(device)
-    if on_gpu and cfg.trainer.compile:
-        model.compile_layers()
+    model = build_model(cfg, device, on_gpu=on_gpu, autoep=autoep, tp_groups=tp_groups)
     engine = build_engine(cfg, layout, model, on_gpu=on_gpu, autoep=autoep, tp_groups=tp_groups)
     moe_layers = len(autoep_layers(engine.module)) if autoep else 0
     if autoep:

@@ -182,6 +182,48 @@ def stop_signal_flag() -> dict:
     return flag
 
 
+def build_model(
+    cfg: PretrainConfig,
+    device: torch.device,
+    *,
+    on_gpu: bool,
+    autoep: bool,
+    tp_groups: TensorParallelGroups | None,
+    init_from: Path | None = None,
+) -> Qwen3NextForCausalLM:
+    """The model as the engine takes it: initialised (from `init_from`'s weights when given), with
+    the preset's activation checkpointing and expert biases, head-sharded under tensor parallelism, on
+    `device`, its layers compiled on GPUs."""
+    model = Qwen3NextForCausalLM(cfg.model)
+    init_weights(model, cfg.model, seed=cfg.trainer.seed)
+    if init_from is not None:
+        load_initial_weights(model, cfg.model, init_from)
+    model.model.activation_checkpointing = cfg.trainer.activation_checkpointing
+    if cfg.loss.expert_bias_rate > 0 and not autoep:  # AutoEP's layers get theirs after initialize
+        for block in moe_blocks(model):
+            block.enable_expert_bias()
+    if tp_groups is not None:  # every rank built and initialised the whole model: keep its heads
+        apply_tensor_parallel(model, tp_groups)
+    elif not autoep:
+        # lets ds_to_universal convert the checkpoints (AutoEP writes its own entry): plain
+        # parameters, no slicing rules to record
+        from deepspeed.checkpoint.constants import (
+            UNIVERSAL_CHECKPOINT_INFO,
+            UNIVERSAL_CHECKPOINT_VERSION_KEY,
+            UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        )
+
+        setattr(
+            model,
+            UNIVERSAL_CHECKPOINT_INFO,
+            {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
+        )
+    model.to(device)
+    if on_gpu and cfg.trainer.compile:
+        model.compile_layers()
+    return model
+
+
 def build_engine(
     cfg: PretrainConfig,
     layout: Layout,
@@ -350,35 +392,17 @@ class Trainer:
     # -- set-up --------------------------------------------------------------------------------
 
     def _build_model(self) -> Qwen3NextForCausalLM:
-        cfg = self.cfg
-        model = Qwen3NextForCausalLM(cfg.model)
-        init_weights(model, cfg.model, seed=cfg.trainer.seed)
-        if cfg.checkpoint.init_from and self.resume_from is None:
-            load_initial_weights(model, cfg.model, Path(cfg.checkpoint.init_from))
-            self._message_early(f"initial weights from {cfg.checkpoint.init_from}")
-        model.model.activation_checkpointing = cfg.trainer.activation_checkpointing
-        if cfg.loss.expert_bias_rate > 0 and not self.autoep:  # AutoEP's layers get theirs later
-            for block in moe_blocks(model):
-                block.enable_expert_bias()
-        if self.tp_groups is not None:  # every rank built and initialised the whole model: keep its heads
-            apply_tensor_parallel(model, self.tp_groups)
-        elif not self.autoep:
-            # lets ds_to_universal convert the checkpoints (AutoEP writes its own entry): plain
-            # parameters, no slicing rules to record
-            from deepspeed.checkpoint.constants import (
-                UNIVERSAL_CHECKPOINT_INFO,
-                UNIVERSAL_CHECKPOINT_VERSION_KEY,
-                UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-            )
-
-            setattr(
-                model,
-                UNIVERSAL_CHECKPOINT_INFO,
-                {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
-            )
-        model.to(self.device)
-        if self.on_gpu and cfg.trainer.compile:
-            model.compile_layers()
+        init_from = self.cfg.checkpoint.init_from if self.resume_from is None else None
+        model = build_model(
+            self.cfg,
+            self.device,
+            on_gpu=self.on_gpu,
+            autoep=self.autoep,
+            tp_groups=self.tp_groups,
+            init_from=Path(init_from) if init_from else None,
+        )
+        if init_from:
+            self._message_early(f"initial weights from {init_from}")
         return model
 
     def _build_engine(self):
