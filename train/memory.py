@@ -69,9 +69,14 @@ def estimate_memory(
         return count / group if zero_stage >= stage_from else count
 
     params = 2 * (sharded(dense_local, dense_dp, 3) + sharded(expert_local, expert_dp, 3))
-    grads = 2 * (sharded(dense_local, dense_dp, 2) + sharded(expert_local, expert_dp, 2))
-    if zero_stage >= 1:  # the trainer accumulates gradients in fp32 partitions (DeepSpeed's grad_accum_dtype)
-        grads += 4 * (sharded(dense_local, dense_dp, 1) + sharded(expert_local, expert_dp, 1))
+    if zero_stage == 1:
+        # DeepSpeed's BF16_Optimizer: a whole fp32 buffer for this rank's gradients; each bf16
+        # gradient is freed once added into it (train/precision.py)
+        grads = 4 * (dense_local + expert_local)
+    else:  # bf16 gradients (ZeRO 0 accumulates in them); ZeRO 2 adds fp32 partitions
+        grads = 2 * (sharded(dense_local, dense_dp, 2) + sharded(expert_local, expert_dp, 2))
+        if zero_stage >= 2:
+            grads += 4 * (sharded(dense_local, dense_dp, 2) + sharded(expert_local, expert_dp, 2))
     optim = 12 * (sharded(dense_local, dense_dp, 1) + sharded(expert_local, expert_dp, 1))
     return MemoryEstimate(
         params, grads, optim, activation_bytes(c, tensor, micro_batch_size, seq_len, activation_checkpointing)

@@ -67,18 +67,24 @@ def test_zero_and_expert_parallelism_shard_what_they_should():
     plain = estimate_memory(config, world=4, tensor=1, expert=1, zero_stage=0, **kwargs)
     zero1 = estimate_memory(config, world=4, tensor=1, expert=1, zero_stage=1, **kwargs)
     ep4 = estimate_memory(config, world=4, tensor=1, expert=4, zero_stage=0, **kwargs)
+    zero2 = estimate_memory(config, world=4, tensor=1, expert=1, zero_stage=2, **kwargs)
     assert zero1.optimizer == pytest.approx(plain.optimizer / 4)  # one dp group of 4 for everything
     assert zero1.parameters == plain.parameters
     assert ep4.parameters < plain.parameters  # experts split 4 ways
+    with torch.device("meta"):
+        numel = sum(p.numel() for p in Qwen3NextForCausalLM(config).parameters())
+    # ZeRO 1 (DeepSpeed's BF16_Optimizer) keeps a whole fp32 gradient buffer; ZeRO 2 shards bf16 and fp32
+    assert zero1.gradients == pytest.approx(4 * numel)
+    assert zero2.gradients == pytest.approx(6 * numel / 4)
 
 
 def test_80b_a3b_without_gpus_stops_at_once_saying_what_it_needs():
     result = pretrain("conf=80b_a3b")
     assert result.returncode != 0
     message = result.stderr
-    assert "no CUDA GPU here" in message and "needs at least 64 GPU(s)" in message, message
-    # the number is the smallest layout the dry run says fits: 64 does, 32 does not
-    for world, verdict in ((64, "fits"), (32, "does NOT fit")):
+    assert "no CUDA GPU here" in message and "needs at least 32 GPU(s)" in message, message
+    # the number is the smallest layout the dry run says fits: 32 does, 16 does not
+    for world, verdict in ((32, "fits"), (16, "does NOT fit")):
         plan = pretrain("conf=80b_a3b", "trainer.dry_run=true", f"trainer.dry_run_world_size={world}")
         assert f"{verdict} trainer.gpu_memory_gb" in plan.stdout
 
