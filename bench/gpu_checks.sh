@@ -42,7 +42,7 @@ for stage in $stages; do
             run.dir=/tmp/loop-small logging.wandb.mode=disabled checkpoint.every=0 > "$out/loop.log" 2>&1
         cp /tmp/loop-small/metrics.jsonl "$out/loop_metrics.jsonl"
         cp /tmp/loop-small/profile/operators.txt "$out/loop_operators.txt" 2>/dev/null
-        gzip -c /tmp/loop-small/profile/trace.json > "$out/loop_trace.json.gz" 2>/dev/null
+        [ -f /tmp/loop-small/profile/trace.json ] && gzip -c /tmp/loop-small/profile/trace.json > "$out/loop_trace.json.gz"
         tail -6 "$out/loop.log" ;;
     bench-ep)
         # 2 GPUs (nvidia-h100-x2): the raw step of conf=small with experts over both GPUs (ep2) against

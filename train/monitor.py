@@ -60,7 +60,7 @@ WANDB_ID_FILE = "wandb_id.txt"
 WANDB_MODES = ("auto", "offline", "online", "disabled")
 ETA_WINDOW = 20  # steps whose mean duration predicts the rest: recent enough to forget compile time
 PLOTTED = ("loss", "lm_loss", "mtp_loss", "lb_loss", "z_loss", "lr")
-PLOT_WAIT_S = 120.0  # the longest close() waits for one render (about a second normally) before giving up
+PLOT_WAIT_S = 30.0  # the longest close() waits for one render (about a second normally) before giving up
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,9 +22,12 @@ import types
 
 import torch
 
+OVERRIDE_CHECKED_ON = ("0.19.8",)  # DeepSpeed versions whose BF16_Optimizer._update_hp_grad we repeat
 
-def bf16_settings(on_gpu: bool, zero_stage: int) -> dict:
-    """The precision part of the DeepSpeed config (with ZeRO off DeepSpeed accumulates in bf16)."""
+
+def bf16_settings(on_gpu: bool, zero_stage: int, *, folded: bool = False) -> dict:
+    """The precision part of the DeepSpeed config (with ZeRO off DeepSpeed accumulates in bf16).
+    `folded`: AutoEP folded onto tensor parallelism (parallel/expert.py)."""
     if not on_gpu:
         return {"bf16": {"enabled": False}}
     if zero_stage == 0:
@@ -33,8 +36,9 @@ def bf16_settings(on_gpu: bool, zero_stage: int) -> dict:
         # immediate: each bf16 gradient is added into its fp32 buffer as soon as backward makes it
         # and then freed. Deferred, DeepSpeed keeps every bf16 gradient to the end of backward, zeroes
         # them before the next micro-batch and lets autograd add into them: two more passes over
-        # them per micro-batch.
-        "bf16": {"enabled": True, "immediate_grad_update": True},
+        # them per micro-batch. Not when folded: there each addition also all-reduces over the
+        # tensor group, and we keep those collectives in DeepSpeed's one loop after backward.
+        "bf16": {"enabled": True, "immediate_grad_update": not folded},
         "data_types": {"grad_accum_dtype": "fp32"},
         # DeepSpeed's default under bf16 is to cast the fp32-accumulated gradients to bf16 for the
         # data-parallel reduction and back, even on one rank: the optimizer then sees gradients
@@ -45,6 +49,7 @@ def bf16_settings(on_gpu: bool, zero_stage: int) -> dict:
 
 def finish_bf16_setup(engine, world: int) -> None:
     """The two changes of the module docstring, on an engine whose optimizer is BF16_Optimizer."""
+    import deepspeed
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
     optimizer = engine.optimizer
@@ -52,7 +57,9 @@ def finish_bf16_setup(engine, world: int) -> None:
         return
     if world == 1:
         engine.enable_backward_allreduce = False
-    if optimizer.autoep_folding_tp_group is None:  # folding corrects gradients in DeepSpeed's own path
+    # the override repeats DeepSpeed's method, so only on the version it was read from; and folding
+    # corrects gradients in DeepSpeed's own path
+    if deepspeed.__version__ in OVERRIDE_CHECKED_ON and optimizer.autoep_folding_tp_group is None:
         optimizer._update_hp_grad = types.MethodType(_add_into_fp32_buffer, optimizer)
 
 

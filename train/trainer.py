@@ -127,7 +127,7 @@ def deepspeed_config(
         "gradient_accumulation_steps": layout.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
-        **bf16_settings(on_gpu, cfg.parallel.zero_stage),
+        **bf16_settings(on_gpu, cfg.parallel.zero_stage, folded=folded),
         **({"expert_parallel": autoep_config(layout.expert)} if autoep else {}),
         "zero_allow_untested_optimizer": True,  # torch's AdamW under ZeRO
         "steps_per_print": 2**31 - 1,  # the trainer prints its own line
@@ -297,12 +297,6 @@ def setup_distributed() -> tuple[torch.device, bool]:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
-        if "OMP_NUM_THREADS" not in os.environ:
-            # The GPU does the math; the host only checks and moves small batches. With a thread per
-            # core, torch's OpenMP pool stretched those 0.1 ms ops to stalls of up to 36 ms (16-core H100
-            # machine) while the GPU waited: the loop ran at 0.85 of the raw step, at 0.90 with one
-            # thread. torchrun sets the same for several processes a node.
-            torch.set_num_threads(1)
     else:
         device = torch.device("cpu")
         skip_deepspeed_cpu_shm_build()
@@ -370,6 +364,7 @@ class Trainer:
         self.mtp_depths = cfg.model.mtp_num_layers
         self.step = 0
         self.tokens_seen = 0
+        self.step_clock = time.perf_counter()  # when the last step ended (reset as fit starts)
         self.skipped_steps = 0
         self.bad_in_row = 0
         self.last_saved_step = None
@@ -508,6 +503,13 @@ class Trainer:
             f"training {cfg.trainer.max_steps - self.step} steps from step {self.step} on {where}; "
             f"run dir {self.run_dir}"
         )
+        if self.on_gpu and "OMP_NUM_THREADS" not in os.environ:
+            # The GPU does the math; the host only checks and moves small batches. With a thread per
+            # core, torch's OpenMP pool stretched those 0.1 ms ops to stalls of up to 36 ms (16-core H100
+            # machine) while the GPU waited: the loop ran at 0.85 of the raw step, at 0.90 with one
+            # thread. Set here, after the model's initialisation on the host, which wants every core.
+            # torchrun sets the same for several processes a node.
+            torch.set_num_threads(1)
         with self.monitor, self.loader:
             # a step's time runs from the end of the one before: it includes the logging and the stop
             # check between steps, but not a checkpoint's save or a profile's export

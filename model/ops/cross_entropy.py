@@ -162,7 +162,7 @@ def accumulate_grad_weight(
 ) -> torch.Tensor:
     """grad_w += grad^T h, accumulated in fp32, in place. On CUDA the GEMM adds into the fp32 buffer
     itself (addmm with out_dtype): no bf16 [V, D] product and no pass over it per chunk. Without
-    `out=` addmm would first copy the whole buffer (1.2 GB for the 151936-row head) per chunk."""
+    `out=` addmm would first copy the whole buffer (4 bytes x 151936 x hidden) per chunk."""
     global _ADDMM_OUT_DTYPE
     if _ADDMM_OUT_DTYPE and grad_cv.is_cuda and grad_cv.dtype != torch.float32:
         try:
