@@ -666,12 +666,14 @@ class Trainer:
         return float(norm.item() if torch.is_tensor(norm) else norm)
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict:
-        """The model's inputs on the training device: ids and labels checked, and the document layout
-        derived, on the host first. On the GPU each of those would be a host sync that drains the
-        GPU's queue, several per micro-batch."""
+        """The model's inputs on the training device: for a GPU, ids and labels checked and the document
+        layout derived on the host first. On the GPU each of those would be a host sync that drains the
+        GPU's queue, several per micro-batch, so the model leaves the range checks to us there (on CPU
+        it makes them itself, in forward)."""
         ids_bt, labels_bt = batch["input_ids"], batch["labels"]
-        self.model.check_input_ids(ids_bt)
-        check_labels_in_range(labels_bt.flatten(), self.cfg.model.vocab_size, IGNORE_INDEX)
+        if self.on_gpu:
+            self.model.check_input_ids(ids_bt)
+            check_labels_in_range(labels_bt.flatten(), self.cfg.model.vocab_size, IGNORE_INDEX)
         # on the GPU always the packed form: one form for the compiled layers and fla's tuned kernels
         documents = DocumentLayout.from_position_ids(
             batch["position_ids"], *ids_bt.shape, ids_bt.device, always_packed=self.on_gpu
