@@ -151,11 +151,11 @@ def test_init_is_seeded_and_independent_of_device_order():
     init_weights(meta, config, seed=7)
     init_weights(c, config, seed=8)
     # b initialised in reverse order, parameter by parameter
-    from model.init import initial_value, parameter_generator
+    from model.init import initial_value
 
     with torch.no_grad():
         for name, p in reversed(list(b.named_parameters())):
-            p.copy_(initial_value(name, p.shape, config, parameter_generator(7, name)))
+            p.copy_(initial_value(name, p.shape, config, seed=7))
     for (name, pa), pb, pm, pc in zip(
         a.named_parameters(), b.parameters(), meta.parameters(), c.parameters(), strict=True
     ):
