@@ -1,13 +1,25 @@
 """Expert parallelism through DeepSpeed AutoEP: configured from `parallel.expert`, not re-implemented.
 
-With `parallel.expert` = ep > 1, `deepspeed.initialize` replaces every `SparseMoeBlock` (main stack and
-MTP) by AutoEP's layer: the same routing (fp32 softmax over all experts, exact top-k, renormalised,
-no capacity limit, no dropped tokens), tokens moved to the experts' ranks by all-to-all, the local
-E/ep experts as one grouped GEMM, the sigmoid-gated shared expert. Expert ranks are consecutive
-(ep group {0..ep-1}, ...), and expert gradients are reduced over the expert-data-parallel group
-(ranks r, r+ep, ...). There is no Qwen3-Next preset, and the built-in presets miss the MTP block, so
-the section below describes our block layout directly: router `gate`, fused `experts.gate_up_proj`
-[E, 2I, H] with the gate rows first, `experts.down_proj` [E, H, I], `shared_expert(_gate)`.
+With `parallel.expert` = ep > 1, every `SparseMoeBlock` (main stack and MTP) is replaced by AutoEP's
+layer: the same routing (fp32 softmax over all experts, exact top-k, renormalised, no capacity
+limit, no dropped tokens), tokens moved to the experts' ranks by all-to-all, the local E/ep experts
+as one grouped GEMM, the sigmoid-gated shared expert. Expert ranks are consecutive (ep group
+{0..ep-1}, ...), and expert gradients are reduced over the expert-data-parallel group (ranks r, r+ep,
+...). There is no Qwen3-Next preset, and the built-in presets miss the MTP block, so the section
+below describes our block layout directly: router `gate`, fused `experts.gate_up_proj` [E, 2I, H]
+with the gate rows first, `experts.down_proj` [E, H, I], `shared_expert(_gate)`.
+
+Where the replacement happens. Inside `deepspeed.initialize`, AutoEP copies each rank's experts out
+of the block's whole [E, ...] tensors, so every rank would first have to hold every expert (the 80B's
+77B expert parameters). Instead `replace_moe_blocks` runs AutoEP's own detection and replacement
+(`AutoEP.ep_parser`, `replace_moe_layers`) on the model while it is still on the meta device, for this
+rank's expert-parallel rank (`expert_parallel_rank`, DeepSpeed's group layout): the replaced layers
+hold meta tensors of the local experts only, which parallel/build.py then materialises and fills.
+The engine is then told to adopt those layers (`engine_adopts_replaced_layers`): it still creates the
+expert-parallel groups, binds them to the layers and partitions ZeRO as usual, but finds nothing left
+to replace. After `initialize`, `check_expert_ranks` confirms each layer's experts are those of its
+rank in the engine's groups. So parameter names, ZeRO groups and checkpoints (universal included) are
+AutoEP's, unchanged.
 
 What we add from our side (and would ask DeepSpeed for upstream):
 - Router logits for the global-batch LBL: the replacement's router is `mlp.router.gate`, so the
@@ -43,9 +55,9 @@ Names after replacement (checkpoints): `mlp.router.gate.weight`, `mlp.experts.w1
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -53,7 +65,9 @@ from torch import nn
 from model.moe import RouterLogitsRecorder, moe_blocks
 
 AUTOEP_ROUTER_SUFFIX = "mlp.router.gate"
-EXPERT_KEY = re.compile(r"(.+\.mlp)\.experts\.(w[123])\.(\d+)")  # one expert's tensor in its own file
+EXPERT_PARAM = re.compile(r"(.+\.mlp)\.experts\.(w[123])")  # a replaced layer's local experts
+# DeepSpeed versions whose AutoEP internals `engine_adopts_replaced_layers` was written against
+ADOPTION_CHECKED_ON = ("0.19.8",)
 
 
 def autoep_config(expert_parallel_size: int) -> dict:
@@ -78,6 +92,83 @@ def autoep_config(expert_parallel_size: int) -> dict:
         "expert_activation": "swiglu",
         "use_grouped_mm": True,
     }
+
+
+def expert_parallel_rank(rank: int, world: int, tensor: int, expert: int) -> int:
+    """This rank's place in its expert-parallel group, as DeepSpeed lays the groups out: consecutive
+    blocks of `expert` ranks; folded onto tensor parallelism (tensor > 1), AutoEP's folding tables."""
+    if tensor == 1:
+        return rank % expert
+    from deepspeed.module_inject.auto_ep_folding import build_folding_spec, local_folding_ranks
+
+    spec = build_folding_spec(world_size=world, pp_size=1, tp_size=tensor, ep_size=expert)
+    return local_folding_ranks(rank, spec)["ep"].index(rank)
+
+
+def replace_moe_blocks(model: nn.Module, expert_parallel_size: int, ep_rank: int) -> int:
+    """Replace every MoE block of a meta-device model by AutoEP's layer holding only the experts of
+    `ep_rank`, as `deepspeed.initialize` would (same code, same names); returns how many."""
+    from deepspeed.module_inject.auto_ep import AutoEP
+    from deepspeed.module_inject.auto_ep_config import parse_autoep_config, validate_autoep_post_detection
+
+    if any(p.device.type != "meta" for p in model.parameters()):
+        raise RuntimeError("replace_moe_blocks expects a model on the meta device (parallel/build.py)")
+    config = parse_autoep_config(autoep_config(expert_parallel_size))
+    with torch.device("meta"):  # AutoEP builds its router and grouped experts before copying into them
+        autoep = AutoEP(model, config)
+        specs = autoep.ep_parser()
+        validate_autoep_post_detection(config, specs)
+        autoep.replace_moe_layers(specs, ep_size=expert_parallel_size, ep_rank=ep_rank)
+    return len(specs)
+
+
+@contextlib.contextmanager
+def engine_adopts_replaced_layers(model: nn.Module):
+    """During `deepspeed.initialize(model=model, ...)`: the engine keeps the AutoEP layers that
+    `replace_moe_blocks` built instead of detecting MoE blocks to replace (there are none left, which
+    it would refuse). It still creates the expert groups and binds them to the layers.
+
+    DeepSpeed has no switch for this, so the engine's `AutoEP.ep_parser` answers "nothing to replace"
+    for this model only, for the duration of the call (written against DeepSpeed 0.19.8; another
+    version is refused, since the engine's use of the parser may have changed)."""
+    import deepspeed
+    from deepspeed.module_inject.auto_ep import AutoEP
+
+    if deepspeed.__version__ not in ADOPTION_CHECKED_ON:
+        raise RuntimeError(
+            "expert parallelism builds AutoEP's layers before the engine and has the engine adopt them, "
+            f"which was checked on DeepSpeed {', '.join(ADOPTION_CHECKED_ON)}; "
+            f"this is {deepspeed.__version__}. "
+            "Install deepspeed==0.19.8, or check parallel/expert.py's engine_adopts_replaced_layers "
+            "against this version and add it to ADOPTION_CHECKED_ON"
+        )
+    if not autoep_layers(model):
+        raise RuntimeError("expert parallelism is on but the model has no AutoEP layer (replace_moe_blocks)")
+    detect = AutoEP.ep_parser
+
+    def ep_parser(self):
+        return [] if self.model is model else detect(self)
+
+    AutoEP.ep_parser = ep_parser
+    try:
+        yield
+    finally:
+        AutoEP.ep_parser = detect
+
+
+def check_expert_ranks(model: nn.Module) -> None:
+    """After `deepspeed.initialize`: every AutoEP layer holds the experts of its rank in the engine's
+    expert-parallel group (the rank `expert_parallel_rank` predicted when the layer was built)."""
+    import torch.distributed as dist
+
+    for layer in autoep_layers(model):
+        actual = dist.get_rank(group=layer.ep_group)
+        if actual != layer.ep_rank:
+            raise RuntimeError(
+                f"an AutoEP layer was built with the experts of expert-parallel rank {layer.ep_rank}, but "
+                f"this process is rank {actual} of the engine's expert group: parallel/expert.py's "
+                "expert_parallel_rank no longer matches DeepSpeed's group layout"
+            )
 
 
 def autoep_layers(model: nn.Module) -> list[nn.Module]:
@@ -147,6 +238,28 @@ def selection_biases(model: nn.Module) -> list[torch.Tensor]:
     return biases
 
 
+def local_expert_source(name: str, param: torch.Tensor) -> tuple[str, range, slice | None] | None:
+    """For a replaced layer's expert weight (`...mlp.experts.w1` / `w3` [E/ep, I, H], `w2` [E/ep, H, I]):
+    the fused tensor of our block it comes from, the experts this rank holds (DeepSpeed's record on the
+    parameter) and the rows of each expert's matrix (w1 the gate half of `gate_up_proj`, w3 the up
+    half). None for any other parameter."""
+    from deepspeed.checkpoint.constants import AUTOEP_PARAM_LOCAL_EXPERTS, DS_AUTOEP_UC_META
+
+    match = EXPERT_PARAM.fullmatch(name)
+    if match is None:
+        return None
+    experts = list(getattr(param, DS_AUTOEP_UC_META)[AUTOEP_PARAM_LOCAL_EXPERTS])
+    local = range(experts[0], experts[-1] + 1)
+    if list(local) != experts:
+        raise RuntimeError(f"{name}: AutoEP placed non-contiguous experts {experts} on this rank")
+    block, which = match.groups()
+    intermediate = param.shape[1] if which != "w2" else param.shape[2]
+    if which == "w2":
+        return f"{block}.experts.down_proj", local, None
+    rows = slice(0, intermediate) if which == "w1" else slice(intermediate, 2 * intermediate)
+    return f"{block}.experts.gate_up_proj", local, rows
+
+
 def block_layout_name(name: str) -> str:
     """A replaced layer's non-expert parameter or buffer name -> the name in our MoE block."""
     return (
@@ -154,52 +267,3 @@ def block_layout_name(name: str) -> str:
         .replace(".mlp.shared_experts_gate.", ".mlp.shared_expert_gate.")
         .replace(".mlp.shared_experts.", ".mlp.shared_expert.")
     )
-
-
-def consolidated_module_state(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The model weights of a checkpoint in our model's names and layout (experts fused back into
-    `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I]): what `Qwen3NextForCausalLM.load_state_dict`
-    and `model.hf.save_hf` take. Reads DeepSpeed's native checkpoints, saved with AutoEP (one file per
-    expert), without, or tensor-parallel (one module file per TP rank, joined by the head-slicing
-    rules), and universal ones (`zero/<name>/fp32.pt`, experts whole)."""
-    checkpoint_dir = Path(checkpoint_dir)
-    tp_files = sorted(checkpoint_dir.glob("mp_rank_*_model_states.pt"))
-    modules = [torch.load(f, map_location="cpu", weights_only=True)["module"] for f in tp_files]
-    if len(modules) > 1:  # tensor parallel: join the head shards (AutoEP's names pass as replicated)
-        from parallel.tensor import gather_tensor_parallel
-        from train.checkpoint import model_config_of
-
-        modules = [gather_tensor_parallel(modules, model_config_of(checkpoint_dir))]
-    raw = dict(modules[0])  # universal: buffers only; native: every non-expert tensor
-    if (checkpoint_dir / "zero").is_dir():
-        for fp32 in sorted((checkpoint_dir / "zero").glob("*/fp32.pt")):
-            raw[fp32.parent.name] = torch.load(fp32, map_location="cpu", weights_only=True)["param"]
-    per_expert: dict[str, dict[int, torch.Tensor]] = {}
-    for path in sorted(checkpoint_dir.glob("layer_*_expert_*_model_states.pt")):
-        for key, tensor in torch.load(path, map_location="cpu", weights_only=True).items():
-            if key == "folding":  # AutoEP's record of the tensor-parallel folding it was saved under
-                continue
-            match = EXPERT_KEY.fullmatch(key)
-            if match is None:
-                raise ValueError(f"{path}: unexpected expert parameter {key!r}")
-            per_expert.setdefault(f"{match.group(1)}.experts.{match.group(2)}", {})[int(match.group(3))] = (
-                tensor
-            )
-    for name, by_index in per_expert.items():
-        raw[name] = torch.stack([by_index[i] for i in sorted(by_index)])
-    return to_block_layout(raw)
-
-
-def to_block_layout(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """AutoEP names with whole expert tensors (`experts.w1` / `w3` [E, I, H], `w2` [E, H, I]) -> ours."""
-    state = {}
-    for name, tensor in raw.items():
-        if name.endswith((".experts.w1", ".experts.w3")):
-            continue
-        if name.endswith(".experts.w2"):
-            block = name.removesuffix(".w2")
-            state[f"{block}.gate_up_proj"] = torch.cat([raw[f"{block}.w1"], raw[f"{block}.w3"]], dim=1)
-            state[f"{block}.down_proj"] = tensor
-        else:
-            state[block_layout_name(name)] = tensor
-    return state

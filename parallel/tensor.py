@@ -98,7 +98,8 @@ class TensorParallelGroups:
 @dataclass(frozen=True)
 class TensorParallelPosition:
     """A rank's place in a tensor-parallel group without the process groups: enough to compute its
-    shards (for joining checkpoint shards offline, `gather_tensor_parallel`)."""
+    shards (planning a rank's shard, parallel/build.py; joining checkpoint shards offline,
+    parallel/checkpoint_files.py)."""
 
     tp: int
     tp_rank: int
@@ -237,6 +238,7 @@ def shard_deltanet(mixer: GatedDeltaNet, groups: TensorParallelGroups | TensorPa
         groups=len(channels),
         padding=conv.padding[0],
         bias=False,
+        device=conv.weight.device,  # the meta device while a rank's shard is planned (parallel/build.py)
     )
     mixer.conv1d.weight = sharded_parameter(conv.weight, 0, channels)
     mixer.A_log = sharded_parameter(mixer.A_log, 0, local_v)
@@ -259,29 +261,3 @@ def apply_tensor_parallel(model: nn.Module, groups: TensorParallelGroups | Tenso
             shard_deltanet(module, groups)
     if not model.config.tie_word_embeddings:
         model.lm_head = VocabParallelLMHead(model.lm_head, groups.tp, groups.tp_rank, groups.tp_group)
-
-
-def gather_tensor_parallel(rank_states: list[dict[str, torch.Tensor]], config) -> dict[str, torch.Tensor]:
-    """The whole model's state from the module states of the TP ranks (DeepSpeed's mp_rank_XX files,
-    in TP-rank order): each shard goes back where `apply_tensor_parallel` took it from for that rank;
-    replicated tensors come from rank 0."""
-    from model.qwen3_next import Qwen3NextForCausalLM
-
-    tp = len(rank_states)
-    with torch.device("meta"):
-        whole_shapes = {name: t.shape for name, t in Qwen3NextForCausalLM(config).state_dict().items()}
-    whole: dict[str, torch.Tensor] = {}
-    for rank, state in enumerate(rank_states):
-        with torch.device("meta"):
-            plan = Qwen3NextForCausalLM(config)
-        apply_tensor_parallel(plan, TensorParallelPosition(tp, rank))
-        shards = {name: p.tp_shard for name, p in plan.named_parameters() if hasattr(p, "tp_shard")}
-        for name, tensor in state.items():
-            # whole-shaped: kept whole then (an LM head saved before it was split over the vocabulary)
-            if name in shards and tensor.shape != whole_shapes[name]:
-                dim, index = shards[name]
-                target = whole.setdefault(name, tensor.new_empty(whole_shapes[name]))
-                target.index_copy_(dim, index, tensor)
-            elif rank == 0:
-                whole[name] = tensor
-    return whole

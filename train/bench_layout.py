@@ -83,6 +83,19 @@ def random_batch(cfg, dp_rank: int, packed: bool) -> dict:
     return {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "documents": layout}
 
 
+def synchronize_all(on_gpu: bool) -> None:
+    if on_gpu:
+        torch.cuda.synchronize()
+    dist.barrier()
+
+
+def process_started() -> float:
+    """This process's start, on the clock of time.perf_counter (imports included in a start-up)."""
+    import psutil
+
+    return time.perf_counter() - (time.time() - psutil.Process().create_time())
+
+
 def all_to_all_ms(profile, on_gpu: bool) -> float:
     """Time in all-to-all collectives: on GPU the device kernels (NCCL runs all-to-all as send/recv
     kernels), on CPU the c10d op (gloo works while the caller waits)."""
@@ -104,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     from parallel.expert import attach_after_initialize, autoep_layers
     from parallel.tensor import TensorParallelGroups
     from train.config import validate_layout
+    from train.dry_run import layout_memory
     from train.losses import global_target_counts
     from train.trainer import build_engine, build_model, setup_distributed, training_objective
 
@@ -114,8 +128,12 @@ def main(argv: list[str] | None = None) -> None:
     autoep = layout.expert > 1
     tp_groups = TensorParallelGroups(layout.tensor) if layout.tensor > 1 else None
 
-    model = build_model(cfg, device, on_gpu=on_gpu, autoep=autoep, tp_groups=tp_groups)
+    started = time.perf_counter()
+    model = build_model(cfg, layout, rank, device, on_gpu=on_gpu, autoep=autoep, tp_groups=tp_groups)
+    built = time.perf_counter()
     engine = build_engine(cfg, layout, model, on_gpu=on_gpu, autoep=autoep, tp_groups=tp_groups)
+    synchronize_all(on_gpu)
+    engine_ready = time.perf_counter()
     moe_layers = len(autoep_layers(engine.module)) if autoep else 0
     if autoep:
         attach_after_initialize(engine.module, selection_bias=False)
@@ -137,20 +155,22 @@ def main(argv: list[str] | None = None) -> None:
         objective.end_step()
 
     def synchronize() -> None:
-        if on_gpu:
-            torch.cuda.synchronize()
-        dist.barrier()
+        synchronize_all(on_gpu)
 
-    for _ in range(args.warmup):
+    step()
+    synchronize()
+    first_step_s = time.perf_counter() - engine_ready
+    for _ in range(args.warmup - 1):
         step()
     synchronize()
+    peak_all_gib = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
+    timed_from = time.perf_counter()
     for _ in range(args.steps):
         step()
     synchronize()
-    elapsed = time.perf_counter() - started
+    elapsed = time.perf_counter() - timed_from
 
     from torch.profiler import ProfilerActivity, profile
 
@@ -179,6 +199,15 @@ def main(argv: list[str] | None = None) -> None:
         / world
         / 1e12,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
+        # over the whole run, construction and warm-up included, against the dry run's estimate
+        "peak_mem_all_gib": max(peak_all_gib, torch.cuda.max_memory_allocated() / 2**30) if on_gpu else None,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if on_gpu else None,
+        "estimate_gib": layout_memory(cfg, layout).total / 2**30,
+        "parameters_per_rank": sum(p.numel() for p in model.parameters()),
+        "startup_s": engine_ready - process_started(),
+        "build_s": built - started,
+        "engine_s": engine_ready - built,
+        "first_step_s": first_step_s,
         "moe_layers": moe_layers,
         "a2a_ms_per_step": float(a2a_ms),
         "a2a_ms_per_moe_layer": float(a2a_ms) / moe_layers if moe_layers else 0.0,
@@ -189,6 +218,16 @@ def main(argv: list[str] | None = None) -> None:
             f"{tokens_per_s:,.0f} tok/s  {result['ms_per_step']:.1f} ms/step  "
             f"{result['tflops_per_gpu']:.1f} TFLOP/s/gpu  all-to-all {result['a2a_ms_per_moe_layer']:.2f} "
             f"ms per MoE layer a step"
+        )
+        print(
+            f"start-up {result['startup_s']:.1f} s from process start (model {result['build_s']:.1f} s, "
+            f"engine {result['engine_s']:.1f} s), first step {first_step_s:.1f} s; "
+            + (
+                f"peak GPU memory {result['peak_mem_all_gib']:.1f} GiB against the dry run's estimate "
+                f"{result['estimate_gib']:.1f} GiB"
+                if on_gpu
+                else ""
+            )
         )
         if args.out:
             args.out.write_text(json.dumps(result, indent=2))

@@ -287,4 +287,8 @@ def safe_checkpoint_engine():
             with torch.serialization.safe_globals(_deepspeed_safe_globals()):
                 return torch.load(path, map_location=map_location, weights_only=True)
 
-    return SafeTorchCheckpointEngine()
+    engine = SafeTorchCheckpointEngine()
+    # without a DeepSpeed config the engine would save the legacy (non-zip) format, which cannot be
+    # memory-mapped: checkpoints saved after a resume must stay readable lazily (convert_hf.py to-hf)
+    engine.zipfile_serialization = True
+    return engine

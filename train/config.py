@@ -66,6 +66,7 @@ class TrainerConfig:
     seed: int = 0
     dry_run: bool = False
     dry_run_world_size: int | None = None
+    dry_run_rank: int | None = None  # with dry_run: build and initialise this rank's shard on the CPU
     gpu_memory_gb: float = 80.0
     activation_checkpointing: bool = False
     compile: bool = True  # torch.compile the decoder layers on GPU (ignored on CPU)
@@ -221,6 +222,15 @@ def validate_layout(cfg: PretrainConfig, world: int) -> Layout:
             f"logging.wandb.mode must be auto, offline, online or disabled, got {cfg.logging.wandb.mode!r}",
         ),
     ]
+    if t.dry_run_rank is not None:
+        checks += [
+            (t.dry_run, "trainer.dry_run_rank needs trainer.dry_run=true (it builds a rank of a plan)"),
+            (
+                0 <= t.dry_run_rank < world,
+                f"trainer.dry_run_rank ({t.dry_run_rank}) must be in 0..{world - 1} (the world size planned: "
+                "trainer.dry_run_world_size)",
+            ),
+        ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
@@ -234,3 +244,8 @@ def validate_layout(cfg: PretrainConfig, world: int) -> Layout:
     if d.streams % dp:
         raise ValueError(f"the data-parallel size ({dp}) must divide data.streams ({d.streams})")
     return Layout(world, p.tensor, p.expert, dp, world // p.expert, t.global_batch_size // per_step)
+
+
+def uses_autoep(cfg: PretrainConfig, layout: Layout) -> bool:
+    """Whether the MoE runs on DeepSpeed AutoEP: parallel.autoep, by default when experts are split."""
+    return cfg.parallel.autoep if cfg.parallel.autoep is not None else layout.expert > 1

@@ -36,19 +36,21 @@ from omegaconf import OmegaConf
 from data.loader import TokenLoader, merge_states
 from model.accounting import flops_per_token
 from model.documents import DocumentLayout, copy_to_device
-from model.init import init_weights
 from model.moe import moe_blocks
 from model.ops.cross_entropy import check_labels_in_range
 from model.qwen3_next import IGNORE_INDEX, Qwen3NextForCausalLM
+from parallel.build import RankPlacement, build_rank_model
 from parallel.expert import (
     after_folded_initialize,
     attach_after_initialize,
     autoep_config,
+    check_expert_ranks,
+    engine_adopts_replaced_layers,
     fold_onto_tensor_parallel,
     moe_optimizer_factory,
     selection_biases,
 )
-from parallel.tensor import TensorParallelGroups, apply_tensor_parallel
+from parallel.tensor import TensorParallelGroups
 from train.checkpoint import (
     checkpoint_root,
     complete_checkpoints,
@@ -61,7 +63,7 @@ from train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from train.config import Layout, PretrainConfig
+from train.config import Layout, PretrainConfig, uses_autoep
 from train.losses import TrainingObjective, global_target_counts, update_expert_biases
 from train.monitor import RunMonitor
 from train.optim import lr_at, param_groups, without_names
@@ -89,23 +91,6 @@ class SkippingAdamW(torch.optim.AdamW):
         if self.skipped:
             return None
         return super().step(closure)
-
-
-def load_initial_weights(model: torch.nn.Module, config, path: Path) -> None:
-    """Weights written by `launch/convert_hf.py from-hf` (model.safetensors + model.yaml), after
-    checking that they are for the configured model."""
-    from safetensors.torch import load_file
-
-    saved = OmegaConf.load(path / "model.yaml")
-    differing = [k for k, v in saved.items() if getattr(config, k, None) != v and k != "mtp_num_layers"]
-    if differing:
-        details = ", ".join(f"{k}: {saved[k]} there, {getattr(config, k, None)} here" for k in differing[:5])
-        raise ValueError(f"checkpoint.init_from={path} is for another model ({details})")
-    state = load_file(str(path / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [name for name in missing if not name.startswith("mtp.") and not name.endswith("expert_bias")]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint.init_from={path}: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
 def replicated_grad_norm(model: torch.nn.Module) -> float:
@@ -184,6 +169,8 @@ def stop_signal_flag() -> dict:
 
 def build_model(
     cfg: PretrainConfig,
+    layout: Layout,
+    rank: int,
     device: torch.device,
     *,
     on_gpu: bool,
@@ -191,20 +178,26 @@ def build_model(
     tp_groups: TensorParallelGroups | None,
     init_from: Path | None = None,
 ) -> Qwen3NextForCausalLM:
-    """The model as the engine takes it: initialised (from `init_from`'s weights when given), with
-    the preset's activation checkpointing and expert biases, head-sharded under tensor parallelism, on
-    `device`, its layers compiled on GPUs."""
-    model = Qwen3NextForCausalLM(cfg.model)
-    init_weights(model, cfg.model, seed=cfg.trainer.seed)
-    if init_from is not None:
-        load_initial_weights(model, cfg.model, init_from)
+    """This rank's model as the engine takes it (parallel/build.py: built on the meta device, only the
+    rank's heads and experts materialised on `device`, bf16 on GPUs, seeded or loaded from
+    `init_from`), with the preset's activation checkpointing and expert biases, its layers compiled
+    on GPUs."""
+    placement = RankPlacement(layout.world, rank, layout.tensor, layout.expert, autoep)
+    dtype = torch.bfloat16 if on_gpu else torch.float32  # what DeepSpeed's bf16 mode would cast to
+    model, _ = build_rank_model(
+        cfg.model,
+        placement,
+        device=device,
+        dtype=dtype,
+        seed=cfg.trainer.seed,
+        init_from=init_from,
+        tp_groups=tp_groups,
+    )
     model.model.activation_checkpointing = cfg.trainer.activation_checkpointing
     if cfg.loss.expert_bias_rate > 0 and not autoep:  # AutoEP's layers get theirs after initialize
         for block in moe_blocks(model):
             block.enable_expert_bias()
-    if tp_groups is not None:  # every rank built and initialised the whole model: keep its heads
-        apply_tensor_parallel(model, tp_groups)
-    elif not autoep:
+    if tp_groups is None and not autoep:
         # lets ds_to_universal convert the checkpoints (AutoEP writes its own entry): plain
         # parameters, no slicing rules to record
         from deepspeed.checkpoint.constants import (
@@ -218,7 +211,6 @@ def build_model(
             UNIVERSAL_CHECKPOINT_INFO,
             {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
         )
-    model.to(device)
     if on_gpu and cfg.trainer.compile:
         model.compile_layers()
     return model
@@ -255,13 +247,18 @@ def build_engine(
     folded = autoep and layout.tensor > 1
     if folded:
         fold_onto_tensor_parallel(model)
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        mpu=None if folded else tp_groups,  # folded: DeepSpeed builds the same groups itself
-        config=deepspeed_config(cfg, layout, on_gpu, autoep=autoep, load_universal=load_universal),
-        dist_init_required=False,
-    )
+    # the MoE blocks were replaced by AutoEP's layers when the model was built (parallel/build.py)
+    adopting = engine_adopts_replaced_layers(model) if autoep else contextlib.nullcontext()
+    with adopting:
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            mpu=None if folded else tp_groups,  # folded: DeepSpeed builds the same groups itself
+            config=deepspeed_config(cfg, layout, on_gpu, autoep=autoep, load_universal=load_universal),
+            dist_init_required=False,
+        )
+    if autoep:
+        check_expert_ranks(engine.module)
     if folded:
         after_folded_initialize(engine.module, layout.tensor)
     finish_bf16_setup(engine, layout.world)
@@ -317,7 +314,7 @@ class Trainer:
         self.layout = layout
         self.run_dir = Path(cfg.run.dir)
         self.stop_file = self.run_dir / "STOP"
-        self.autoep = cfg.parallel.autoep if cfg.parallel.autoep is not None else layout.expert > 1
+        self.autoep = uses_autoep(cfg, layout)
         # what DeepSpeed's native checkpoint files depend on (a change needs the universal form)
         self.partitioning = {
             "world": layout.world,
@@ -390,6 +387,8 @@ class Trainer:
         init_from = self.cfg.checkpoint.init_from if self.resume_from is None else None
         model = build_model(
             self.cfg,
+            self.layout,
+            self.rank,
             self.device,
             on_gpu=self.on_gpu,
             autoep=self.autoep,

@@ -4,7 +4,7 @@ and checkpoints move between layouts.
 The toy model and corpus of test_training.py, trained 3 steps by `torchrun launch/pretrain.py` at
 world 1 and at dp4, dp4 x ep2, dp4 x ep4 (DeepSpeed AutoEP, ZeRO 1): the same global batch each
 step, so the losses and the parameters after the 3 steps must agree (fp32). The AutoEP checkpoints
-are read back into our model's names and fused expert layout (`consolidated_module_state`).
+are read back into our model's names and fused expert layout (`saved_weights`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import torch
 
 from model.init import init_weights
 from model.qwen3_next import Qwen3NextForCausalLM
-from parallel.expert import consolidated_module_state
 from tests.distributed.test_training import (
     REPO,
     command,
@@ -27,6 +26,7 @@ from tests.distributed.test_training import (
     overrides,
     pretrain,
     read_metrics,
+    saved_weights,
     write_corpus,
 )
 from train.checkpoint import model_config_of
@@ -59,7 +59,7 @@ def initial_weights(run_dir):
 
 
 def final_weights(run_dir):
-    return consolidated_module_state(run_dir / "checkpoints" / f"step_{STEPS}")
+    return saved_weights(run_dir / "checkpoints" / f"step_{STEPS}")
 
 
 @pytest.mark.parametrize("expert", [1, 2, 4], ids=["dp4", "dp4-ep2", "dp4-ep4"])
@@ -101,8 +101,8 @@ def test_checkpoints_reshard_across_layouts(corpus, tmp_path):
         if steps > 2:
             assert "converting it to universal form" in output and f"step_{steps - 2}" in output
     np.testing.assert_allclose(losses(run_dir), losses(reference), rtol=1e-5)
-    expected = consolidated_module_state(reference / "checkpoints" / "step_6")
-    weights = consolidated_module_state(run_dir / "checkpoints" / "step_6")
+    expected = saved_weights(reference / "checkpoints" / "step_6")
+    weights = saved_weights(run_dir / "checkpoints" / "step_6")
     for name, value in expected.items():
         message = lambda m, n=name: f"{n}: {m}"
         torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-5, msg=message)
@@ -130,7 +130,7 @@ def test_convert_hf_exports_an_expert_parallel_checkpoint_for_transformers(corpu
     subprocess.run([*convert, "to-hf", str(run_dir), str(hf_dir), "--dtype", "fp32"], cwd=REPO, check=True)
     subprocess.run([*convert, "from-hf", str(hf_dir), str(init_dir)], cwd=REPO, check=True)
 
-    trained = consolidated_module_state(run_dir / "checkpoints" / "step_1")
+    trained = saved_weights(run_dir / "checkpoints" / "step_1")
     config = model_config_of(run_dir)
     ours = Qwen3NextForCausalLM(config)
     ours.load_state_dict(trained)
@@ -139,10 +139,12 @@ def test_convert_hf_exports_an_expert_parallel_checkpoint_for_transformers(corpu
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids).logits, rtol=1e-4, atol=1e-4)
 
-    from safetensors.torch import load_file
+    from model.hf import WeightFiles
+    from model.tensor_files import TensorRequest
 
-    back = load_file(str(init_dir / "model.safetensors"))
-    assert back.keys() == trained.keys()
+    init_files = WeightFiles(init_dir)
+    assert init_files.names() == trained.keys()
+    back = {name: piece for name, _, piece in init_files.read({n: TensorRequest(n) for n in trained})}
     assert all(torch.equal(back[name], trained[name]) for name in trained)
     fresh, started = tmp_path / "fresh", tmp_path / "started"
     pretrain(1, overrides(corpus, fresh, **{**COMMON, **no_bias, "trainer.max_steps": 1}))

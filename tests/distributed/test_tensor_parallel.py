@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 
-from parallel.expert import consolidated_module_state
 from tests.conftest import tiny_config
 from tests.distributed.gloo import run_on_ranks
 from tests.distributed.test_training import (
@@ -30,6 +29,7 @@ from tests.distributed.test_training import (
     overrides,
     pretrain,
     read_metrics,
+    saved_weights,
     write_corpus,
 )
 
@@ -95,9 +95,9 @@ def train_single_and_tensor_parallel(tmp_path, corpus, tp: int, parallel_only=No
     np.testing.assert_allclose(losses(parallel), losses(single), rtol=1e-5)
     norms = [[row["grad_norm"] for row in read_metrics(run)] for run in (parallel, single)]
     np.testing.assert_allclose(*norms, rtol=1e-5)
-    # the weights after 3 steps, the two TP ranks' shards joined back (parallel.tensor.gather_tensor_parallel)
-    expected = consolidated_module_state(single / "checkpoints" / "step_3")
-    joined = consolidated_module_state(parallel / "checkpoints" / "step_3")
+    # the weights after 3 steps, the two TP ranks' shards joined back (parallel/checkpoint_files.py)
+    expected = saved_weights(single / "checkpoints" / "step_3")
+    joined = saved_weights(parallel / "checkpoints" / "step_3")
     assert joined.keys() == expected.keys()
     for name, value in expected.items():
         message = lambda m, n=name: f"{n}: {m}"
@@ -143,24 +143,24 @@ def test_tp2_dp2_with_ep2_trains_like_one_process(tmp_path):
     )
 
 
-def test_joining_shards_keeps_a_whole_saved_lm_head_whole():
+def test_joining_shards_keeps_a_whole_saved_lm_head_whole(tmp_path):
     """A checkpoint from before the head was split over the vocabulary holds it whole on every
     tensor rank: the join takes it as it is, the split tensors as before."""
     from model.init import init_weights
     from model.qwen3_next import Qwen3NextForCausalLM
-    from parallel.tensor import TensorParallelPosition, apply_tensor_parallel, gather_tensor_parallel
+    from parallel.checkpoint_files import consolidated_module_state
+    from parallel.tensor import TensorParallelPosition, apply_tensor_parallel
 
     config = tiny_config()
     whole = Qwen3NextForCausalLM(config)
     init_weights(whole, config, seed=0)
-    rank_states = []
     for rank in range(2):
         sharded = Qwen3NextForCausalLM(config)
         sharded.load_state_dict(whole.state_dict())
         apply_tensor_parallel(sharded, TensorParallelPosition(2, rank))
         state = sharded.state_dict()
         state["lm_head.weight"] = whole.lm_head.weight.detach().clone()  # saved whole
-        rank_states.append(state)
-    joined = gather_tensor_parallel(rank_states, config)
+        torch.save({"module": state}, tmp_path / f"mp_rank_{rank:02d}_model_states.pt")
+    joined = consolidated_module_state(tmp_path, config)
     for name, value in whole.state_dict().items():
         torch.testing.assert_close(joined[name], value, rtol=0, atol=0, msg=name)

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +127,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def saved_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights in the single-device model's names and layout (experts fused)."""
+    from parallel.checkpoint_files import consolidated_module_state
+    from train.checkpoint import model_config_of
+
+    return consolidated_module_state(checkpoint, model_config_of(checkpoint))
+
+
 def losses(run_dir: Path) -> list[float]:
     return [row["loss"] for row in read_metrics(run_dir)]
 
@@ -171,6 +180,8 @@ def test_rerun_and_resume_repeat_the_losses_bitwise(corpus, straight_run, tmp_pa
     assert "resuming from" in output and "step_3" in output
     assert [row["step"] for row in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
     assert losses(run_dir) == expected, "steps 4..6 after resuming must equal the uninterrupted run"
+    saved_after_resume = run_dir / "checkpoints" / "step_6" / "mp_rank_00_model_states.pt"
+    assert zipfile.is_zipfile(saved_after_resume), "saved in torch's zip format (memory-mappable)"
 
 
 def test_one_process_gives_the_losses_of_two(corpus, straight_run, tmp_path):

@@ -1,0 +1,205 @@
+"""Each rank builds, initialises and holds only its own shard (parallel/build.py).
+
+- Initial weights: on 4 gloo processes, dp4, dp4 x ep2, dp4 x ep4, tp2 x dp2 and tp2 x dp2 with ep2
+  folded onto the tensor pairs, the trainer's own model and DeepSpeed engine (`build_model`,
+  `build_engine`) hold, on every rank, exactly (bit for bit) the matching slice of the 1-process
+  model's seeded weights (`model.init.init_weights`), and the ranks together cover every element of
+  every parameter of that model. The same for weights read from `checkpoint.init_from` (a hub-layout
+  directory of many small files) under ep2 and tp2 x ep2.
+- Memory: on 4 processes with parallel.expert=4 and a model whose experts are most of its bytes,
+  each process's peak resident memory over the construction (the model materialised and initialised,
+  before the engine) stays within its baseline plus 1.2x the bytes of its own shard, measured by the
+  kernel (VmHWM after resetting it), while the whole model is more than twice that.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed.gloo import run_on_ranks
+from tests.distributed.test_training import MODEL
+
+REPO = Path(__file__).resolve().parents[2]
+WORLD = 4
+LAYOUTS = {
+    "dp4": {},
+    "dp4-ep2": {"parallel.expert": 2},
+    "dp4-ep4": {"parallel.expert": 4},
+    "tp2-dp2": {"parallel.tensor": 2},
+    "tp2-dp2-ep2": {"parallel.tensor": 2, "parallel.expert": 2},
+}
+# experts are ~90% of the fp32 bytes: 64 experts of width 512 at hidden 256, over 5 MoE layers
+EXPERT_HEAVY = {"hidden_size": 256, "num_experts": 64, "num_experts_per_tok": 4, "moe_intermediate_size": 512}
+
+
+def compose(overrides: dict) -> object:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from train.config import register_configs
+
+    register_configs()
+    values = {f"model.{k}": v for k, v in MODEL.items()}
+    values.update({"trainer.global_batch_size": 8, "trainer.micro_batch_size": 2, "data.streams": 4})
+    values.update(overrides)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        return OmegaConf.to_object(
+            hydra_compose("pretrain", ["conf=tiny", *(f"{k}={v}" for k, v in values.items())])
+        )
+
+
+def start_deepspeed(rank: int, world: int) -> None:
+    os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    from train.trainer import quiet_deepspeed, skip_deepspeed_cpu_shm_build
+
+    quiet_deepspeed()
+    skip_deepspeed_cpu_shm_build()
+
+
+def rank_shard_against_whole(rank: int, world: int, overrides: dict, reference_seed: int | None = None):
+    """This rank's engine-held parameters checked against the 1-process model's slices (its seeded
+    init, with `reference_seed` when the run starts from weights saved with that seed); returns
+    (name, whether equal, the origin's parts) per parameter."""
+    start_deepspeed(rank, world)
+    from model.init import init_weights
+    from model.qwen3_next import Qwen3NextForCausalLM
+    from parallel.build import origins
+    from parallel.tensor import TensorParallelGroups
+    from train.config import validate_layout
+    from train.trainer import build_engine, build_model
+
+    cfg = compose(overrides)
+    layout = validate_layout(cfg, world)
+    autoep = layout.expert > 1
+    tp_groups = TensorParallelGroups(layout.tensor) if layout.tensor > 1 else None
+    kwargs = {"on_gpu": False, "autoep": autoep, "tp_groups": tp_groups}
+    init_from = Path(cfg.checkpoint.init_from) if cfg.checkpoint.init_from else None
+    model = build_model(cfg, layout, rank, torch.device("cpu"), **kwargs, init_from=init_from)
+    engine = build_engine(cfg, layout, model, **kwargs)
+
+    whole = Qwen3NextForCausalLM(cfg.model)
+    init_weights(whole, cfg.model, seed=cfg.trainer.seed if reference_seed is None else reference_seed)
+    reference = dict(whole.named_parameters())
+    held = dict(engine.module.named_parameters())
+    results = []
+    for name, origin in origins(engine.module).items():
+        expected = reference[origin.name].detach()
+        if origin.experts is not None:
+            expected = expected[origin.experts.start : origin.experts.stop]
+        expected = origin.cut(expected)
+        parts = (
+            origin.name,
+            origin.experts,
+            origin.rows,
+            origin.tp_dim,
+            None if origin.tp_index is None else origin.tp_index.tolist(),
+        )
+        results.append((name, torch.equal(held[name].detach(), expected), parts))
+    return results
+
+
+def covered(whole_shape: torch.Size, parts) -> torch.Tensor:
+    """The elements of a whole tensor that an origin's parts select."""
+    _, experts, rows, tp_dim, tp_index = parts
+    mask = torch.zeros(whole_shape, dtype=torch.bool)
+    view = mask[experts.start : experts.stop] if experts is not None else mask
+    if rows is not None:
+        view = view[:, rows]
+    if tp_dim is not None:
+        view.index_fill_(tp_dim, torch.tensor(tp_index), True)
+    else:
+        view.fill_(True)
+    return mask
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_rank_holds_exactly_its_slice_of_the_one_process_init(tmp_path, layout):
+    from model.qwen3_next import Qwen3NextForCausalLM
+
+    results = run_on_ranks(rank_shard_against_whole, WORLD, tmp_path, LAYOUTS[layout], timeout=240)
+    unequal = [(rank, name) for rank, rows in enumerate(results) for name, equal, _ in rows if not equal]
+    assert not unequal, f"parameters differing from the 1-process init's slice: {unequal[:5]}"
+
+    with torch.device("meta"):
+        shapes = {n: p.shape for n, p in Qwen3NextForCausalLM(compose({}).model).named_parameters()}
+    coverage = {name: torch.zeros(shape, dtype=torch.bool) for name, shape in shapes.items()}
+    for rows in results:
+        for _, _, parts in rows:
+            coverage[parts[0]] |= covered(shapes[parts[0]], parts)
+    missing = [name for name, mask in coverage.items() if not mask.all()]
+    assert not missing, f"no rank holds part of {missing[:5]}"
+    if "ep" in layout:
+        experts = [parts for rows in results for _, _, parts in rows if parts[1] is not None]
+        assert experts and all(len(parts[1]) < MODEL["num_experts"] for parts in experts)
+
+
+@pytest.fixture(scope="module")
+def hub_weights(tmp_path_factory) -> Path:
+    """The toy model with seed 7's weights in the HF hub layout, spread over many small files."""
+    from model.hf import save_hf
+    from model.init import init_weights
+    from model.qwen3_next import Qwen3NextForCausalLM
+
+    config = compose({}).model
+    model = Qwen3NextForCausalLM(config)
+    init_weights(model, config, seed=7)
+    directory = tmp_path_factory.mktemp("hub")
+    save_hf(model, directory, max_shard_bytes=32 * 1024)
+    assert len(list(directory.glob("*.safetensors"))) > 5
+    return directory
+
+
+@pytest.mark.parametrize("layout", ["dp4-ep2", "tp2-dp2-ep2"])
+def test_every_rank_loads_exactly_its_slice_of_init_from(tmp_path, hub_weights, layout):
+    overrides = {**LAYOUTS[layout], "checkpoint.init_from": hub_weights}
+    results = run_on_ranks(rank_shard_against_whole, WORLD, tmp_path, overrides, 7, timeout=240)
+    unequal = [(rank, name) for rank, rows in enumerate(results) for name, equal, _ in rows if not equal]
+    assert not unequal, f"parameters differing from the saved weights' slice: {unequal[:5]}"
+
+
+def status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def construction_memory(rank: int, world: int):
+    """(resident KiB before, peak KiB during the construction, the shard's bytes, the whole model's
+    fp32 bytes) of this rank's model under ep4, through the trainer's build_model."""
+    start_deepspeed(rank, world)
+    from model.qwen3_next import Qwen3NextForCausalLM
+    from train.config import validate_layout
+    from train.trainer import build_model
+
+    cfg = compose({**{f"model.{k}": v for k, v in EXPERT_HEAVY.items()}, "parallel.expert": 4})
+    layout = validate_layout(cfg, world)
+    with torch.device("meta"):
+        whole_bytes = sum(p.numel() * 4 for p in Qwen3NextForCausalLM(cfg.model).parameters())
+    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from the current size
+    before = status_kib("VmRSS")
+    model = build_model(cfg, layout, rank, torch.device("cpu"), on_gpu=False, autoep=True, tp_groups=None)
+    peak = status_kib("VmHWM")
+    shard_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    return before, peak, shard_bytes, whole_bytes
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's peak-RSS reset")
+def test_construction_peak_memory_is_the_ranks_own_shard(tmp_path):
+    for rank, (before, peak, shard_bytes, whole_bytes) in enumerate(
+        run_on_ranks(construction_memory, WORLD, tmp_path, timeout=240)
+    ):
+        assert whole_bytes > 2.5 * shard_bytes, "the test needs a model far larger than one shard"
+        grown = (peak - before) * 1024
+        assert grown <= 1.2 * shard_bytes, (
+            f"rank {rank}: peak grew by {grown / 2**20:.1f} MiB for a shard of {shard_bytes / 2**20:.1f} MiB "
+            f"(whole model {whole_bytes / 2**20:.1f} MiB)"
+        )
+        assert grown >= 0.9 * shard_bytes, f"rank {rank}: the shard's storage should show in the peak"
+        print(f"rank {rank}: peak +{grown / 2**20:.1f} MiB, shard {shard_bytes / 2**20:.1f} MiB")
