@@ -3,7 +3,8 @@
 Composes conf/pretrain.yaml with the preset over the typed schema of train/config.py (an unknown
 key or a wrong type fails here, naming it), checks the layout against the world size, then trains.
 `trainer.dry_run=true` only builds the model on the meta device and reports parameters, FLOPs and
-the per-rank memory estimate (`trainer.dry_run_world_size` picks the world size to plan for).
+the per-rank memory estimate (`trainer.dry_run_world_size` picks the world size to plan for);
+`trainer.dry_run_rank=R` then builds and initialises rank R's shard on the CPU and reports it.
 """
 
 import math
@@ -46,9 +47,12 @@ def main(raw: DictConfig) -> None:
     except ValueError as error:
         sys.exit(f"pretrain.py: {error}")
     if cfg.trainer.dry_run:
-        from train.dry_run import dry_run_report
+        from train.dry_run import dry_run_report, materialise_rank
 
-        print(dry_run_report(cfg, layout)[0])
+        print(dry_run_report(cfg, layout)[0], flush=True)
+        if cfg.trainer.dry_run_rank is not None:
+            print(f"building rank {cfg.trainer.dry_run_rank}'s shard on the CPU ...", flush=True)
+            print(materialise_rank(cfg, layout, cfg.trainer.dry_run_rank))
         return
     from train.trainer import BadStepsError, Trainer
 

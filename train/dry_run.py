@@ -3,18 +3,25 @@
 Prints total and active parameters (counted on the built model and by model/accounting.py), the
 training FLOPs per token, and the per-rank memory estimate of train/memory.py for the layout, with
 whether it fits `trainer.gpu_memory_gb`. Needs no GPU and allocates no weights.
+
+With `trainer.dry_run_rank=R` it then builds rank R's shard of the planned layout for real, on this
+machine's CPU in fp32, through the trainer's own pipeline (parallel/build.py: meta model, the rank's
+heads and experts, materialised and initialised), without the other processes, and reports what it
+held and cost next to the estimate: a check that a rank of the real run can start.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import time
 
 import torch
 
 from model.accounting import count_parameters, flops_per_token
 from model.qwen3_next import Qwen3NextForCausalLM
-from train.config import Layout, PretrainConfig, validate_layout
-from train.memory import GIB, estimate_memory
+from train.config import Layout, PretrainConfig, uses_autoep, validate_layout
+from train.memory import GIB, estimate_memory, rank_parameters
 
 
 def layout_memory(cfg: PretrainConfig, layout: Layout):
@@ -115,3 +122,40 @@ def dry_run_report(cfg: PretrainConfig, layout: Layout) -> tuple[str, bool]:
         ),
     ]
     return "\n".join(lines), layout_fits
+
+
+def materialise_rank(cfg: PretrainConfig, layout: Layout, rank: int) -> str:
+    """Build and initialise `rank`'s shard of `layout` on the CPU (fp32) as the trainer would, and
+    report it: `rank R: N parameters materialised (X GiB), peak host memory Y GiB, built in Z s`, and
+    the estimate's count for that rank. Raises if the two differ by more than 1%."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # AutoEP's layers come from DeepSpeed; no GPU needed
+    from parallel.build import RankPlacement, build_rank_model, peak_host_memory_bytes
+
+    _quiet_deepspeed()
+    placement = RankPlacement(layout.world, rank, layout.tensor, layout.expert, uses_autoep(cfg, layout))
+    started = time.perf_counter()
+    model, report = build_rank_model(
+        cfg.model, placement, device="cpu", dtype=torch.float32, seed=cfg.trainer.seed
+    )
+    seconds = time.perf_counter() - started
+    dense, experts = rank_parameters(cfg.model, tensor=layout.tensor, expert=layout.expert)
+    estimate = dense + experts
+    off = report.parameters / estimate - 1
+    lines = [
+        f"rank {rank}: {report.parameters:,} parameters materialised ({report.bytes / GIB:.2f} GiB), "
+        f"peak host memory {peak_host_memory_bytes() / GIB:.2f} GiB, built in {seconds:.1f} s",
+        f"estimate for rank {rank}: {estimate:,.0f} parameters ({off:+.2%} off)",
+    ]
+    if abs(off) > 0.01:
+        raise RuntimeError("\n".join(lines) + "\nthe memory estimate (train/memory.py) misses this layout")
+    del model
+    return "\n".join(lines)
+
+
+def _quiet_deepspeed() -> None:
+    """DeepSpeed logs its accelerator choice at import and every replaced layer at INFO."""
+    import logging
+
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)

@@ -49,6 +49,13 @@ def split_parameters(c: ModelConfig) -> tuple[int, int, int]:
     return experts, mixers, rest
 
 
+def rank_parameters(c: ModelConfig, *, tensor: int, expert: int) -> tuple[float, float]:
+    """(dense, expert) parameters one rank holds: the mixers and LM head split over the tensor ranks,
+    the experts over the expert ranks, the rest whole (before ZeRO partitions anything)."""
+    experts, mixers, rest = split_parameters(c)
+    return mixers / tensor + rest, experts / expert
+
+
 def estimate_memory(
     c: ModelConfig,
     *,
@@ -60,9 +67,7 @@ def estimate_memory(
     seq_len: int,
     activation_checkpointing: bool,
 ) -> MemoryEstimate:
-    experts, mixers, rest = split_parameters(c)
-    dense_local = mixers / tensor + rest
-    expert_local = experts / expert
+    dense_local, expert_local = rank_parameters(c, tensor=tensor, expert=expert)
     dense_dp, expert_dp = world // tensor, world // expert
 
     def sharded(count: float, group: int, stage_from: int) -> float:
