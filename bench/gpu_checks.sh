@@ -8,7 +8,8 @@
 # (model/ops/attention.py).
 # Stages can be picked: `bash bench/gpu_checks.sh tests bench bench-packed loop` (default: those four);
 # `bench-ep` and `loop-ep` (2 GPUs) compare expert parallelism with data parallelism on conf=small,
-# as the raw step (launch/bench.py layout) and as the training loop.
+# as the raw step (launch/bench.py layout) and as the training loop; `start-80b` measures the start-up
+# and peak memory at the 80B width on one GPU (EXPERTS="384 256" picks the expert counts).
 set -uo pipefail
 out=${OUT:-.}
 export TRITON_CACHE_AUTOTUNING=1 PYTHONUNBUFFERED=1
@@ -66,6 +67,18 @@ for stage in $stages; do
             cp /tmp/loop-ep$ep/metrics.jsonl "$out/loop_ep${ep}_metrics.jsonl"
             cp /tmp/loop-ep$ep/profile/operators.txt "$out/loop_ep${ep}_operators.txt" 2>/dev/null
             tail -3 "$out/loop_ep$ep.log"
+        done ;;
+    start-80b)
+        # one GPU at the 80B-A3B layer width (hidden 2048, 16/32 DeltaNet heads, experts of width 512,
+        # top-10): 4 layers + MTP with EXPERTS of the 512 experts, the preset's activation
+        # checkpointing; reports the start-up (model built on the meta device, this rank's shard
+        # materialised and initialised, then the engine) and the peak GPU memory against the dry
+        # run's estimate for the same config
+        for experts in ${EXPERTS:-384}; do
+            timeout "${START_TIMEOUT:-600}" python launch/bench.py layout --preset 80b_a3b --steps 3 --warmup 2 \
+                --out "$out/start_80b_e$experts.json" model.num_hidden_layers=4 model.num_experts=$experts \
+                > "$out/start_80b_e$experts.log" 2>&1
+            grep -E "^layout|^start-up" "$out/start_80b_e$experts.log" || tail -20 "$out/start_80b_e$experts.log"
         done ;;
     esac
 done
