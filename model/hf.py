@@ -363,7 +363,7 @@ def load_hf(
     checkpoint (plain transformers exports have none) are created only when `mtp_num_layers` asks,
     with seeded init. The model is built on the meta device, materialised and filled piece by piece:
     peak host memory is the model plus one piece."""
-    from model.init import init_weights
+    from model.init import initial_value
 
     files = WeightFiles(hf_dir)
     config = files.model_config(mtp_num_layers)
@@ -374,9 +374,11 @@ def load_hf(
         model = Qwen3NextForCausalLM(config)
     model.to(dtype or common_dtype(files, present))
     model.to_empty(device=device)
-    if missing:
-        init_weights(model, config, seed)
+    if config.tie_word_embeddings:  # to_empty made the tied head a parameter of its own
+        model.lm_head.weight = model.model.embed_tokens.weight
     state = model.state_dict()
+    for name in missing:
+        state[name].copy_(initial_value(name, expected[name], config, seed))
     for name, index, piece in files.read({name: TensorRequest(name) for name in present}):
         target = state[name][index]
         if target.shape != piece.shape:

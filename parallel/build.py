@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,10 +35,15 @@ import torch
 from torch import nn
 
 from model.config import ModelConfig
-from model.init import initial_value
+from model.init import initial_value, is_fused_experts
 from model.qwen3_next import Qwen3NextForCausalLM
+from model.tensor_files import model_shapes
 from parallel.expert import block_layout_name, expert_parallel_rank, local_expert_source, replace_moe_blocks
 from parallel.tensor import TensorParallelGroups, TensorParallelPosition, apply_tensor_parallel
+
+# the buffers a planned model may hold, all zero at the start: the aux-loss-free selection bias and
+# AutoEP's per-step token counts
+ZERO_BUFFERS = ("expert_bias", "tokens_per_expert")
 
 
 @dataclass(frozen=True)
@@ -104,11 +110,12 @@ def plan_rank_model(
 
 def materialize(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
     """Real (uninitialised) storage on `device` for every meta parameter, in `dtype`, and zeros for
-    every meta buffer (all the model's buffers start at zero: routing biases and token counters).
+    the meta buffers (`ZERO_BUFFERS`: routing biases and token counters start at zero).
 
     `Module.to_empty` would make new parameter objects and drop what the layout attached to the old
     ones (shard records, DeepSpeed's expert marks, gradient hooks), so each parameter is remade here
-    with its attributes and hooks carried over; a tied parameter stays one parameter."""
+    with its Python attributes and its gradient (`register_hook`) hooks carried over; a tied parameter
+    stays one parameter."""
     remade: dict[int, nn.Parameter] = {}
     for module in model.modules():
         for key, param in module._parameters.items():
@@ -119,6 +126,8 @@ def materialize(model: nn.Module, device: torch.device | str, dtype: torch.dtype
             module._parameters[key] = remade[id(param)]
         for key, buffer in module._buffers.items():
             if buffer is not None and buffer.is_meta:
+                if key not in ZERO_BUFFERS:
+                    raise RuntimeError(f"materialize: no initial value known for the buffer {key!r}")
                 module._buffers[key] = torch.zeros(buffer.shape, dtype=buffer.dtype, device=device)
 
 
@@ -128,6 +137,8 @@ def _real_parameter(meta: nn.Parameter, device, dtype: torch.dtype) -> nn.Parame
     param.__dict__.update(meta.__dict__)
     for hook in (meta._backward_hooks or {}).values():
         param.register_hook(hook)
+    if meta._post_accumulate_grad_hooks:
+        raise RuntimeError("materialize does not carry post-accumulate-grad hooks over; register them later")
     return param
 
 
@@ -137,6 +148,8 @@ def origin_of(name: str, param: torch.Tensor) -> Origin:
     if expert_source is not None:
         source, experts, rows = expert_source
         return Origin(source, experts=experts, rows=rows)
+    if is_fused_experts(name):  # our block's experts, all of them: drawn and read expert by expert too
+        return Origin(name, experts=range(param.shape[0]))
     tp_dim, tp_index = getattr(param, "tp_shard", (None, None))
     return Origin(block_layout_name(name), tp_dim=tp_dim, tp_index=tp_index)
 
@@ -145,22 +158,16 @@ def origins(model: nn.Module) -> dict[str, Origin]:
     return {name: origin_of(name, param) for name, param in model.named_parameters()}
 
 
-def whole_shapes(config: ModelConfig) -> dict[str, torch.Size]:
-    """The parameter shapes of the 1-process model."""
-    with torch.device("meta"):
-        return {name: p.shape for name, p in Qwen3NextForCausalLM(config).named_parameters()}
-
-
 @torch.no_grad()
 def initialise_seeded(model: nn.Module, config: ModelConfig, seed: int, only: set[str] | None = None) -> None:
     """Every parameter (or those named in `only`) gets its slice of the 1-process model's seeded init.
 
     Each parameter, and each expert of an expert tensor, draws from its own generator, so they are
-    drawn in parallel threads (the draws hold no lock of each other's; the result does not depend on
-    the order). Drawn straight into the parameter where it is a whole fp32 CPU tensor or whole experts;
-    otherwise drawn aside (one expert's matrix, or the whole tensor a tensor-parallel slice is cut from)
-    and copied."""
-    shapes = whole_shapes(config)
+    drawn in parallel threads, one task per dense tensor or expert (the result does not depend on the
+    order). Drawn straight into the parameter where it is fp32 on the CPU and taken whole; otherwise
+    drawn aside and copied, so each thread holds at most one transient value: one expert's matrix, or
+    the whole tensor a tensor-parallel slice is cut from (at most the LM head)."""
+    shapes = model_shapes(config)
     tasks = []
     for name, param in model.named_parameters():
         if only is not None and name not in only:
@@ -183,8 +190,23 @@ def _fill(target, origin: Origin, shape, config: ModelConfig, seed: int, experts
     in_place = target.dtype == torch.float32 and target.device.type == "cpu" and target.is_contiguous()
     if in_place and origin.rows is None and origin.tp_dim is None:
         initial_value(origin.name, shape, config, seed, experts=experts, out=target)
-    else:
-        target.copy_(origin.cut(initial_value(origin.name, shape, config, seed, experts=experts)))
+        return
+    aside = None if experts is None else _scratch((len(experts), *shape[1:]))  # one expert, reused
+    value = initial_value(origin.name, shape, config, seed, experts=experts, out=aside)
+    target.copy_(origin.cut(value))
+
+
+_thread_scratch = threading.local()
+
+
+def _scratch(shape: tuple[int, ...]) -> torch.Tensor:
+    """This thread's fp32 buffer of `shape`, kept for its next expert: drawing aside expert after
+    expert then allocates once per thread, not once per expert (each freed allocation would stay in
+    the thread's malloc arena and add to the process's peak)."""
+    buffers = _thread_scratch.__dict__.setdefault("buffers", {})
+    if shape not in buffers:
+        buffers[shape] = torch.empty(shape)
+    return buffers[shape]
 
 
 def init_threads() -> int:
@@ -204,7 +226,7 @@ def load_weights(model: nn.Module, config: ModelConfig, directory: Path, seed: i
 
     files = WeightFiles(directory)
     check_same_model(files.model_config(), config, directory)
-    lacking = set(check_weights(files, whole_shapes(config)))  # raises unless only MTP weights lack
+    lacking = set(check_weights(files, model_shapes(config)))  # raises unless only MTP weights lack
     found = origins(model)
     requests = {
         name: TensorRequest(origin.name, experts=origin.experts, rows=origin.rows)
@@ -212,11 +234,18 @@ def load_weights(model: nn.Module, config: ModelConfig, directory: Path, seed: i
         if origin.name not in lacking
     }
     params = dict(model.named_parameters())
+    filled = dict.fromkeys(requests, 0)
     for name, index, piece in files.read(requests):
         origin = found[name]
         if origin.tp_dim is not None:  # a dense tensor arrives whole: cut the rank's slice
+            if index != ():
+                raise RuntimeError(f"{name}: a tensor-parallel slice needs its tensor whole, got a part")
             piece = piece.index_select(origin.tp_dim, origin.tp_index)
         params[name][index].copy_(piece)
+        filled[name] += piece.numel()
+    short = [name for name, count in filled.items() if count != params[name].numel()]
+    if short:
+        raise RuntimeError(f"checkpoint.init_from={directory}: {short[:3]} not wholly read")
     seeded = [name for name, origin in found.items() if origin.name in lacking]
     initialise_seeded(model, config, seed, only=set(seeded))
     return seeded

@@ -2,7 +2,7 @@
 
 Why: the 80B model's checkpoint is hundreds of GB, so converting it (`launch/convert_hf.py to-hf`)
 cannot load it whole. `CheckpointFiles` reads it like `model.hf.WeightFiles` reads safetensors:
-`read` takes `model.hf.TensorRequest`s (whole tensors, or some experts / rows of the fused expert
+`read` takes `model.tensor_files.TensorRequest`s (whole tensors, or some experts / rows of the fused expert
 tensors) and yields the pieces file by file. Each file is mapped with `torch.load(mmap=True)` once
 per `read` call and dropped before the next: the pages a call touches stay resident only while
 that call reads the file, so a caller that reads one output file's tensors per call holds about
@@ -30,12 +30,12 @@ import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 
 from model.config import ModelConfig
 from model.tensor_files import (
+    K,
     StoredPart,
     StoredParts,
     TensorRequest,
@@ -46,7 +46,6 @@ from model.tensor_files import (
 )
 from parallel.expert import block_layout_name
 
-K = TypeVar("K")
 MODULE_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 EXPERT_KEY = re.compile(r"^(?P<block>.+\.mlp)\.experts\.(?P<w>w[123])\.(?P<expert>\d+)$")

@@ -27,8 +27,9 @@ What we add from our side (and would ask DeepSpeed for upstream):
 - The aux-loss-free selection bias: AutoEP's router already adds `expert_bias` for selection only,
   but accepts it only with its own `load_balance_coeff` update rule; we register our fp32 buffer on
   each layer instead, updated by the trainer like the unreplaced blocks' (and so checkpointed).
-- The optimizer: under ZeRO the expert parameters need their own groups, which exist only after the
-  replacement, so the engine gets a factory (`moe_optimizer_factory`) instead of an instance.
+- The optimizer: under ZeRO the expert parameters need their own groups (DeepSpeed's MoE groups, by
+  expert-parallel group name); `moe_optimizer_factory` builds them, called by the engine once its
+  set-up is done.
 - ZeRO 0 is refused with expert parallelism (train/config.py): DeepSpeed's clipping there averages
   the ranks' local norms instead of the global norm, and our replicated-gradient checks would let
   ranks disagree about skipping a step.
@@ -113,6 +114,7 @@ def replace_moe_blocks(model: nn.Module, expert_parallel_size: int, ep_rank: int
 
     if any(p.device.type != "meta" for p in model.parameters()):
         raise RuntimeError("replace_moe_blocks expects a model on the meta device (parallel/build.py)")
+    check_deepspeed_version()
     config = parse_autoep_config(autoep_config(expert_parallel_size))
     with torch.device("meta"):  # AutoEP builds its router and grouped experts before copying into them
         autoep = AutoEP(model, config)
@@ -122,17 +124,11 @@ def replace_moe_blocks(model: nn.Module, expert_parallel_size: int, ep_rank: int
     return len(specs)
 
 
-@contextlib.contextmanager
-def engine_adopts_replaced_layers(model: nn.Module):
-    """During `deepspeed.initialize(model=model, ...)`: the engine keeps the AutoEP layers that
-    `replace_moe_blocks` built instead of detecting MoE blocks to replace (there are none left, which
-    it would refuse). It still creates the expert groups and binds them to the layers.
-
-    DeepSpeed has no switch for this, so the engine's `AutoEP.ep_parser` answers "nothing to replace"
-    for this model only, for the duration of the call (written against DeepSpeed 0.19.8; another
-    version is refused, since the engine's use of the parser may have changed)."""
+def check_deepspeed_version() -> None:
+    """Building AutoEP's layers before the engine, and having the engine adopt them, leans on
+    DeepSpeed internals (see `engine_adopts_replaced_layers`): refuse versions it was not checked on,
+    before any work."""
     import deepspeed
-    from deepspeed.module_inject.auto_ep import AutoEP
 
     if deepspeed.__version__ not in ADOPTION_CHECKED_ON:
         raise RuntimeError(
@@ -142,6 +138,20 @@ def engine_adopts_replaced_layers(model: nn.Module):
             "Install deepspeed==0.19.8, or check parallel/expert.py's engine_adopts_replaced_layers "
             "against this version and add it to ADOPTION_CHECKED_ON"
         )
+
+
+@contextlib.contextmanager
+def engine_adopts_replaced_layers(model: nn.Module):
+    """During `deepspeed.initialize(model=model, ...)`: the engine keeps the AutoEP layers that
+    `replace_moe_blocks` built instead of detecting MoE blocks to replace (there are none left, which
+    it would refuse). It still creates the expert groups and binds them to the layers.
+
+    DeepSpeed has no switch for this, so the engine's `AutoEP.ep_parser` answers "nothing to replace"
+    for this model only, for the duration of the call (written against DeepSpeed 0.19.8, whose engine
+    calls the parser once, in `_configure_expert_parallel`, and replaces only what it returns)."""
+    from deepspeed.module_inject.auto_ep import AutoEP
+
+    check_deepspeed_version()
     if not autoep_layers(model):
         raise RuntimeError("expert parallelism is on but the model has no AutoEP layer (replace_moe_blocks)")
     detect = AutoEP.ep_parser
@@ -158,17 +168,22 @@ def engine_adopts_replaced_layers(model: nn.Module):
 
 def check_expert_ranks(model: nn.Module) -> None:
     """After `deepspeed.initialize`: every AutoEP layer holds the experts of its rank in the engine's
-    expert-parallel group (the rank `expert_parallel_rank` predicted when the layer was built)."""
+    expert-parallel group. The experts were placed when the layer was built (`expert_parallel_rank`,
+    recorded by AutoEP on each expert parameter); the engine may since have rebound the layer's own
+    `ep_rank` (under folding it does), so the parameters' record is what is compared."""
     import torch.distributed as dist
+    from deepspeed.checkpoint.constants import AUTOEP_PARAM_EP_RANK, DS_AUTOEP_UC_META
 
     for layer in autoep_layers(model):
         actual = dist.get_rank(group=layer.ep_group)
-        if actual != layer.ep_rank:
-            raise RuntimeError(
-                f"an AutoEP layer was built with the experts of expert-parallel rank {layer.ep_rank}, but "
-                f"this process is rank {actual} of the engine's expert group: parallel/expert.py's "
-                "expert_parallel_rank no longer matches DeepSpeed's group layout"
-            )
+        for param in layer.experts.parameters():
+            built_for = getattr(param, DS_AUTOEP_UC_META)[AUTOEP_PARAM_EP_RANK]
+            if built_for != actual:
+                raise RuntimeError(
+                    f"an AutoEP layer was built with the experts of expert-parallel rank {built_for}, but "
+                    f"this process is rank {actual} of the engine's expert group: parallel/expert.py's "
+                    "expert_parallel_rank no longer matches DeepSpeed's group layout"
+                )
 
 
 def autoep_layers(model: nn.Module) -> list[nn.Module]:
@@ -182,8 +197,8 @@ def moe_optimizer_factory(
     groups_of: Callable[[nn.Module], list[dict]],
     make: Callable[[list[dict]], torch.optim.Optimizer],
 ) -> Callable:
-    """What `deepspeed.initialize(optimizer=...)` calls once the experts are replaced: our parameter
-    groups of the replaced model, the expert parameters split into DeepSpeed's MoE groups."""
+    """What `deepspeed.initialize(optimizer=...)` calls after its set-up: our parameter groups of the
+    model, the expert parameters split into DeepSpeed's MoE groups."""
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     def factory(_model_parameters) -> torch.optim.Optimizer:
@@ -203,7 +218,7 @@ def after_folded_initialize(model: nn.Module, tp: int) -> None:
     rank that holds them, and their gradient's factor tp from the TP all-gather taken out here."""
     experts = [p for name, p in model.named_parameters() if ".mlp.experts.w" in name]
     if not experts:
-        raise RuntimeError("tensor and expert parallelism are on but AutoEP replaced no MoE block")
+        raise RuntimeError("tensor and expert parallelism are on but the model has no AutoEP layer")
     for param in experts:
         param.tensor_model_parallel = True  # folding then skips it: no TP reduction, no 1/tp
         param.register_hook(lambda grad: grad / tp)
@@ -214,7 +229,7 @@ def attach_after_initialize(model: nn.Module, *, selection_bias: bool) -> list[t
     replaced layer a zero fp32 `expert_bias` buffer. Returns the biases in router call order."""
     layers = autoep_layers(model)
     if not layers:
-        raise RuntimeError("expert parallelism is on but DeepSpeed replaced no MoE block (AutoEP)")
+        raise RuntimeError("expert parallelism is on but the model has no AutoEP layer (replace_moe_blocks)")
     model.router_recorder.remove()
     model.router_recorder = RouterLogitsRecorder(model, AUTOEP_ROUTER_SUFFIX)
     if not selection_bias:

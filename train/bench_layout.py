@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     from model.accounting import flops_per_token
     from parallel.expert import attach_after_initialize, autoep_layers
     from parallel.tensor import TensorParallelGroups
-    from train.config import validate_layout
+    from train.config import uses_autoep, validate_layout
     from train.dry_run import layout_memory
     from train.losses import global_target_counts
     from train.trainer import build_engine, build_model, setup_distributed, training_objective
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     world, rank = dist.get_world_size(), dist.get_rank()
     cfg = compose_config(args, world)
     layout = validate_layout(cfg, world)
-    autoep = layout.expert > 1
+    autoep = uses_autoep(cfg, layout)
     tp_groups = TensorParallelGroups(layout.tensor) if layout.tensor > 1 else None
 
     started = time.perf_counter()

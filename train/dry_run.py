@@ -6,7 +6,8 @@ whether it fits `trainer.gpu_memory_gb`. Needs no GPU and allocates no weights.
 
 With `trainer.dry_run_rank=R` it then builds rank R's shard of the planned layout for real, on this
 machine's CPU in fp32, through the trainer's own pipeline (parallel/build.py: meta model, the rank's
-heads and experts, materialised and initialised), without the other processes, and reports what it
+heads and experts, materialised and initialised, from `checkpoint.init_from` when set), without the
+other processes, and reports what it
 held and cost next to the estimate: a check that a rank of the real run can start.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-import time
+from pathlib import Path
 
 import torch
 
@@ -133,17 +134,21 @@ def materialise_rank(cfg: PretrainConfig, layout: Layout, rank: int) -> str:
 
     _quiet_deepspeed()
     placement = RankPlacement(layout.world, rank, layout.tensor, layout.expert, uses_autoep(cfg, layout))
-    started = time.perf_counter()
+    init_from = cfg.checkpoint.init_from
     model, report = build_rank_model(
-        cfg.model, placement, device="cpu", dtype=torch.float32, seed=cfg.trainer.seed
+        cfg.model,
+        placement,
+        device="cpu",
+        dtype=torch.float32,
+        seed=cfg.trainer.seed,
+        init_from=Path(init_from) if init_from else None,
     )
-    seconds = time.perf_counter() - started
     dense, experts = rank_parameters(cfg.model, tensor=layout.tensor, expert=layout.expert)
     estimate = dense + experts
     off = report.parameters / estimate - 1
     lines = [
         f"rank {rank}: {report.parameters:,} parameters materialised ({report.bytes / GIB:.2f} GiB), "
-        f"peak host memory {peak_host_memory_bytes() / GIB:.2f} GiB, built in {seconds:.1f} s",
+        f"peak host memory {peak_host_memory_bytes() / GIB:.2f} GiB, built in {report.seconds:.1f} s",
         f"estimate for rank {rank}: {estimate:,.0f} parameters ({off:+.2%} off)",
     ]
     if abs(off) > 0.01:

@@ -227,8 +227,8 @@ def build_engine(
     load_universal: bool = False,
 ):
     """The DeepSpeed engine over `model` (built, head-sharded under tensor parallelism, on its device):
-    AdamW over our parameter groups (built by a factory under AutoEP, whose expert parameters exist
-    only after the replacement), AutoEP folded onto the tensor-parallel ranks when both are on."""
+    AdamW over our parameter groups (under AutoEP built by a factory that puts the experts into
+    DeepSpeed's MoE groups), AutoEP folded onto the tensor-parallel ranks when both are on."""
     import deepspeed
 
     def groups_of(module: torch.nn.Module) -> list[dict]:

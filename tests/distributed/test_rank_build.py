@@ -1,11 +1,13 @@
 """Each rank builds, initialises and holds only its own shard (parallel/build.py).
 
-- Initial weights: on 4 gloo processes, dp4, dp4 x ep2, dp4 x ep4, tp2 x dp2 and tp2 x dp2 with ep2
-  folded onto the tensor pairs, the trainer's own model and DeepSpeed engine (`build_model`,
-  `build_engine`) hold, on every rank, exactly (bit for bit) the matching slice of the 1-process
-  model's seeded weights (`model.init.init_weights`), and the ranks together cover every element of
-  every parameter of that model. The same for weights read from `checkpoint.init_from` (a hub-layout
-  directory of many small files) under ep2 and tp2 x ep2.
+- Initial weights: on 4 gloo processes, dp4 (plain and with AutoEP's layers at expert 1), dp4 x ep2,
+  dp4 x ep4, tp2 x dp2 and tp2 x dp2 with ep2 folded onto the tensor pairs, the trainer's own model
+  and DeepSpeed engine (`build_model`, `build_engine`) hold, on every rank, exactly (bit for bit)
+  what the 1-process model's seeded weights (`model.init.init_weights`) give when cut the old way,
+  on real tensors (head sharding in place, AutoEP's copying replacement at the engine's expert rank),
+  and the ranks together cover every element of every parameter of that model. The same for
+  weights read from `checkpoint.init_from` (a hub-layout directory of many small files) under ep2
+  and tp2 x ep2.
 - Memory: on 4 processes with parallel.expert=4 and a model whose experts are most of its bytes,
   each process's peak resident memory over the construction (the model materialised and initialised,
   before the engine) stays within its baseline plus 1.2x the bytes of its own shard, measured by the
@@ -27,6 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 WORLD = 4
 LAYOUTS = {
     "dp4": {},
+    "dp4-autoep": {"parallel.autoep": True},
     "dp4-ep2": {"parallel.expert": 2},
     "dp4-ep4": {"parallel.expert": 4},
     "tp2-dp2": {"parallel.tensor": 2},
@@ -62,20 +65,27 @@ def start_deepspeed(rank: int, world: int) -> None:
 
 
 def rank_shard_against_whole(rank: int, world: int, overrides: dict, reference_seed: int | None = None):
-    """This rank's engine-held parameters checked against the 1-process model's slices (its seeded
-    init, with `reference_seed` when the run starts from weights saved with that seed); returns
-    (name, whether equal, the origin's parts) per parameter."""
+    """This rank's engine-held parameters against the reference: the 1-process model (seeded init,
+    with `reference_seed` when the run starts from weights saved with that seed) cut the way the
+    trainer used to cut it, on real tensors: the whole model sharded over the heads in place, its MoE
+    blocks replaced by AutoEP's own copying replacement for the expert rank the engine gave this
+    process. Returns (name, whether equal, its origin's parts for the coverage check) per parameter."""
     start_deepspeed(rank, world)
+    import torch.distributed as dist
+    from deepspeed.module_inject.auto_ep import AutoEP
+    from deepspeed.module_inject.auto_ep_config import parse_autoep_config
+
     from model.init import init_weights
     from model.qwen3_next import Qwen3NextForCausalLM
     from parallel.build import origins
-    from parallel.tensor import TensorParallelGroups
-    from train.config import validate_layout
+    from parallel.expert import autoep_config, autoep_layers
+    from parallel.tensor import TensorParallelGroups, TensorParallelPosition, apply_tensor_parallel
+    from train.config import uses_autoep, validate_layout
     from train.trainer import build_engine, build_model
 
     cfg = compose(overrides)
     layout = validate_layout(cfg, world)
-    autoep = layout.expert > 1
+    autoep = uses_autoep(cfg, layout)
     tp_groups = TensorParallelGroups(layout.tensor) if layout.tensor > 1 else None
     kwargs = {"on_gpu": False, "autoep": autoep, "tp_groups": tp_groups}
     init_from = Path(cfg.checkpoint.init_from) if cfg.checkpoint.init_from else None
@@ -84,14 +94,17 @@ def rank_shard_against_whole(rank: int, world: int, overrides: dict, reference_s
 
     whole = Qwen3NextForCausalLM(cfg.model)
     init_weights(whole, cfg.model, seed=cfg.trainer.seed if reference_seed is None else reference_seed)
+    if layout.tensor > 1:
+        apply_tensor_parallel(whole, TensorParallelPosition(layout.tensor, rank % layout.tensor))
+    if autoep:
+        engine_ep_rank = dist.get_rank(group=autoep_layers(engine.module)[0].ep_group)
+        replacer = AutoEP(whole, parse_autoep_config(autoep_config(layout.expert)))
+        replacer.replace_moe_layers(replacer.ep_parser(), ep_size=layout.expert, ep_rank=engine_ep_rank)
     reference = dict(whole.named_parameters())
     held = dict(engine.module.named_parameters())
+    assert held.keys() == reference.keys()
     results = []
     for name, origin in origins(engine.module).items():
-        expected = reference[origin.name].detach()
-        if origin.experts is not None:
-            expected = expected[origin.experts.start : origin.experts.stop]
-        expected = origin.cut(expected)
         parts = (
             origin.name,
             origin.experts,
@@ -99,7 +112,7 @@ def rank_shard_against_whole(rank: int, world: int, overrides: dict, reference_s
             origin.tp_dim,
             None if origin.tp_index is None else origin.tp_index.tolist(),
         )
-        results.append((name, torch.equal(held[name].detach(), expected), parts))
+        results.append((name, torch.equal(held[name].detach(), reference[name].detach()), parts))
     return results
 
 
@@ -133,7 +146,7 @@ def test_every_rank_holds_exactly_its_slice_of_the_one_process_init(tmp_path, la
             coverage[parts[0]] |= covered(shapes[parts[0]], parts)
     missing = [name for name, mask in coverage.items() if not mask.all()]
     assert not missing, f"no rank holds part of {missing[:5]}"
-    if "ep" in layout:
+    if LAYOUTS[layout].get("parallel.expert", 1) > 1:
         experts = [parts for rows in results for _, _, parts in rows if parts[1] is not None]
         assert experts and all(len(parts[1]) < MODEL["num_experts"] for parts in experts)
 

@@ -61,6 +61,46 @@ def test_the_one_process_build_is_init_weights():
     assert report.parameters == sum(p.numel() for p in reference.parameters())
 
 
+def test_init_from_without_mtp_weights_loads_the_rest_and_seeds_the_mtp(tmp_path):
+    """A transformers export has no MTP weights: a tensor-parallel rank reads its slices of the others
+    and draws the MTP layer's from the seeded init."""
+    from model.hf import save_hf
+
+    without_mtp, config = tiny_config(mtp_num_layers=0), tiny_config()
+    saved = Qwen3NextForCausalLM(without_mtp)
+    init_weights(saved, without_mtp, seed=7)
+    save_hf(saved, tmp_path, max_shard_bytes=16 * 1024)
+    seeded = Qwen3NextForCausalLM(config)
+    init_weights(seeded, config, seed=0)
+    placement = RankPlacement(world=2, rank=1, tensor=2)
+    built, _ = build_rank_model(
+        config, placement, device="cpu", dtype=torch.float32, seed=0, init_from=tmp_path
+    )
+    expected, seeded_state = saved.state_dict(), seeded.state_dict()
+    for name, param in built.named_parameters():
+        whole = (seeded_state if name.startswith("mtp.") else expected)[name]
+        if hasattr(param, "tp_shard"):
+            dim, index = param.tp_shard
+            whole = whole.index_select(dim, index)
+        assert torch.equal(param.detach(), whole), name
+
+
+def test_tied_embeddings_load_and_stay_tied(tmp_path):
+    from model.hf import load_hf, save_hf
+
+    config = tiny_config(tie_word_embeddings=True)
+    saved = Qwen3NextForCausalLM(config)
+    init_weights(saved, config, seed=7)
+    save_hf(saved, tmp_path)
+    loaded = load_hf(tmp_path)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    built, _ = build_rank_model(
+        config, RankPlacement(1, 0), device="cpu", dtype=torch.float32, seed=0, init_from=tmp_path
+    )
+    assert built.lm_head.weight is built.model.embed_tokens.weight
+    assert torch.equal(built.model.embed_tokens.weight, saved.model.embed_tokens.weight)
+
+
 def expected_share(config, tensor: int, expert: int) -> int:
     """Parameters one rank keeps, counted on the whole meta model by where each tensor lives: routed
     experts split over the expert ranks; attention and DeltaNet tensors and the LM head over the
