@@ -64,6 +64,12 @@ def start_deepspeed(rank: int, world: int) -> None:
     skip_deepspeed_cpu_shm_build()
 
 
+def shards_against_whole(rank: int, world: int, cases: list[tuple[str, dict, int | None]]) -> dict:
+    """`rank_shard_against_whole` for each (name, overrides, reference seed) case in turn, in this one
+    process (a process start costs more than a case)."""
+    return {name: rank_shard_against_whole(rank, world, overrides, seed) for name, overrides, seed in cases}
+
+
 def rank_shard_against_whole(rank: int, world: int, overrides: dict, reference_seed: int | None = None):
     """This rank's engine-held parameters against the reference: the 1-process model (seeded init,
     with `reference_seed` when the run starts from weights saved with that seed) cut the way the
@@ -130,27 +136,6 @@ def covered(whole_shape: torch.Size, parts) -> torch.Tensor:
     return mask
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_every_rank_holds_exactly_its_slice_of_the_one_process_init(tmp_path, layout):
-    from model.qwen3_next import Qwen3NextForCausalLM
-
-    results = run_on_ranks(rank_shard_against_whole, WORLD, tmp_path, LAYOUTS[layout], timeout=240)
-    unequal = [(rank, name) for rank, rows in enumerate(results) for name, equal, _ in rows if not equal]
-    assert not unequal, f"parameters differing from the 1-process init's slice: {unequal[:5]}"
-
-    with torch.device("meta"):
-        shapes = {n: p.shape for n, p in Qwen3NextForCausalLM(compose({}).model).named_parameters()}
-    coverage = {name: torch.zeros(shape, dtype=torch.bool) for name, shape in shapes.items()}
-    for rows in results:
-        for _, _, parts in rows:
-            coverage[parts[0]] |= covered(shapes[parts[0]], parts)
-    missing = [name for name, mask in coverage.items() if not mask.all()]
-    assert not missing, f"no rank holds part of {missing[:5]}"
-    if LAYOUTS[layout].get("parallel.expert", 1) > 1:
-        experts = [parts for rows in results for _, _, parts in rows if parts[1] is not None]
-        assert experts and all(len(parts[1]) < MODEL["num_experts"] for parts in experts)
-
-
 @pytest.fixture(scope="module")
 def hub_weights(tmp_path_factory) -> Path:
     """The toy model with seed 7's weights in the HF hub layout, spread over many small files."""
@@ -167,10 +152,57 @@ def hub_weights(tmp_path_factory) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("layout", ["dp4-ep2", "tp2-dp2-ep2"])
-def test_every_rank_loads_exactly_its_slice_of_init_from(tmp_path, hub_weights, layout):
-    overrides = {**LAYOUTS[layout], "checkpoint.init_from": hub_weights}
-    results = run_on_ranks(rank_shard_against_whole, WORLD, tmp_path, overrides, 7, timeout=240)
+FROM_HUB = ("dp4-ep2", "tp2-dp2-ep2")  # the layouts also started from `hub_weights`
+
+
+@pytest.fixture(scope="module")
+def engine_shards(tmp_path_factory, hub_weights) -> dict:
+    """Every case's per-rank results. Layouts that share DeepSpeed's process-group set-up run in one
+    set of 4 processes: the data-parallel ones, tp2 x dp2, and the folded tp2 x dp2 x ep2."""
+
+    def case(layout: str, from_hub: bool = False):
+        if from_hub:
+            return f"{layout}-init-from", {**LAYOUTS[layout], "checkpoint.init_from": hub_weights}, 7
+        return layout, LAYOUTS[layout], None
+
+    batches = [
+        [case("dp4"), case("dp4-autoep"), case("dp4-ep2"), case("dp4-ep4"), case("dp4-ep2", True)],
+        [case("tp2-dp2")],
+        [case("tp2-dp2-ep2"), case("tp2-dp2-ep2", True)],
+    ]
+    found = {}
+    for number, cases in enumerate(batches):
+        tmp = tmp_path_factory.mktemp(f"shards{number}")
+        per_rank = run_on_ranks(shards_against_whole, WORLD, tmp, cases, timeout=300)
+        for name, *_ in cases:
+            found[name] = [results[name] for results in per_rank]
+    return found
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_rank_holds_exactly_its_slice_of_the_one_process_init(engine_shards, layout):
+    from model.qwen3_next import Qwen3NextForCausalLM
+
+    results = engine_shards[layout]
+    unequal = [(rank, name) for rank, rows in enumerate(results) for name, equal, _ in rows if not equal]
+    assert not unequal, f"parameters differing from the 1-process init's slice: {unequal[:5]}"
+
+    with torch.device("meta"):
+        shapes = {n: p.shape for n, p in Qwen3NextForCausalLM(compose({}).model).named_parameters()}
+    coverage = {name: torch.zeros(shape, dtype=torch.bool) for name, shape in shapes.items()}
+    for rows in results:
+        for _, _, parts in rows:
+            coverage[parts[0]] |= covered(shapes[parts[0]], parts)
+    missing = [name for name, mask in coverage.items() if not mask.all()]
+    assert not missing, f"no rank holds part of {missing[:5]}"
+    if LAYOUTS[layout].get("parallel.expert", 1) > 1:
+        experts = [parts for rows in results for _, _, parts in rows if parts[1] is not None]
+        assert experts and all(len(parts[1]) < MODEL["num_experts"] for parts in experts)
+
+
+@pytest.mark.parametrize("layout", FROM_HUB)
+def test_every_rank_loads_exactly_its_slice_of_init_from(engine_shards, layout):
+    results = engine_shards[f"{layout}-init-from"]
     unequal = [(rank, name) for rank, rows in enumerate(results) for name, equal, _ in rows if not equal]
     assert not unequal, f"parameters differing from the saved weights' slice: {unequal[:5]}"
 

@@ -172,6 +172,9 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, tmp_path):
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=slurm, check=True)
     # a requeued job waits two minutes before it may start again (Slurm's rule); let it start now
     wait_for(lambda: job_fields(job_id, slurm).get("Restarts") == "1", 120, "the job did not requeue", 1)
+    # slurmd revokes the ended start's credential with a one-second clock: a restart whose credential
+    # is issued within that second is refused ("Job credential revoked") and the job fails
+    time.sleep(3)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm, check=True)
 
     fields = wait_until_final(job_id, slurm, 300)
