@@ -2,14 +2,26 @@
 
 Presets live as YAML in `conf/model/` (tiny, small, 80b_a3b); `load_model_config(name)` reads one
 without Hydra so that tests, the converter and notebooks can build a model directly.
+
+The layer pattern is `layer_types`, one entry per layer: "linear_attention" (Gated DeltaNet) or
+"full_attention" (gated attention), any mix. `full_attention_interval` n is the shorthand "every n-th
+layer is attention" that fills it when `layer_types` is not given (neither given: n = 4, Qwen3-Next's
+and transformers' default). Given both, they must describe the same pattern, else ValueError naming
+both: a preset's interval does not silently lose to, or override, an explicit list. Once built, the
+interval is the one that makes `layer_types` (None when none does), so two configs of the same model
+compare equal however their pattern was written.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+LINEAR_ATTENTION, FULL_ATTENTION = "linear_attention", "full_attention"
+LAYER_TYPES = (LINEAR_ATTENTION, FULL_ATTENTION)
+DEFAULT_FULL_ATTENTION_INTERVAL = 4
 PRESET_DIR = Path(__file__).resolve().parent.parent / "conf" / "model"
 
 
@@ -20,7 +32,9 @@ class ModelConfig:
     vocab_size: int = 151936
     hidden_size: int = 2048
     num_hidden_layers: int = 48
-    full_attention_interval: int = 4  # every 4th layer is gated attention, the others Gated DeltaNet
+    # the layer pattern (module docstring): the list, or the interval that fills it; None = not given
+    full_attention_interval: int | None = None
+    layer_types: list[str] | None = None
     # gated attention
     num_attention_heads: int = 16
     num_key_value_heads: int = 2
@@ -52,14 +66,25 @@ class ModelConfig:
     mtp_num_layers: int = 1
 
     def __post_init__(self) -> None:
+        self._resolve_layer_pattern()
         self.validate()
 
-    @property
-    def layer_types(self) -> list[str]:
-        return [
-            "full_attention" if (i + 1) % self.full_attention_interval == 0 else "linear_attention"
-            for i in range(self.num_hidden_layers)
-        ]
+    def _resolve_layer_pattern(self) -> None:
+        """Fill `layer_types` from the interval (or check that both agree), then set the interval to
+        the one of the pattern, so that equal models have equal configs."""
+        interval = self.full_attention_interval
+        if interval is not None and interval <= 0:
+            raise ValueError(f"model.full_attention_interval must be positive, got {interval}")
+        if self.layer_types is None:
+            interval = interval or DEFAULT_FULL_ATTENTION_INTERVAL
+            self.layer_types = interval_layer_types(interval, self.num_hidden_layers)
+        else:
+            if isinstance(self.layer_types, Sequence) and not isinstance(self.layer_types, str):
+                self.layer_types = list(self.layer_types)  # a tuple, or OmegaConf's ListConfig
+            check_layer_types(self.layer_types, self.num_hidden_layers)
+            if interval is not None:
+                check_interval_agrees(interval, self.layer_types)
+        self.full_attention_interval = regular_interval(self.layer_types)
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return (
@@ -75,15 +100,15 @@ class ModelConfig:
     def validate(self) -> None:
         """Raise ValueError naming the first field that makes the architecture impossible."""
         positive = [
-            "vocab_size", "hidden_size", "num_hidden_layers", "full_attention_interval",
-            "num_attention_heads", "num_key_value_heads", "head_dim", "linear_num_key_heads",
-            "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
-            "linear_conv_kernel_dim", "moe_intermediate_size", "decoder_sparse_step",
+            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "head_dim", "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+            "linear_value_head_dim", "linear_conv_kernel_dim", "moe_intermediate_size", "decoder_sparse_step",
             "max_position_embeddings",
         ]  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        check_layer_types(self.layer_types, self.num_hidden_layers)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"model.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -119,6 +144,49 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def interval_layer_types(interval: int, num_layers: int) -> list[str]:
+    """Every `interval`-th layer attention, the others Gated DeltaNet (HF's `full_attention_interval`)."""
+    return [FULL_ATTENTION if (i + 1) % interval == 0 else LINEAR_ATTENTION for i in range(num_layers)]
+
+
+def regular_interval(layer_types: list[str]) -> int | None:
+    """The interval that makes this pattern, None when none does (irregular, or no attention layer)."""
+    if FULL_ATTENTION not in layer_types:
+        return None
+    interval = layer_types.index(FULL_ATTENTION) + 1  # the only candidate: the first attention layer's
+    return interval if interval_layer_types(interval, len(layer_types)) == layer_types else None
+
+
+def attention_layers(layer_types: list[str]) -> list[int]:
+    return [i for i, layer_type in enumerate(layer_types) if layer_type == FULL_ATTENTION]
+
+
+def check_layer_types(layer_types: list[str], num_layers: int) -> None:
+    if isinstance(layer_types, str) or not isinstance(layer_types, list):
+        raise ValueError(f"model.layer_types must be a list of {list(LAYER_TYPES)}, got {layer_types!r}")
+    if len(layer_types) != num_layers:
+        raise ValueError(
+            f"model.layer_types has {len(layer_types)} entries, but model.num_hidden_layers is "
+            f"{num_layers}: it needs one per layer"
+        )
+    for i, layer_type in enumerate(layer_types):
+        if layer_type not in LAYER_TYPES:
+            raise ValueError(
+                f"model.layer_types[{i}] is {layer_type!r}; each entry must be one of {list(LAYER_TYPES)}"
+            )
+
+
+def check_interval_agrees(interval: int, layer_types: list[str]) -> None:
+    """Both keys given: they must describe the same layers (the user meant one pattern, not two)."""
+    implied = interval_layer_types(interval, len(layer_types))
+    if implied != layer_types:
+        raise ValueError(
+            f"model.full_attention_interval ({interval}) puts attention at layers "
+            f"{attention_layers(implied)}, but model.layer_types at {attention_layers(layer_types)}; "
+            "give only one of the two (the other null)"
+        )
 
 
 def load_model_config(preset: str, **overrides) -> ModelConfig:

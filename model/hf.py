@@ -59,28 +59,40 @@ HF_ONLY_CONFIG = {
     "hidden_act": "silu",
     "attention_dropout": 0.0,
     "use_cache": True,
-    "bos_token_id": 151643,
-    "eos_token_id": 151643,
 }
+# Qwen's <|endoftext|>; written only into a vocabulary that has it (transformers warns otherwise)
+QWEN_SPECIAL_TOKEN_IDS = {"bos_token_id": 151643, "eos_token_id": 151643}
 
 
 # -- config ------------------------------------------------------------------------------------------
 
 
 def hf_config_dict(config: ModelConfig, dtype: torch.dtype) -> dict:
+    """config.json of the hub layout. `layer_types` is what transformers builds the layers from;
+    `full_attention_interval` is written too where the pattern has one, for readers that know only it."""
     fields = config.to_dict()
     fields["num_nextn_predict_layers"] = fields.pop("mtp_num_layers")
+    if fields["full_attention_interval"] is None:  # an irregular pattern: layer_types alone says it
+        del fields["full_attention_interval"]
     return {
         **HF_ONLY_CONFIG,
+        **special_token_ids(config.vocab_size),
         **fields,
-        "layer_types": config.layer_types,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
 
 
+def special_token_ids(vocab_size: int) -> dict[str, int]:
+    return {key: token for key, token in QWEN_SPECIAL_TOKEN_IDS.items() if token < vocab_size}
+
+
 def model_config_from_hf(hf: dict, mtp_num_layers: int | None = None) -> ModelConfig:
+    """Our config from a config.json: the hub's (`full_attention_interval`, no `layer_types`) or
+    transformers' (`layer_types`; an interval beside it is a leftover transformers ignores, so do we)."""
     known = set(ModelConfig.__dataclass_fields__)
     values = {k: v for k, v in hf.items() if k in known}
+    if values.get("layer_types") is not None:
+        values.pop("full_attention_interval", None)
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     for key in ("rope_theta", "partial_rotary_factor"):
         if key not in values and key in rope:

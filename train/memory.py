@@ -101,9 +101,9 @@ def activation_bytes(
     }
     moe = c.num_experts_per_tok * (3 * c.moe_intermediate_size + h)
     per_layer = {t: tokens * 2 * (10 * h + 2 * w / tensor + moe) for t, w in widths.items()}
-    layers = [*c.layer_types, *["full_attention"] * c.mtp_num_layers]
-    if checkpointing:
-        kept = len(layers) * tokens * h * 2 + max(per_layer.values())
+    layers = [*c.layer_types, *["full_attention"] * c.mtp_num_layers]  # MTP layers are attention
+    if checkpointing:  # the one layer recomputed at a time: the widest kind the model has
+        kept = len(layers) * tokens * h * 2 + max(per_layer[t] for t in set(layers))
     else:
         kept = sum(per_layer[t] for t in layers)
     return kept + CE_CHUNK * c.vocab_size * 6

@@ -6,19 +6,21 @@ import json
 import pytest
 import torch
 
-from model.hf import load_hf, save_hf
+from model.hf import hf_config_dict, load_hf, save_hf
 from tests.conftest import tiny_config
 from tests.unit.test_model import build
 
 transformers = pytest.importorskip("transformers")
 
 
-def hf_config_of(config):
-    return transformers.Qwen3NextConfig(
+def hf_config_of(config, **overrides):
+    """transformers' config of the same model; `overrides` replace its fields (e.g. the layer pattern
+    given as transformers' `full_attention_interval` instead of `layer_types`)."""
+    fields = dict(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         num_hidden_layers=config.num_hidden_layers,
-        full_attention_interval=config.full_attention_interval,
+        layer_types=config.layer_types,
         num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.num_key_value_heads,
         head_dim=config.head_dim,
@@ -38,13 +40,14 @@ def hf_config_of(config):
         rms_norm_eps=config.rms_norm_eps,
         tie_word_embeddings=False,
     )
+    return transformers.Qwen3NextConfig(**{**fields, **overrides})
 
 
 @torch.no_grad()
-def random_hf_model(config, seed=0):
+def random_hf_model(config, seed=0, **hf_overrides):
     """A transformers model whose every parameter (norms, A_log, dt_bias included) is random."""
     torch.manual_seed(seed)
-    model = transformers.Qwen3NextForCausalLM(hf_config_of(config)).float().eval()
+    model = transformers.Qwen3NextForCausalLM(hf_config_of(config, **hf_overrides)).float().eval()
     for name, p in model.named_parameters():
         if name.endswith("A_log"):
             p.copy_(torch.rand(p.shape).mul(3).add(0.1).log())
@@ -116,3 +119,10 @@ def test_load_hf_names_missing_weights(tmp_path):
     save_file(tensors, shard)
     with pytest.raises(ValueError, match=r"experts\.3\.up_proj"):
         load_hf(tmp_path)
+
+
+@pytest.mark.parametrize(("vocab_size", "written"), [(97, False), (151643, False), (151644, True)])
+def test_save_hf_writes_bos_and_eos_only_inside_the_vocabulary(vocab_size, written):
+    saved = hf_config_dict(tiny_config(vocab_size=vocab_size), torch.float32)
+    expected = {"bos_token_id": 151643, "eos_token_id": 151643} if written else {}
+    assert {key: saved[key] for key in ("bos_token_id", "eos_token_id") if key in saved} == expected
