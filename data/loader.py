@@ -2,8 +2,10 @@
 
 Order (fixed by data, seed, seq_len and `streams`; independent of world size and worker count):
 the shards are split into `streams` streams (data/streams.py: in each epoch, shuffled by
-(seed, epoch), shard j goes to stream j % streams). The i-th sequence of the run is the
-(i // streams)-th window of stream i % streams; global batch g is sequences g*G ... g*G + G - 1.
+(seed, epoch), shard j goes to stream j % streams; a data set with fewer shards than streams has
+its shards cut by document into parts first, so that every stream gets one, `split_shards`). The
+i-th sequence of the run is the (i // streams)-th window of stream i % streams; global batch g is
+sequences g*G ... g*G + G - 1.
 Data-parallel rank r owns the streams s with s % dp == r, hence exactly the sequences i with
 i % dp == r: its share of global batch g is g*G + r, g*G + r + dp, ..., cut in order into
 micro-batches of `micro_batch_size`. To rebuild global batch g from the ranks, put row k of rank r's
@@ -14,6 +16,11 @@ Packing and the label rule at document boundaries: data/packing.py.
 `data.path` is a directory holding index.json and the shards it lists, or a webdataset URL pattern
 (`dir/shard-{000000..000015}.tar`, `pipe:cat dir/shard-000003.tar`, a list of URLs) with `index`
 giving index.json's location (default: next to the first shard when that is a local path).
+
+`check_dataset` runs the checks that need only index.json (data.path and index.json exist and are
+well-formed, the shards named are listed, the vocabulary fits the model, there are documents enough
+for `streams` streams) so that an entry point can fail before building the model; the loader runs
+the same checks. Every message names the path or setting at fault and what to do about it.
 
 Workers (num_workers >= 1, data/streams.py) each run a fixed subset of the rank's streams in a
 process and send their windows in the order the main process consumes them, so the batches do not
@@ -26,7 +33,7 @@ torch.load(weights_only=True) reads it back):
     sequences       sequences before the next one, over all ranks (valid when every rank has consumed
                     the same number of micro-batches, e.g. at optimizer-step boundaries)
     stream_states   one per stream of the rank: stream, windows (given so far), epoch, shard (index
-                    in the stream's list for that epoch), document (taken from that shard),
+                    in the stream's part list for that epoch), document (taken from that part),
                     barren_shards, skipped_shards, draws (shuffle RNG), pack_tokens/pack_positions
                     (packer leftover, int32), shuffle_tokens/shuffle_lengths (documents held)
 `merge_states` joins the ranks' states into one that `load_state_dict` accepts on any
@@ -48,7 +55,7 @@ import torch
 from webdataset.shardlists import expand_urls
 
 from data.packing import windows_to_batch
-from data.streams import InProcessRunner, ShardInfo, StreamConfig, WorkerPool, initial_state
+from data.streams import InProcessRunner, ShardInfo, StreamConfig, WorkerPool, initial_state, split_shards
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +67,8 @@ ORDER_SETTINGS = {
     "seed": "trainer.seed",
     "shuffle_buffer": "data.shuffle_buffer",
 }
+PREPARE_COMMAND = "python launch/prepare_data.py --input FILES --output {path}"
+DEMO_COMMAND = "python launch/prepare_data.py --demo"  # writes data/demo, the default data.path
 ARRAY_DTYPES = {
     "pack_tokens": np.int32,
     "pack_positions": np.int32,
@@ -78,7 +87,8 @@ def load_index(path: str | os.PathLike) -> dict:
             index = json.load(file)
     except FileNotFoundError:
         raise ValueError(
-            f"{path}: no such index.json (data.path is a shard directory with index.json, or set data.index)"
+            f"{path}: no such index.json (data.path is a shard directory with index.json, or set data.index "
+            f"to its location; `{PREPARE_COMMAND.format(path='DIR')}` writes both)"
         ) from None
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON: {error}") from None
@@ -95,6 +105,12 @@ def check_index_fields(index: dict, source: str) -> None:
 
     if not isinstance(index, dict):
         fail("(top level)", "an object", type(index).__name__)
+    # Before the fields: a run interrupted in its first shard lists no shards, and "rerun it" is the fix.
+    if index.get("complete") is False:  # prepare_data.py marks an interrupted run; a rerun completes it
+        raise ValueError(
+            f"{source}: the data set is incomplete ('complete': false, an interrupted prepare_data.py run); "
+            "rerun prepare_data.py with the same arguments to finish it"
+        )
     for field, check, expected in (
         ("tokenizer", lambda v: isinstance(v, str), "a string"),
         ("vocab_size", lambda v: is_count(v) and v > 0, "a positive integer"),
@@ -103,11 +119,6 @@ def check_index_fields(index: dict, source: str) -> None:
     ):
         if not check(index.get(field)):
             fail(field, expected, index.get(field))
-    if index.get("complete") is False:  # prepare_data.py marks an interrupted run; a rerun completes it
-        raise ValueError(
-            f"{source}: the data set is incomplete ('complete': false, an interrupted prepare_data.py run); "
-            "rerun prepare_data.py with the same arguments to finish it"
-        )
     for number, shard in enumerate(index["shards"]):
         if not isinstance(shard, dict):
             fail(f"shards[{number}]", "an object", shard)
@@ -148,6 +159,8 @@ def resolve_shards(
     path: str | os.PathLike | Sequence[str], index: str | os.PathLike | None = None
 ) -> tuple[str, dict, list[ShardInfo]]:
     """(index.json's location, its contents, the shards to read in list order) for `data.path`."""
+    if isinstance(path, str | os.PathLike):
+        check_local_path(os.fspath(path), index)
     if isinstance(path, str | os.PathLike) and os.path.isdir(path):
         index_path = str(index or os.path.join(path, "index.json"))
         contents = load_index(index_path)
@@ -158,6 +171,24 @@ def resolve_shards(
         index_path = str(index or default_index_location(urls))
         contents = load_index(index_path)
     return index_path, contents, match_shards(urls, contents, index_path)
+
+
+def check_local_path(path: str, index: str | os.PathLike | None) -> None:
+    """A data.path that names a local directory or file must exist, and a directory must hold
+    index.json (unless data.index says where it is): say how to make one, not just what is missing."""
+    if urlparse(path).scheme or "{" in path:  # a URL or a brace pattern: checked as its shards are read
+        return
+    where = path if os.path.isabs(path) else f"{path} (under {os.getcwd()})"
+    create = f"create shards with `{PREPARE_COMMAND.format(path=path)}` (or `{DEMO_COMMAND}` for data/demo)"
+    if not os.path.exists(path):
+        kind = "shard file" if path.endswith(".tar") else "directory"
+        raise ValueError(f"data.path {where}: no such {kind}; {create}")
+    if os.path.isdir(path) and index is None and not os.path.isfile(os.path.join(path, "index.json")):
+        raise ValueError(
+            f"data.path {where}: the directory holds no index.json, so it is not a shard directory written "
+            f"by launch/prepare_data.py (or that run stopped before its first shard; rerun it to finish); "
+            f"{create}, or set data.index to index.json's location"
+        )
 
 
 def default_index_location(urls: list[str]) -> str:
@@ -199,6 +230,57 @@ def match_shards(urls: list[str], index: dict, index_path: str) -> list[ShardInf
     return shards
 
 
+def check_enough_documents(shards: list[ShardInfo], streams: int, dp_size: int, index_path: str) -> None:
+    """Every stream needs a document of its own: a data set with fewer shards than streams is split
+    by document (data/streams.py), which fails only when the documents are fewer than the streams."""
+    documents = sum(shard.documents for shard in shards)
+    if len(shards) >= streams or documents >= streams:
+        return
+    held = f"{index_path} lists {counted(len(shards), 'shard')} holding {counted(documents, 'document')}"
+    more = (
+        "add documents to the corpus and rerun launch/prepare_data.py (a .txt file is one document, a "
+        "JSONL line or a parquet row one)"
+    )
+    if documents < dp_size:
+        raise ValueError(
+            f"{held}, fewer than the {dp_size} data-parallel ranks (data.streams={streams}): every rank "
+            f"reads streams of its own and every stream needs a document; {more}, or train on fewer ranks"
+        )
+    fitting = documents // dp_size * dp_size
+    raise ValueError(
+        f"{held}, fewer than data.streams={streams}: every stream needs a document of its own. Set "
+        f"data.streams={fitting} (it must be a multiple of the data-parallel size {dp_size} and at most "
+        f"the {documents} documents), or {more}"
+    )
+
+
+def counted(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def check_dataset(
+    path: str | os.PathLike | Sequence[str],
+    *,
+    streams: int,
+    dp_size: int,
+    index: str | os.PathLike | None = None,
+    vocab_size: int | None = None,
+    eos_id: int | None = None,
+) -> None:
+    """The loader's checks of `data.path` that need index.json only (no shard is opened, so it is
+    cheap enough to run before the model is built): the path and index.json exist and are well-formed,
+    every shard the path names is listed, the tokenizer's vocabulary fits the model's `vocab_size`
+    and its EOS is `eos_id` (either None: not checked), and the documents suffice for `streams`
+    streams on `dp_size` data-parallel ranks. ValueError naming the path or setting and the fix."""
+    for value, setting in ((streams, "data.streams"), (dp_size, "the data-parallel size")):
+        if value < 1:
+            raise ValueError(f"{setting} must be >= 1, got {value}")
+    check_streams_fit_ranks(streams, dp_size)
+    index_path, contents, shards = resolve_shards(path, index)
+    check_index(contents, vocab_size, eos_id, source=index_path)
+    check_enough_documents(shards, streams, dp_size, index_path)
+
+
 def data_digest(shards: list[ShardInfo]) -> str:
     """Names the data a state belongs to: the shards and their contents, in list order."""
     listing = json.dumps([[shard.file, shard.sha256] for shard in shards])
@@ -234,11 +316,7 @@ def check_layout(
         )
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"data-parallel rank {dp_rank} is outside 0..{dp_size - 1}")
-    if streams % dp_size:
-        raise ValueError(
-            f"data.streams ({streams}) must be a multiple of the data-parallel size ({dp_size}): "
-            "each rank reads whole streams"
-        )
+    check_streams_fit_ranks(streams, dp_size)
     if global_batch_size % dp_size:
         raise ValueError(
             f"trainer.global_batch_size ({global_batch_size}) must be a multiple of the data-parallel size "
@@ -248,6 +326,14 @@ def check_layout(
         raise ValueError(
             f"trainer.global_batch_size / data-parallel size ({global_batch_size // dp_size}) "
             f"must be a multiple of trainer.micro_batch_size ({micro_batch_size})"
+        )
+
+
+def check_streams_fit_ranks(streams: int, dp_size: int) -> None:
+    if streams % dp_size:
+        raise ValueError(
+            f"data.streams ({streams}) must be a multiple of the data-parallel size ({dp_size}): "
+            "each rank reads whole streams"
         )
 
 
@@ -311,13 +397,9 @@ class TokenLoader:
 
         self.index_path, self.index, shards = resolve_shards(path, index)
         check_index(self.index, vocab_size, eos_id, source=self.index_path)
-        if len(shards) < streams:
-            raise ValueError(
-                f"data.streams ({streams}) exceeds the number of shards ({len(shards)}) in "
-                f"{self.index_path}: every stream reads whole shards; lower data.streams"
-            )
+        check_enough_documents(shards, streams, dp_size, self.index_path)
         self._config = StreamConfig(
-            shards=tuple(shards),
+            parts=split_shards(shards, streams),
             streams=streams,
             seed=seed,
             seq_len=seq_len,

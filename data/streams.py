@@ -1,18 +1,37 @@
 """Token streams: a stream's shards, epoch after epoch, read as documents and packed into windows.
 
-The loader splits the shards into a fixed number of streams. In epoch e the shard list is shuffled
-by (seed, e) and shard j of that order goes to stream j % streams, so each stream reads whole
-shards, one after another, and advances its own epoch when its shards of the epoch run out. A
-stream is a pipeline of three stages, each with a small resumable state:
+The loader splits the data into a fixed number of streams. The unit a stream reads is a shard
+part: normally a whole shard. In epoch e the part list is shuffled by (seed, e) and part j of that
+order goes to stream j % streams, so each stream reads whole parts, one after another, and
+advances its own epoch when its parts of the epoch run out. A stream is a pipeline of three
+stages, each with a small resumable state:
 
-    DocumentReader  (epoch, shard, document)   which document of which shard comes next
+    DocumentReader  (epoch, shard, document)   which document of which part comes next
     ShuffleBuffer   (documents held, draws)    optional seeded document shuffle
     Packer          (leftover tokens)          documents -> seq_len + 1 windows (data/packing.py)
+
+Fewer shards than streams (a small corpus prepared with the default 256 MB shards is a single
+shard): then the shards are split by document into parts (`split_shards`), P parts a shard at
+most, P the smallest number that gives every stream a part; a shard of d documents becomes
+min(d, P) parts of consecutive documents, [k*d // n, (k+1)*d // n) for k < n = min(d, P). The
+parts follow from index.json's document counts and `streams` alone, so the order still depends
+only on (data, seed, seq_len, streams): the same batches on any number of ranks and workers, and
+the same resume state (its `shard` then counts parts). This was chosen over making prepare_data.py
+size its shards for the corpus: it would have to know the corpus' token count before tokenizing
+it, could still not split a corpus of few large documents, and would not help shards that
+already exist. The price: a stream reading a part reads its shard from the start (skipping the
+documents before the part) and hashes the whole shard, so a shard is read about P/2 times and
+hashed P times an epoch; at most a few GB for a corpus under `streams` shards. A data set with
+at least `streams` shards is not split (one part a shard), exactly as before; one with fewer
+documents than streams cannot feed them all (data/loader.py refuses it, naming the fix).
 
 Shards are checked as they are opened: sha256 against index.json (optional, before a single
 document is used), documents and token counts at the end, and every document (uint32 ids ending in
 EOS, ids below the vocab size). A failure is a ShardError naming the shard (and the document key
-for bad ids); with skip_corrupt the stream drops the shard with a warning and counts it instead.
+for bad ids); with skip_corrupt the stream drops the part with a warning and counts it instead. A
+part that ends before its shard's end stops reading there: a shard cut short within the part is
+an unreadable tar, one cut short before it leaves the part short, which reads to the end of the
+shard and fails the count check.
 
 A stream's state is a dict of ints and numpy arrays (`stream_state`); data/loader.py turns it into
 tensors for checkpoints.
@@ -35,7 +54,7 @@ import time
 import traceback
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -68,8 +87,20 @@ class ShardInfo:
 
 
 @dataclass(frozen=True)
+class ShardPart:
+    """Documents [start, stop) of a shard, in tar order: the unit a stream reads."""
+
+    shard: ShardInfo
+    start: int
+    stop: int
+
+    def reads_to_the_end(self) -> bool:
+        return self.stop >= self.shard.documents
+
+
+@dataclass(frozen=True)
 class StreamConfig:
-    shards: tuple[ShardInfo, ...]
+    parts: tuple[ShardPart, ...]  # split_shards(shards, streams)
     streams: int
     seed: int
     seq_len: int
@@ -79,10 +110,44 @@ class StreamConfig:
     verify_sha256: bool
     skip_corrupt: bool
 
+    def unit_name(self) -> str:
+        """What a stream reads, for messages: shards, or shard parts when they are split."""
+        whole = all(part.start == 0 and part.reads_to_the_end() for part in self.parts)
+        return "shards" if whole else "shard parts"
 
-def shards_of_stream(num_shards: int, streams: int, seed: int, epoch: int, stream: int) -> list[int]:
-    """The shard indices `stream` reads in `epoch`, in reading order."""
-    order = list(range(num_shards))
+
+def parts_per_shard(documents: Sequence[int], streams: int) -> int:
+    """How many parts a shard is split into at most, given each shard's document count: 1 when there
+    are as many shards as streams, else the fewest that make a part for every stream. ValueError
+    when the documents are fewer than the streams (no split can feed every stream)."""
+    if len(documents) >= streams:
+        return 1
+    if sum(documents) < streams:
+        raise ValueError(f"{sum(documents)} documents cannot feed {streams} streams")
+    # P = streams always suffices: sum(min(d, streams)) >= streams as soon as sum(d) >= streams.
+    return next(p for p in range(2, streams + 1) if sum(min(d, p) for d in documents) >= streams)
+
+
+def split_shards(shards: Sequence[ShardInfo], streams: int) -> tuple[ShardPart, ...]:
+    """The parts the streams read, in shard order: one a shard when there are at least `streams`
+    shards, else each shard of d documents cut into min(d, P) runs of consecutive documents of
+    near-equal counts (P: `parts_per_shard`)."""
+    most = parts_per_shard([shard.documents for shard in shards], streams)
+    if most == 1:
+        return tuple(ShardPart(shard, 0, shard.documents) for shard in shards)
+    parts = []
+    for shard in shards:
+        count, documents = min(shard.documents, most), shard.documents
+        parts += [
+            ShardPart(shard, k * documents // count, (k + 1) * documents // count) for k in range(count)
+        ]
+    return tuple(parts)
+
+
+def shards_of_stream(num_parts: int, streams: int, seed: int, epoch: int, stream: int) -> list[int]:
+    """The part indices (shard indices when shards are not split) `stream` reads in `epoch`, in
+    reading order."""
+    order = list(range(num_parts))
     # random.Random with a str seed hashes it with sha512: the order is the same on every Python.
     random.Random(f"shards/{seed}/{epoch}").shuffle(order)
     return order[stream::streams]
@@ -216,11 +281,11 @@ def check_document(tokens: np.ndarray, shard: ShardInfo, key: str, config: Strea
 
 
 class DocumentReader:
-    """One stream's documents: its shards of each epoch in order, each shard's documents in order.
+    """One stream's documents: its parts of each epoch in order, each part's documents in order.
 
-    The cursor (epoch, shard, document) names the next document: `shard` indexes the stream's shard
-    list of that epoch, `document` counts documents already taken from that shard (a resumed reader
-    re-reads the shard and drops them).
+    The cursor (epoch, shard, document) names the next document: `shard` indexes the stream's part
+    list of that epoch (a part is a whole shard unless shards are split), `document` counts
+    documents already taken from that part (a resumed reader re-reads the shard and drops them).
     """
 
     def __init__(
@@ -236,7 +301,7 @@ class DocumentReader:
     ):
         self.config, self.stream = config, stream
         self.epoch, self.shard, self.document = epoch, shard, document
-        # Shards in a row that gave no document (skipped or empty): as many as the data set has
+        # Parts in a row that gave no document (skipped or empty): as many as the data set has
         # means nothing readable is left, an error rather than an endless search.
         self.barren_shards = barren_shards
         self.skipped_shards = skipped_shards
@@ -247,18 +312,18 @@ class DocumentReader:
     def next_document(self) -> np.ndarray:
         while True:
             if self._documents is None:
-                self._documents = self._open_shard()
+                self._documents = self._open_part()
             try:
                 document = next(self._documents)
             except StopIteration:
-                self._next_shard()
+                self._next_part()
                 continue
             except ShardError as error:
                 if not self.config.skip_corrupt:
                     raise
                 self.warnings.append(f"stream {self.stream}: skipping {error}")
                 self.skipped_shards += 1
-                self._next_shard()
+                self._next_part()
                 continue
             self.document += 1
             self.barren_shards = 0
@@ -273,38 +338,42 @@ class DocumentReader:
             self._documents.close()
             self._documents = None
 
-    def _epoch_shards(self) -> list[int]:
+    def _epoch_parts(self) -> list[int]:
         if self._order is None or self._order[0] != self.epoch:
             config, epoch = self.config, self.epoch
-            shards = shards_of_stream(len(config.shards), config.streams, config.seed, epoch, self.stream)
-            self._order = (epoch, shards)
+            parts = shards_of_stream(len(config.parts), config.streams, config.seed, epoch, self.stream)
+            self._order = (epoch, parts)
         return self._order[1]
 
-    def _open_shard(self) -> Iterator[np.ndarray]:
-        shard = self.config.shards[self._epoch_shards()[self.shard]]
-        return drop_documents(read_documents(shard, self.config), self.document)
+    def _open_part(self) -> Iterator[np.ndarray]:
+        part = self.config.parts[self._epoch_parts()[self.shard]]
+        stop = None if part.reads_to_the_end() else part.stop  # the last part checks the shard's counts
+        return documents_between(read_documents(part.shard, self.config), part.start + self.document, stop)
 
-    def _next_shard(self) -> None:
+    def _next_part(self) -> None:
         self.close()
         if self.document == 0:
             self.barren_shards += 1
-            if self.barren_shards >= len(self.config.shards):
+            if self.barren_shards >= len(self.config.parts):
                 raise RuntimeError(
-                    f"stream {self.stream}: the last {self.barren_shards} shards it opened gave no documents "
-                    "(all skipped or empty)"
+                    f"stream {self.stream}: the last {self.barren_shards} {self.config.unit_name()} it "
+                    "opened gave no documents (all skipped or empty)"
                 )
         self.shard, self.document = self.shard + 1, 0
-        if self.shard == len(self._epoch_shards()):
+        if self.shard == len(self._epoch_parts()):
             self.epoch, self.shard = self.epoch + 1, 0
 
 
-def drop_documents(documents: Iterator[np.ndarray], count: int) -> Iterator[np.ndarray]:
-    """`documents` after the first `count` (read and checked all the same: a resumed stream re-reads
-    its shard up to where it was)."""
+def documents_between(documents: Iterator[np.ndarray], start: int, stop: int | None) -> Iterator[np.ndarray]:
+    """`documents[start:stop]` (stop None: to the end). Those before `start` are read and checked all
+    the same: a resumed stream, or one reading a later part, re-reads its shard up to there. Reading
+    stops right after `stop - 1`, without exhausting `documents` (and its end-of-shard checks)."""
     try:
         for index, document in enumerate(documents):
-            if index >= count:
+            if index >= start:
                 yield document
+            if stop is not None and index + 1 >= stop:
+                return
     finally:
         documents.close()  # closes the shard (a pipe's command too) when the reader moves on
 

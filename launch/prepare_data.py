@@ -10,6 +10,9 @@ sorted). `--errors` says what invalid UTF-8 does (strict: fatal; replace: U+FFFD
 skip: the document is dropped, counted); malformed JSONL is always fatal (data/sources.py).
 Rerunning into the same `--output` reuses the complete shards and rebuilds the rest,
 byte-identical; an `--output` built from other inputs or settings needs `--overwrite`.
+The default shard size suits any corpus: one smaller than a shard makes a single shard, which the
+loader splits by document among its `data.streams` streams (data/streams.py); only a corpus with
+fewer documents than `data.streams` needs that setting lowered (the training run says to what).
 Exit status: 0 done, 1 bad input (the message names the file and line), 2 bad arguments,
 130 interrupted.
 """

@@ -1,9 +1,23 @@
-"""Shared fixtures: a tiny model config small enough for exact CPU comparisons."""
+"""Shared fixtures: a tiny model config small enough for exact CPU comparisons; and the `slow` mark
+on every test of tests/distributed (each starts processes), so `pytest -m "not slow"` is a quick
+inner loop (unit tests that start processes or train carry the mark themselves)."""
+
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 
 from model.config import ModelConfig
+
+DISTRIBUTED = Path(__file__).resolve().parent / "distributed"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if DISTRIBUTED in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.slow)
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -39,3 +53,12 @@ def tiny_config(**overrides) -> ModelConfig:
 def _deterministic_cpu():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def prepare_data():
+    """launch/prepare_data.py's `main`, run in this process (it returns the exit status)."""
+    spec = importlib.util.spec_from_file_location("prepare_data_cli", REPO / "launch" / "prepare_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return lambda *args: module.main([str(a) for a in args])

@@ -5,6 +5,8 @@ The shards are written here with webdataset.TarWriter in the contract's format (
 the project's shard writer). Expected batches come from a plain reference that reads the tars
 with tarfile, lays each stream's documents end to end and cuts windows by the documented rule:
 sequence i is window i // streams of stream i % streams, window k spans tokens [k*L, k*L + L].
+With fewer shards than streams the reference cuts the shards into parts by the rule of
+data/streams.py's docstring, written out again here.
 """
 
 import hashlib
@@ -101,15 +103,32 @@ def read_tar_documents(path: Path) -> list[np.ndarray]:
         return [np.load(io.BytesIO(tar.extractfile(member).read())) for member in tar.getmembers()]
 
 
+def reference_parts(counts: list[int], streams: int) -> list[tuple[int, int, int]]:
+    """(shard, first document, end) of each part: whole shards when there are `streams` of them,
+    else a shard of d documents cut into n = min(d, P) runs [k*d // n, (k+1)*d // n), P the
+    smallest number of parts a shard that makes at least `streams` parts in all."""
+    if len(counts) >= streams:
+        return [(shard, 0, count) for shard, count in enumerate(counts)]
+    most = min(p for p in range(1, streams + 1) if sum(min(count, p) for count in counts) >= streams)
+    return [
+        (shard, k * count // min(count, most), (k + 1) * count // min(count, most))
+        for shard, count in enumerate(counts)
+        for k in range(min(count, most))
+    ]
+
+
 def stream_documents(directory: Path, streams: int, seed: int, stream: int, skip=()):
-    """(document, bad shards passed before it) for a stream's documents, epoch after epoch."""
-    files = [entry["file"] for entry in json.loads((directory / "index.json").read_text())["shards"]]
+    """(document, bad parts passed before it) for a stream's documents, epoch after epoch."""
+    entries = json.loads((directory / "index.json").read_text())["shards"]
+    files = [entry["file"] for entry in entries]
+    parts = reference_parts([entry["documents"] for entry in entries], streams)
     documents = {file: read_tar_documents(directory / file) for file in files if file not in skip}
     bad_passed = 0
     for epoch in itertools.count():
-        for shard in shards_of_stream(len(files), streams, seed, epoch, stream):
+        for part in shards_of_stream(len(parts), streams, seed, epoch, stream):
+            shard, start, stop = parts[part]
             bad_passed += files[shard] in skip
-            for document in documents.get(files[shard], []):
+            for document in documents.get(files[shard], [])[start:stop]:
                 yield document, bad_passed
 
 
@@ -390,6 +409,51 @@ def test_state_of_one_rank_loads_on_the_same_layout_only(shard_dir):
         merge_states([states[0], run_global(shard_dir, 2, 4)[1][1]])
 
 
+# ----------------------------------------------------------------------------- fewer shards than streams
+
+
+@pytest.fixture
+def split_dir(tmp_path: Path) -> Path:
+    """3 shards of 5 documents for STREAMS = 8 streams: cut into 9 parts of 1, 2 and 2 documents."""
+    return write_shard_set(tmp_path / "split", shards=3, documents=5)
+
+
+def test_parts_cover_every_document_once():
+    parts = reference_parts([5, 5, 5], STREAMS)
+    assert [(start, stop) for shard, start, stop in parts if shard == 0] == [(0, 1), (1, 3), (3, 5)]
+    assert len(parts) == 9
+    assert len(reference_parts([1, 100], 16)) == 16  # the small shard's one part, 15 of the large one
+    assert reference_parts([5] * 8, 8) == [(shard, 0, 5) for shard in range(8)]  # enough shards: whole
+
+
+@pytest.mark.parametrize("dp, workers", [(1, 0), (2, 1), (4, 0)])
+def test_split_shards_give_the_reference_batches_for_any_world_size(split_dir, dp, workers):
+    steps, global_batch = 10, 8  # 10 windows a stream: several epochs of its parts
+    batches, _ = run_global(split_dir, dp, steps, global_batch=global_batch, micro=2, num_workers=workers)
+    assert_same_batches(batches, reference_batches(split_dir, steps * global_batch, global_batch))
+
+
+def test_resume_inside_a_split_shard_on_another_world_size(split_dir):
+    uninterrupted, _ = run_global(split_dir, 2, 12, shuffle_buffer=2)
+    first, states = run_global(split_dir, 2, 5, shuffle_buffer=2)
+    assert any(s["document"] > 0 for state in states for s in state["stream_states"])
+    state = through_checkpoint(merge_states(states))
+    resumed, _ = run_global(split_dir, 1, 7, shuffle_buffer=2, num_workers=1, state=state)
+    assert_same_batches(first + resumed, uninterrupted)
+
+
+def test_a_split_shard_with_fewer_documents_than_indexed_is_caught(split_dir):
+    path = split_dir / "shard-000001.tar"
+    write_shard(path, "s1", read_tar_documents(path)[:2])  # its parts 2 and 3 lose their documents
+    rehash(split_dir, path.name)
+    error = first_error(split_dir)
+    assert "shard-000001.tar" in str(error) and "index.json says 5 documents" in str(error)
+    for shard in split_dir.glob("*.tar"):
+        shard.unlink()
+    error = first_error(split_dir, skip_corrupt=True)
+    assert "gave no documents" in str(error) and "9 shard parts" in str(error)
+
+
 # ----------------------------------------------------------------------------- bad data
 
 
@@ -499,8 +563,9 @@ def test_layouts_the_loader_cannot_serve_name_the_setting(shard_dir):
     for setting, options in cases.items():
         with pytest.raises(ValueError, match=setting.replace(".", r"\.")):
             make_loader(shard_dir, **options)
-    with pytest.raises(ValueError, match=r"data\.streams \(16\) exceeds the number of shards \(12\)"):
-        make_loader(shard_dir, streams=16)
+    few = write_shard_set(shard_dir.parent / "few", shards=2, documents=3)
+    with pytest.raises(ValueError, match=r"2 shards holding 6 documents, fewer than data\.streams=16.*=6"):
+        make_loader(few, streams=16)
 
 
 # ----------------------------------------------------------------------------- paths and URLs
@@ -533,5 +598,7 @@ def test_an_incomplete_data_set_is_refused(tmp_path):
     }
     with pytest.raises(ValueError, match="incomplete"):
         check_index_fields(index, str(tmp_path / "index.json"))
+    with pytest.raises(ValueError, match="incomplete"):  # a rerun whose first shard is not done yet
+        check_index_fields({**index, "shards": []}, str(tmp_path / "index.json"))
     index["complete"] = True
     check_index_fields(index, str(tmp_path / "index.json"))

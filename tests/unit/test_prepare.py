@@ -8,7 +8,6 @@ strings are text), plus the EOS; shards are read back both with webdataset and w
 import contextlib
 import gzip
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -62,15 +61,6 @@ def tokenizer():
 def reference(tokenizer):
     """Token ids + EOS of a document, from the tokenizer's public API, special strings as text."""
     return lambda text: [*tokenizer.encode(text, allowed_special=set(), disallowed_special=()), EOS]
-
-
-@pytest.fixture(scope="module")
-def cli():
-    """launch/prepare_data.py's `main`, run in this process (it returns the exit status)."""
-    spec = importlib.util.spec_from_file_location("prepare_data_cli", REPO / "launch" / "prepare_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return lambda *args: module.main([str(a) for a in args])
 
 
 def write_jsonl(path: Path, records, compress=None) -> None:
@@ -177,12 +167,12 @@ def leftovers(directory: Path) -> list[str]:
 # Decoding back, formats, index
 
 
-def test_shards_decode_to_reference_tokens_with_webdataset_and_tarfile(tmp_path, cli, reference):
+def test_shards_decode_to_reference_tokens_with_webdataset_and_tarfile(tmp_path, prepare_data, reference):
     expected = write_corpus(tmp_path / "corpus")
     write_jsonl(tmp_path / "extra.jsonl", [{"text": "named after the directory"}])
     expected.append("named after the directory")
     out = tmp_path / "out"
-    status = cli(
+    status = prepare_data(
         "--input", tmp_path / "corpus", tmp_path / "extra.jsonl", "--output", out, "--shard-size", "400"
     )
     assert status == 0
@@ -196,9 +186,9 @@ def test_shards_decode_to_reference_tokens_with_webdataset_and_tarfile(tmp_path,
     assert keys == [f"{file:06d}-{number:010d}" for file, number in [*CORPUS_LOCATIONS, (11, 1)]]
 
 
-def test_special_token_strings_are_ordinary_text(tmp_path, cli, tokenizer):
+def test_special_token_strings_are_ordinary_text(tmp_path, prepare_data, tokenizer):
     write_bytes(tmp_path / "doc.txt", SPECIALS.encode())
-    assert cli("--input", tmp_path / "doc.txt", "--output", tmp_path / "out", "--no-progress") == 0
+    assert prepare_data("--input", tmp_path / "doc.txt", "--output", tmp_path / "out", "--no-progress") == 0
     [(_, tokens)] = read_with_tarfile(shard_paths(tmp_path / "out"))
     assert tokens[-1] == EOS
     assert max(tokens[:-1]) < EOS  # no special id at all before the final EOS
@@ -206,9 +196,11 @@ def test_special_token_strings_are_ordinary_text(tmp_path, cli, tokenizer):
     assert tokenizer.encode(SPECIALS).count(EOS) == 2  # what the default encode would have done
 
 
-def test_documents_decode_to_their_nfc_text(tmp_path, cli, tokenizer):
+def test_documents_decode_to_their_nfc_text(tmp_path, prepare_data, tokenizer):
     write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in DOCS.values()])
-    assert cli("--input", tmp_path / "docs.jsonl", "--output", tmp_path / "out", "--no-progress") == 0
+    assert (
+        prepare_data("--input", tmp_path / "docs.jsonl", "--output", tmp_path / "out", "--no-progress") == 0
+    )
     decoded = [
         tokenizer.decode(tokens[:-1]) for _, tokens in read_with_tarfile(shard_paths(tmp_path / "out"))
     ]
@@ -216,10 +208,13 @@ def test_documents_decode_to_their_nfc_text(tmp_path, cli, tokenizer):
     assert decoded[0] != DOCS["nfc"]  # the NFC case really was not normalised
 
 
-def test_index_fields_and_sha256(tmp_path, cli, tokenizer):
+def test_index_fields_and_sha256(tmp_path, prepare_data, tokenizer):
     write_corpus(tmp_path / "corpus")
     out = tmp_path / "out"
-    assert cli("--input", tmp_path / "corpus", "--output", out, "--shard-size", "2000", "--no-progress") == 0
+    assert (
+        prepare_data("--input", tmp_path / "corpus", "--output", out, "--shard-size", "2000", "--no-progress")
+        == 0
+    )
     index = index_of(out)
     encoding = tokenizer._tokenizer  # tiktoken's Encoding: the vocabulary's own numbers
     assert index["tokenizer"] == "qwen2.5-72b-instruct"
@@ -254,14 +249,17 @@ def test_directory_recursion_ignores_hidden_and_unsupported_files(tmp_path):
     ]
 
 
-def test_empty_documents_are_skipped_and_counted(tmp_path, cli, capsys, reference):
+def test_empty_documents_are_skipped_and_counted(tmp_path, prepare_data, capsys, reference):
     write_jsonl(tmp_path / "e.jsonl", [{"text": ""}, {"text": "x"}, {"text": "  \n"}, {"text": None}])
     write_bytes(tmp_path / "empty.txt", b"")
-    assert cli("--input", tmp_path / "e.jsonl", tmp_path / "empty.txt", "--output", tmp_path / "out") == 0
+    assert (
+        prepare_data("--input", tmp_path / "e.jsonl", tmp_path / "empty.txt", "--output", tmp_path / "out")
+        == 0
+    )
     assert [t for _, t in read_with_tarfile(shard_paths(tmp_path / "out"))] == [reference("x")]
     assert "4 empty documents skipped" in capsys.readouterr().err
     write_bytes(tmp_path / "only_empty.txt", b"   ")
-    assert cli("--input", tmp_path / "only_empty.txt", "--output", tmp_path / "none") == 1
+    assert prepare_data("--input", tmp_path / "only_empty.txt", "--output", tmp_path / "none") == 1
     assert "no documents" in capsys.readouterr().err
     assert not (tmp_path / "none" / "index.json").exists() and not leftovers(tmp_path / "none")
 
@@ -270,13 +268,13 @@ def test_empty_documents_are_skipped_and_counted(tmp_path, cli, capsys, referenc
 # Determinism and reruns
 
 
-def test_output_is_identical_for_any_number_of_workers(tmp_path, cli):
+def test_output_is_identical_for_any_number_of_workers(tmp_path, prepare_data):
     write_corpus(tmp_path / "corpus")
     hashes = []
     for workers in (0, 1, 2):
         out = tmp_path / f"out{workers}"
         args = ("--input", tmp_path / "corpus", "--output", out, "--shard-size", "400", "--no-progress")
-        assert cli(*args, "--workers", workers) == 0
+        assert prepare_data(*args, "--workers", workers) == 0
         hashes.append(file_hashes(out))
     assert len(hashes[0]) > 4 and hashes[0] == hashes[1] == hashes[2]
 
@@ -360,15 +358,15 @@ def test_inputs_changed_behind_the_fingerprint_are_detected(tmp_path):
     assert not leftovers(out)
 
 
-def test_other_inputs_need_overwrite(tmp_path, cli, capsys, reference):
+def test_other_inputs_need_overwrite(tmp_path, prepare_data, capsys, reference):
     write_bytes(tmp_path / "one.txt", b"first corpus")
     write_bytes(tmp_path / "two.txt", b"second corpus")
     out = tmp_path / "out"
-    assert cli("--input", tmp_path / "one.txt", "--output", out, "--no-progress") == 0
-    assert cli("--input", tmp_path / "two.txt", "--output", out, "--no-progress") == 1
+    assert prepare_data("--input", tmp_path / "one.txt", "--output", out, "--no-progress") == 0
+    assert prepare_data("--input", tmp_path / "two.txt", "--output", out, "--no-progress") == 1
     assert "--overwrite" in capsys.readouterr().err
     assert [t for _, t in read_with_tarfile(shard_paths(out))] == [reference("first corpus")]
-    assert cli("--input", tmp_path / "two.txt", "--output", out, "--overwrite", "--no-progress") == 0
+    assert prepare_data("--input", tmp_path / "two.txt", "--output", out, "--overwrite", "--no-progress") == 0
     assert [t for _, t in read_with_tarfile(shard_paths(out))] == [reference("second corpus")]
 
 
@@ -382,6 +380,11 @@ BAD_INPUTS = {
         b'{"text": "ok"}\n{"text": "ok"}\n{"text": oops}\n',
         "bad.jsonl: line 3: not valid JSON",
     ),
+    "unterminated string": (
+        "bad.jsonl",
+        b'{"text": "ok}\n',
+        "bad.jsonl: line 1: not valid JSON (Unterminated string starting at column 10)",
+    ),
     "missing key": ("bad.jsonl", b'{"text": "ok"}\n{"body": "x"}\n', "bad.jsonl: line 2: no key 'text'"),
     "not an object": ("bad.jsonl", b'["text"]\n', "bad.jsonl: line 1: expected a JSON object"),
     "not a string": ("bad.jsonl", b'{"text": "a"}\n{"text": 5}\n', "bad.jsonl: line 2: 'text' is a int"),
@@ -394,7 +397,7 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
-def test_bad_input_names_file_and_line_and_leaves_nothing(tmp_path, cli, capsys, case):
+def test_bad_input_names_file_and_line_and_leaves_nothing(tmp_path, prepare_data, capsys, case):
     name, content, message = BAD_INPUTS[case]
     path = tmp_path / name
     if case == "truncated zstd":
@@ -404,14 +407,14 @@ def test_bad_input_names_file_and_line_and_leaves_nothing(tmp_path, cli, capsys,
         pq.write_table(pa.table({"body": ["x"]}), path)
     write_bytes(tmp_path / "good.txt", b"a good document first")
     out = tmp_path / "out"
-    assert cli("--input", tmp_path / "good.txt", path, "--output", out, "--no-progress") == 1
+    assert prepare_data("--input", tmp_path / "good.txt", path, "--output", out, "--no-progress") == 1
     err = capsys.readouterr().err
     assert message in err and str(tmp_path) in err
     assert not out.exists() or (not leftovers(out) and not (out / "index.json").exists())
 
 
-def test_missing_input_fails_before_writing(tmp_path, cli, capsys):
-    assert cli("--input", tmp_path / "nope.jsonl", "--output", tmp_path / "out") == 1
+def test_missing_input_fails_before_writing(tmp_path, prepare_data, capsys):
+    assert prepare_data("--input", tmp_path / "nope.jsonl", "--output", tmp_path / "out") == 1
     assert "nope.jsonl: no such file or directory" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -425,21 +428,23 @@ def test_file_gone_after_discovery(tmp_path, capsys):
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
-def test_unreadable_file(tmp_path, cli, capsys):
+def test_unreadable_file(tmp_path, prepare_data, capsys):
     write_bytes(tmp_path / "locked.txt", b"secret")
     (tmp_path / "locked.txt").chmod(0)
-    assert cli("--input", tmp_path / "locked.txt", "--output", tmp_path / "out") == 1
+    assert prepare_data("--input", tmp_path / "locked.txt", "--output", tmp_path / "out") == 1
     assert "locked.txt: cannot read" in capsys.readouterr().err
 
 
-def test_failure_after_some_shards_keeps_only_complete_ones(tmp_path, cli, capsys):
+def test_failure_after_some_shards_keeps_only_complete_ones(tmp_path, prepare_data, capsys):
     # Enough documents that shards complete before the reader, which runs ahead, meets the bad line.
     records = [{"text": f"document number {i}"} for i in range(10_000)]
     write_jsonl(tmp_path / "a.jsonl", records)
     write_bytes(tmp_path / "b.jsonl", b'{"text": "fine"}\n{"text": \n')
     out = tmp_path / "out"
     assert (
-        cli("--input", tmp_path / "a.jsonl", tmp_path / "b.jsonl", "--output", out, "--shard-size", "20kB")
+        prepare_data(
+            "--input", tmp_path / "a.jsonl", tmp_path / "b.jsonl", "--output", out, "--shard-size", "20kB"
+        )
         == 1
     )
     assert "b.jsonl: line 2: not valid JSON" in capsys.readouterr().err
@@ -456,16 +461,18 @@ INVALID_JSONL = b'{"text": "good"}\n{"text": "caf\xe9"}\n{"text": "lone \\ud800 
 
 
 @pytest.mark.parametrize("mode", ["strict", "replace", "skip"])
-def test_errors_modes_for_invalid_utf8(tmp_path, cli, capsys, reference, mode):
+def test_errors_modes_for_invalid_utf8(tmp_path, prepare_data, capsys, reference, mode):
     write_bytes(tmp_path / "bad.txt", INVALID_TXT)
     write_bytes(tmp_path / "bad.jsonl", INVALID_JSONL)
     out = tmp_path / "out"
-    status = cli("--input", tmp_path / "bad.txt", tmp_path / "bad.jsonl", "--output", out, "--errors", mode)
+    status = prepare_data(
+        "--input", tmp_path / "bad.txt", tmp_path / "bad.jsonl", "--output", out, "--errors", mode
+    )
     err = capsys.readouterr().err
     if mode == "strict":
         assert status == 1 and "bad.txt: line 2: invalid UTF-8" in err
         assert not out.exists() or not leftovers(out)
-        assert cli("--input", tmp_path / "bad.jsonl", "--output", out, "--errors", mode) == 1
+        assert prepare_data("--input", tmp_path / "bad.jsonl", "--output", out, "--errors", mode) == 1
         assert "bad.jsonl: line 2: invalid UTF-8" in capsys.readouterr().err
         return
     assert status == 0
@@ -483,9 +490,9 @@ def test_errors_modes_for_invalid_utf8(tmp_path, cli, capsys, reference, mode):
 # Demo, progress, building blocks, bench
 
 
-def test_demo_corpus_has_at_least_16_shards(tmp_path, cli, capsys, tokenizer):
+def test_demo_corpus_has_at_least_16_shards(tmp_path, prepare_data, capsys, tokenizer):
     out = tmp_path / "demo"
-    assert cli("--demo", "--output", out) == 0
+    assert prepare_data("--demo", "--output", out) == 0
     index = index_of(out)
     assert len(index["shards"]) >= 16 and index["complete"]
     err = capsys.readouterr().err
