@@ -1,26 +1,82 @@
 """Pretraining entry point: `torchrun --nproc_per_node N launch/pretrain.py conf=PRESET [overrides]`.
 
 Composes conf/pretrain.yaml with the preset over the typed schema of train/config.py (an unknown
-key or a wrong type fails here, naming it), checks the layout against the world size, then trains.
+key, also one added with Hydra's `+`, or a wrong type fails here, naming it), checks the layout
+against the world size, then trains. `--help` says what a user needs; errors are printed once.
 `trainer.dry_run=true` only builds the model on the meta device and reports parameters, FLOPs and
 the per-rank memory estimate (`trainer.dry_run_world_size` picks the world size to plan for);
 `trainer.dry_run_rank=R` then builds and initialises rank R's shard on the CPU and reports it.
 """
 
+import contextlib
 import math
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
 
-import hydra
-import torch
-from omegaconf import DictConfig, OmegaConf
+HELP = """usage: torchrun --nproc_per_node N launch/pretrain.py conf=PRESET [KEY=VALUE ...]
+       python launch/pretrain.py conf=PRESET [KEY=VALUE ...]          (one process)
 
-from train.config import register_configs, validate_layout
+Pretrains a Qwen3-Next-style model. Settings are Hydra overrides KEY=VALUE; an unknown key, a wrong
+type or a layout that cannot run stops the run at once, naming the key.
+
+presets (conf=..., conf/conf/*.yaml):
+{presets}
+
+common settings:
+  run.dir=runs/x                  where metrics.jsonl, plots, checkpoints and config.yaml go
+  trainer.max_steps=N             optimizer steps; optim.schedule_steps=N the LR schedule's horizon
+  trainer.global_batch_size=N     sequences per step; trainer.micro_batch_size=N per rank and pass
+  data.path=DIR data.seq_len=N    token shards (launch/prepare_data.py) and the packed row length
+  optim.lr=3e-4                   peak learning rate (optim.schedule=cosine|wsd, optim.warmup_steps)
+  parallel.expert=N parallel.tensor=N parallel.zero_stage=1|2
+  loss.mtp_weight loss.lb_coef loss.z_coef loss.lb_scope
+  checkpoint.every=N checkpoint.resume=auto|none|PATH checkpoint.init_from=HF_OR_FROM_HF_DIR
+  logging.wandb.mode=auto|offline|online|disabled
+  trainer.dry_run=true [trainer.dry_run_world_size=N] [trainer.dry_run_rank=R]
+                                  plan only: parameters, FLOPs, per-rank memory; R builds one rank
+
+examples:
+  torchrun --nproc_per_node 2 launch/pretrain.py conf=tiny                      # CPU laptop
+  python launch/pretrain.py conf=small run.dir=runs/s1 trainer.max_steps=5000   # one GPU
+  sbatch -N 8 --gpus-per-node 8 launch/slurm/pretrain.sbatch conf=80b_a3b run.dir=runs/80b
+  python launch/pretrain.py conf=80b_a3b trainer.dry_run=true trainer.dry_run_world_size=64
+
+every key with its type and default: train/config.py (the model's: model/config.py); the composed
+config of a command: add --cfg job. README.md has the rest."""
+
+
+def presets() -> str:
+    """One line per preset: its name and the first comment line of its file."""
+    lines = []
+    for path in sorted((REPO / "conf" / "conf").glob("*.yaml")):
+        comments = [line[1:].strip() for line in path.read_text().splitlines()[1:] if line.startswith("#")]
+        comment = comments[0] if comments else ""
+        lines.append(f"  {path.stem:<10} {comment}")
+    return "\n".join(lines)
+
+
+# before the imports below (torch takes seconds): help at once; Hydra's own is --hydra-help
+if "-h" in sys.argv[1:] or "--help" in sys.argv[1:]:
+    print(HELP.format(presets=presets()))
+    sys.exit(0)
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from train.config import check_override_keys, register_configs, validate_layout  # noqa: E402
 
 register_configs()
+
+
+def fail(message: str) -> None:
+    """Stop with the message, printed once (by the first rank under torchrun), exit status 2."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"pretrain.py: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def planned_world_size(cfg) -> int:
@@ -34,6 +90,8 @@ def planned_world_size(cfg) -> int:
 
 @hydra.main(config_path="../conf", config_name="pretrain", version_base=None)
 def main(raw: DictConfig) -> None:
+    import torch
+
     try:
         cfg = OmegaConf.to_object(raw)  # also runs the model config's own validation
         world = planned_world_size(cfg) if cfg.trainer.dry_run else int(os.environ.get("WORLD_SIZE", "1"))
@@ -44,9 +102,20 @@ def main(raw: DictConfig) -> None:
             if shortfall:
                 raise ValueError(f"this config cannot run here: {shortfall}")
         layout = validate_layout(cfg, world)
+        if not cfg.trainer.dry_run:  # the data's shape, from index.json alone, before any model is built
+            from data.loader import check_dataset
+
+            check_dataset(
+                cfg.data.path,
+                streams=cfg.data.streams,
+                dp_size=layout.data,
+                index=cfg.data.index,
+                vocab_size=cfg.model.vocab_size,
+            )
     except ValueError as error:
-        sys.exit(f"pretrain.py: {error}")
+        fail(str(error))
     if cfg.trainer.dry_run:
+        remove_if_empty(Path(cfg.run.dir))  # Hydra made it; a plan writes nothing there
         from train.dry_run import dry_run_report, materialise_rank
 
         print(dry_run_report(cfg, layout)[0], flush=True)
@@ -59,8 +128,22 @@ def main(raw: DictConfig) -> None:
     try:
         Trainer(cfg, layout).fit()
     except BadStepsError as error:
-        sys.exit(f"pretrain.py: {error}")
+        fail(str(error))
+
+
+def remove_if_empty(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # absent, or holds something: not ours to remove
+        directory.rmdir()
+
+
+def check_command_line(arguments: list[str]) -> None:
+    """Before Hydra: unknown keys refused however they are written, with the closest known one."""
+    try:
+        check_override_keys(arguments)
+    except ValueError as error:
+        fail(str(error))
 
 
 if __name__ == "__main__":
+    check_command_line(sys.argv[1:])
     main()

@@ -8,6 +8,9 @@ over these schemas, so an unknown key or a wrong type fails before any work, nam
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import typing
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
@@ -249,3 +252,39 @@ def validate_layout(cfg: PretrainConfig, world: int) -> Layout:
 def uses_autoep(cfg: PretrainConfig, layout: Layout) -> bool:
     """Whether the MoE runs on DeepSpeed AutoEP: parallel.autoep, by default when experts are split."""
     return cfg.parallel.autoep if cfg.parallel.autoep is not None else layout.expert > 1
+
+
+# command-line arguments that select a config group (`conf=small`, `model=tiny`) rather than set a key
+CONFIG_GROUPS = ("conf", "model", "parallel", "data", "optim", "trainer", "loss", "checkpoint", "logging")
+
+
+def schema_keys(node: type | None = None, prefix: str = "") -> list[str]:
+    """Every settable key of the run's config, dotted (`trainer.max_steps`, `logging.wandb.mode`)."""
+    node = node or PretrainConfig
+    hints = typing.get_type_hints(node)
+    keys = []
+    for item in dataclasses.fields(node):
+        key = f"{prefix}{item.name}"
+        keys.append(key)
+        if dataclasses.is_dataclass(hints[item.name]):
+            keys += schema_keys(hints[item.name], f"{key}.")
+    return keys
+
+
+def check_override_keys(arguments: list[str]) -> None:
+    """Refuse command-line overrides of keys the schema does not have, however they are written
+    (`key=v`, and Hydra's `+key=v` / `++key=v`, which would otherwise add the key silently and the
+    run ignore it), suggesting the closest key. Hydra's own options and group choices pass."""
+    known = schema_keys()
+    for argument in arguments:
+        if argument.startswith(("-", "~")) or "=" not in argument:
+            continue
+        key = argument.split("=", 1)[0].lstrip("+")
+        if key.startswith("hydra.") or key in CONFIG_GROUPS or key in known:
+            continue
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ValueError(
+            f"unknown setting {key!r}{hint}; `python launch/pretrain.py --help` lists the common ones, "
+            "train/config.py all of them"
+        )

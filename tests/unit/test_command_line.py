@@ -1,0 +1,62 @@
+"""launch/pretrain.py's command line as a user meets it: help, unknown keys, errors printed once."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.distributed.gloo import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def pretrain(*arguments: str, launcher: tuple[str, ...] = (sys.executable,)) -> subprocess.CompletedProcess:
+    command = [*launcher, str(ROOT / "launch" / "pretrain.py"), *arguments]
+    return subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=ROOT)
+
+
+def test_help_names_the_presets_and_common_settings_at_once():
+    started = time.monotonic()
+    result = pretrain("--help")
+    assert result.returncode == 0 and time.monotonic() - started < 3
+    for preset in ("tiny", "small", "80b_a3b"):
+        assert f"  {preset} " in result.stdout
+    for text in ("trainer.max_steps", "trainer.dry_run=true", "torchrun", "sbatch", "train/config.py"):
+        assert text in result.stdout
+    assert "hydra" not in result.stdout.lower().replace("hydra-help", "").replace("hydra overrides", "")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("written", ["trainer.max_stepz=3", "+trainer.max_stepz=3", "++trainer.max_stepz=3"])
+def test_an_unknown_key_is_refused_however_written_with_the_closest_key(written):
+    result = pretrain("conf=tiny", "trainer.dry_run=true", written)
+    assert result.returncode == 2
+    assert "unknown setting 'trainer.max_stepz' (did you mean trainer.max_steps?)" in result.stderr
+    assert result.stderr.count("pretrain.py:") == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_dry_run_leaves_no_run_directory(tmp_path):
+    run_dir = tmp_path / "planned"
+    result = pretrain("conf=tiny", "trainer.dry_run=true", f"run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    assert not run_dir.exists()
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_config_error_is_printed_once():
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port")
+    result = pretrain("conf=tiny", "data.streams=3", launcher=(*launcher, str(free_port())))
+    assert result.returncode != 0
+    assert result.stderr.count("pretrain.py: ") == 1, result.stderr
+    assert "data.streams (3)" in result.stderr
+
+
+@pytest.mark.slow
+def test_missing_data_is_reported_before_the_model_is_built(tmp_path):
+    result = pretrain("conf=tiny", f"data.path={tmp_path / 'none'}", f"run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert "no such directory" in result.stderr and "prepare_data.py" in result.stderr
+    assert "building the model" not in result.stdout
