@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from model.accounting import count_parameters, flops_per_token
+from model.config import LINEAR_ATTENTION, attention_layers
 from model.qwen3_next import Qwen3NextForCausalLM
 from train.config import Layout, PretrainConfig, uses_autoep, validate_layout
 from train.memory import GIB, estimate_memory, rank_parameters
@@ -102,14 +103,18 @@ def dry_run_report(cfg: PretrainConfig, layout: Layout) -> tuple[str, bool]:
     layout_fits = fits(cfg, layout)
     gflops = flops_per_token(m, cfg.data.seq_len) / 1e9
     lines = [
-        f"parameters: {counted.total / 1e9:.2f}B total without MTP "
-        f"({counted.experts / 1e9:.2f}B in routed experts), {counted.active / 1e9:.2f}B active per token "
-        f"({counted.active_without_embedding / 1e9:.2f}B without embeddings); "
-        f"MTP adds {counted.mtp / 1e9:.2f}B",
+        f"parameters: {format_parameters(counted.total)} total without MTP "
+        f"({format_parameters(counted.experts)} in routed experts), "
+        f"{format_parameters(counted.active)} active per token "
+        f"({format_parameters(counted.active_without_embedding)} without embeddings); "
+        f"MTP adds {format_parameters(counted.mtp)}",
+        f"layers: {m.num_hidden_layers}, gated attention at {attention_layers(m.layer_types)}, "
+        f"Gated DeltaNet at the other {m.layer_types.count(LINEAR_ATTENTION)} "
+        f"(+ {m.mtp_num_layers} MTP, gated attention)",
         f"training FLOPs per token at seq_len {cfg.data.seq_len}: {gflops:.2f} GFLOP "
         f"(with {m.mtp_num_layers} MTP depth(s))",
         f"layout: world {layout.world} = tensor {layout.tensor} x data {layout.data}; "
-        f"experts over {layout.expert} ranks x expert-data {layout.expert_data}; "
+        f"experts over {layout.expert} rank(s) x expert-data {layout.expert_data}; "
         f"ZeRO stage {cfg.parallel.zero_stage}; {layout.grad_accum} micro-batch(es) of "
         f"{cfg.trainer.micro_batch_size} x {cfg.data.seq_len} per step",
         "memory per rank (estimate): "
@@ -117,12 +122,17 @@ def dry_run_report(cfg: PretrainConfig, layout: Layout) -> tuple[str, bool]:
         f"optimizer {memory.optimizer / GIB:.1f} GiB, activations {memory.activations / GIB:.1f} GiB; "
         f"total {memory.total / GIB:.1f} GiB",
         (
-            "fits trainer.gpu_memory_gb"
+            "no GPU memory limit (trainer.gpu_memory_gb=0)"
             if budget <= 0
             else f"{'fits' if layout_fits else 'does NOT fit'} trainer.gpu_memory_gb = {budget:g} GiB"
         ),
     ]
     return "\n".join(lines), layout_fits
+
+
+def format_parameters(count: float) -> str:
+    """'79.67B' from a billion up; below, millions ('4.2M'), where '0.00B' said nothing of a small model."""
+    return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.1f}M"
 
 
 def materialise_rank(cfg: PretrainConfig, layout: Layout, rank: int) -> str:

@@ -21,6 +21,9 @@ refresh hands the worker a copy of the history and never waits; while the worker
 refreshes are skipped. close() waits for it (a bounded time) and draws the final plots, so they are
 current when it returns. Where no worker can run (it fails to start, or dies), plots are drawn in
 this process as before.
+
+W&B prints nothing of its own (its messages go to its debug log): the run prints one line about it,
+the run's URL online, offline the `wandb sync` command that uploads it, which names its directory.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from data.shards import write_atomically
-from train.plots import EXPERT_LOAD_PLOT, PlotJob, render_plots
+from train.plots import EXPERT_LOAD_PLOT, PlotJob, expert_row_labels, render_plots
 from train.plots import LOSS_PLOT as LOSS_PLOT  # the run directory's file names are importable here
 
 if TYPE_CHECKING:
@@ -59,7 +62,7 @@ LOG_FILE = "train.log"
 WANDB_ID_FILE = "wandb_id.txt"
 WANDB_MODES = ("auto", "offline", "online", "disabled")
 ETA_WINDOW = 20  # steps whose mean duration predicts the rest: recent enough to forget compile time
-PLOTTED = ("loss", "lm_loss", "mtp_loss", "lb_loss", "z_loss", "lr")
+PLOTTED = ("loss", "lm_loss", "mtp_loss", "lb_loss", "z_loss", "lr")  # at most; see plotted_metrics
 PLOT_WAIT_S = 30.0  # the longest close() waits for one render (about a second normally) before giving up
 
 
@@ -199,6 +202,26 @@ class StepClock:
 
 
 # ---------------------------------------------------------------------------------------------
+# What the plots show
+
+
+def config_section(config: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    """One section of the run's config as a dict ({} where the config has none: tests pass little)."""
+    section = config.get(name)
+    return section if isinstance(section, Mapping) else {}
+
+
+def plotted_metrics(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The metrics loss.png shows: z_loss only when the loss uses it (loss.z_coef != 0). It is logged
+    either way, but the router z of a MoE is tens where lb_loss is about 1, so an unused z_loss would
+    only flatten the lb_loss curve."""
+    loss = config_section(config, "loss")
+    if "z_coef" in loss and not loss["z_coef"]:
+        return tuple(key for key in PLOTTED if key != "z_loss")
+    return PLOTTED
+
+
+# ---------------------------------------------------------------------------------------------
 # Weights & Biases
 
 
@@ -214,6 +237,32 @@ def resolve_wandb_mode(mode: str, environ: Mapping[str, str] = os.environ) -> st
 def new_wandb_id() -> str:
     alphabet = string.ascii_lowercase + string.digits  # the characters W&B's own ids use
     return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def quiet_wandb_settings(wandb: Any) -> Any:
+    """W&B's own console output off. Otherwise an offline run prints some 35 `wandb:` lines (a banner,
+    a warning, and at finish a history and summary that land after the run's last message) where the
+    monitor prints one. silent/quiet send W&B's messages to its debug log instead (in its run
+    directory); console="off" stops it wrapping stdout/stderr to upload them (train.log has them)."""
+    return wandb.Settings(silent=True, quiet=True, console="off")
+
+
+def wandb_run_line(run: Any, mode: str, run_id: str, run_dir: Path) -> str:
+    """The one line the run prints about W&B: online, the run's URL; offline, the command that uploads
+    the run, which names where it is. (An offline run's `url` would print a W&B warning: not read.)"""
+    if not getattr(run, "offline", mode == "offline"):
+        return f"W&B online: {getattr(run, 'url', None) or 'run ' + run_id}"
+    sync_dir = Path(getattr(run, "sync_dir", None) or Path(run.dir).parent)
+    return f"W&B offline: to upload this run, `wandb sync {shown_under(run_dir, sync_dir)}`"
+
+
+def shown_under(run_dir: Path, path: Path) -> Path:
+    """`path` as a path under `run_dir` the way the user gave run_dir (often relative), where it is one;
+    else as it is."""
+    try:
+        return run_dir / path.relative_to(run_dir.absolute())
+    except ValueError:
+        return path
 
 
 def wandb_scalars(metrics: dict[str, Any]) -> dict[str, float | int]:
@@ -312,7 +361,8 @@ class RunMonitor:
         self.last_step: int | None = None
         # (step, value) pairs flattened into typed arrays: a plot job's copy is a memcpy, where pickling
         # lists of 100k tuples took ~20 ms a metric, in the training process
-        self.history: dict[str, array] = {key: array("d") for key in PLOTTED}
+        self.history: dict[str, array] = {key: array("d") for key in plotted_metrics(config)}
+        self.model_config = config_section(config, "model")  # names the expert-load rows
         self.clock = StepClock()
         # the last plot_every steps' routed tokens, summed for the heatmap
         self.recent_expert_tokens: deque[tuple[int, np.ndarray]] = deque(maxlen=max(plot_every, 1))
@@ -424,7 +474,7 @@ class RunMonitor:
 
     def _remember(self, metrics: dict[str, Any]) -> None:
         step = int(metrics["step"])
-        for key in PLOTTED:
+        for key in self.history:
             value = metrics.get(key)
             value = value.item() if hasattr(value, "item") else value
             if isinstance(value, int | float):
@@ -447,7 +497,8 @@ class RunMonitor:
             return PlotJob(run_dir, step, series)
         steps = [s for s, _ in self.recent_expert_tokens]
         counts = sum(c for _, c in self.recent_expert_tokens)
-        return PlotJob(run_dir, step, series, counts, (steps[0], steps[-1]))
+        rows = expert_row_labels(self.model_config, len(counts))
+        return PlotJob(run_dir, step, series, counts, (steps[0], steps[-1]), rows)
 
     def _refresh_plots(self) -> None:
         """Hand the current plots to the worker, unless it is still busy with earlier ones: then this
@@ -594,6 +645,7 @@ class RunMonitor:
                 id=run_id,
                 resume="allow",
                 allow_val_change=True,  # a resumed run may change e.g. max_steps
+                settings=quiet_wandb_settings(wandb),
             )
         except Exception as e:
             self.message(
@@ -602,7 +654,7 @@ class RunMonitor:
             )
             return
         self.wandb, self.wandb_run = wandb, run
-        self.message(f"W&B {mode}: run {run_id} ({getattr(run, 'url', None) or Path(run.dir).parent})")
+        self.message(wandb_run_line(run, mode, run_id, self.run_dir))
         next_step = getattr(run, "step", 0) or 0
         if next_step > resume_step + 1:
             # W&B drops logs for steps below the ones it already has (steps logged after the checkpoint)

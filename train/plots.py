@@ -3,13 +3,15 @@
 `RunMonitor` (train/monitor.py) hands a `PlotJob` to `render_plots` in a separate process, because a
 refresh costs about as much CPU time as a training step. So this module imports only numpy and
 matplotlib, never torch, and a job is arrays that pickle in a memcpy. Matplotlib is imported inside the
-functions: importing this module costs nothing until a plot is drawn.
+functions: importing this module costs nothing until a plot is drawn. `loss_figure` and
+`expert_load_figure` build the figures (the tests look at their artists), `plot_*` save them.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,11 +19,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
 LOSS_PLOT = "loss.png"
 EXPERT_LOAD_PLOT = "expert_load.png"
 MAX_PLOT_POINTS = 2000  # per curve; plotting 100k raw points takes seconds and shows nothing more
+EXPERT_LOAD_MIN_WIDTH = 6.0  # inches: the heatmap's two-line title, beside its colorbar, fits in this
+MAX_ROW_LABELS = 48  # y tick labels of the heatmap; on 10 inches more would overlap
 
 # A series is an (n, 2) array of (step, value) rows (or anything np.asarray turns into one)
 Series = Mapping[str, Any]
@@ -36,6 +42,7 @@ class PlotJob:
     series: dict[str, np.ndarray]  # metric -> (n, 2) float64 rows of (step, value)
     expert_counts: np.ndarray | None = None  # layers x experts, routed tokens summed over expert_steps
     expert_steps: tuple[int, int] = (0, 0)  # first and last step of those counts
+    expert_rows: tuple[str, ...] = ()  # row labels: MoE layer numbers, then "MTP 1", ...; () = 0, 1, ...
 
 
 def render_plots(job: PlotJob) -> dict[str, str]:
@@ -51,7 +58,8 @@ def render_plots(job: PlotJob) -> dict[str, str]:
             failures["loss plot"] = f"{type(e).__name__}: {e}"
     if job.expert_counts is not None:
         try:
-            plot_expert_load(job.expert_counts, *job.expert_steps, run_dir / EXPERT_LOAD_PLOT)
+            path = run_dir / EXPERT_LOAD_PLOT
+            plot_expert_load(job.expert_counts, *job.expert_steps, path, job.expert_rows)
         except Exception as e:
             failures["expert-load plot"] = f"{type(e).__name__}: {e}"
     return failures
@@ -89,6 +97,11 @@ def finite_series(
 
 
 def plot_losses(series: Series, path: Path) -> None:
+    """`loss_figure`, saved as `path`."""
+    save_figure_atomically(loss_figure(series), path)
+
+
+def loss_figure(series: Series) -> Figure:
     """Losses on top, the auxiliary losses (load balance, z) in the middle, the LR below; NaN
     points skipped (a line through them would vanish)."""
     # Figure without pyplot: Agg rendering, no global figure registry to leak, no backend switch
@@ -102,34 +115,59 @@ def plot_losses(series: Series, path: Path) -> None:
             top.plot(steps, values, style, label=key, linewidth=1)
     top.set_ylabel("loss")
     top.set_title("training loss")
-    for key in ("lb_loss", "z_loss"):
-        steps, values = finite_series(series, key)
-        if len(steps) and values.any():  # z_loss is all zeros when its coefficient is 0
-            middle.plot(steps, values, label=key, linewidth=1)
-    middle.set_ylabel("aux loss")
+    if top.get_legend_handles_labels()[0]:
+        top.legend(loc="upper right", fontsize="small")
+    aux_handles = plot_aux_losses(middle, series)
+    if aux_handles:
+        middle.legend(handles=aux_handles, loc="upper right", fontsize="small")
     steps, values = finite_series(series, "lr")
     bottom.plot(steps, values, color="tab:gray", linewidth=1)
     bottom.set_ylabel("lr")
     bottom.set_xlabel("step")
     bottom.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    for ax in (top, middle):
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="upper right", fontsize="small")
     for ax in (top, middle, bottom):
         ax.grid(alpha=0.3)
-    save_figure_atomically(fig, path)
+    return fig
 
 
-def plot_expert_load(counts: np.ndarray, first_step: int, last_step: int, path: Path) -> None:
-    """Heatmap of count / layer mean (rows = layers, columns = experts), white = uniform load."""
+def plot_aux_losses(ax: Axes, series: Series) -> list[Line2D]:
+    """lb_loss, and z_loss on its own axis at the right when it has a nonzero point: the router z is
+    tens where lb_loss is about 1, so on one scale lb_loss would be a flat line. Returns the lines."""
+    lines = []
+    steps, values = finite_series(series, "lb_loss")
+    if len(steps):
+        lines += ax.plot(steps, values, label="lb_loss", linewidth=1)
+    ax.set_ylabel("lb loss")
+    steps, values = finite_series(series, "z_loss")
+    if len(steps) and values.any():  # all zeros: a dense model (the monitor leaves out an unused z_loss)
+        right = ax.twinx()
+        lines += right.plot(steps, values, color="tab:orange", label="z_loss (right axis)", linewidth=1)
+        right.set_ylabel("z loss")
+    return lines
+
+
+def plot_expert_load(
+    counts: np.ndarray, first_step: int, last_step: int, path: Path, row_labels: Sequence[str] = ()
+) -> None:
+    """`expert_load_figure`, saved as `path`."""
+    save_figure_atomically(expert_load_figure(counts, first_step, last_step, row_labels), path)
+
+
+def expert_load_figure(
+    counts: np.ndarray, first_step: int, last_step: int, row_labels: Sequence[str] = ()
+) -> Figure:
+    """Heatmap of count / layer mean (rows = MoE layers, then MTP depths; columns = experts), white =
+    uniform load. `row_labels` name the rows (default 0, 1, ...)."""
     from matplotlib.colors import TwoSlopeNorm
     from matplotlib.figure import Figure
 
     load = relative_expert_load(counts)
     layers, experts = load.shape
+    labels = list(row_labels) if len(row_labels) == layers else [str(row) for row in range(layers)]
     row_max = load.max(axis=1)
     worst = int(row_max.argmax())
-    fig = Figure(figsize=(min(4 + experts * 0.1, 16), min(2.5 + layers * 0.25, 10)), layout="constrained")
+    width = min(max(4 + experts * 0.1, EXPERT_LOAD_MIN_WIDTH), 16)
+    fig = Figure(figsize=(width, min(2.5 + layers * 0.25, 10)), layout="constrained")
     ax = fig.subplots()
     # Diverging around 1: over-loaded experts red, starved ones blue
     norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max(2.0, float(load.max())))
@@ -137,10 +175,50 @@ def plot_expert_load(counts: np.ndarray, first_step: int, last_step: int, path: 
     fig.colorbar(image, ax=ax, label="tokens / layer mean")
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
+    label_rows(ax, labels)
     steps = f"step {last_step}" if first_step == last_step else f"steps {first_step}-{last_step}"
     ax.set_title(
-        f"expert load, {steps}: max/mean {row_max.mean():.2f} (mean over layers), "
-        f"worst {row_max[worst]:.2f} (layer {worst})",
+        f"expert load, {steps}\nmax/mean {row_max.mean():.2f} (mean over layers), "
+        f"worst {row_max[worst]:.2f} ({row_name(labels[worst])})",
         fontsize="medium",
     )
-    save_figure_atomically(fig, path)
+    return fig
+
+
+def label_rows(ax: Axes, labels: Sequence[str]) -> None:
+    """A y tick for every row, or for every k-th one where there are more than MAX_ROW_LABELS; the MTP
+    rows (last) always get theirs, without a main-stack label crowding the first of them."""
+    mtp_rows = [row for row, label in enumerate(labels) if label.startswith("MTP")]
+    main = len(labels) - len(mtp_rows)
+    stride = math.ceil(len(labels) / MAX_ROW_LABELS)
+    rows = [*range(0, main - stride + 1, stride), *mtp_rows]
+    ax.set_yticks(rows, [labels[row] for row in rows], fontsize="small")
+
+
+def row_name(label: str) -> str:
+    """'layer 3' for a main-stack row, 'MTP 1' as it is."""
+    return f"layer {label}" if label.isdigit() else label
+
+
+def expert_row_labels(model: Mapping[str, Any], rows: int) -> tuple[str, ...]:
+    """The expert-load rows' labels for a model config (as a dict): each MoE layer of the main stack by
+    its layer number, then one row per MTP depth, "MTP 1", ... (the order of the model's router
+    logits). Where the config does not account for the rows, they are numbered 0, 1, ..."""
+    mtp = int(model.get("mtp_num_layers") or 0)
+    if not 0 <= mtp <= rows:
+        mtp = 0
+    layers = moe_layers(model)
+    if len(layers) != rows - mtp:
+        layers = list(range(rows - mtp))
+    return (*map(str, layers), *(f"MTP {depth}" for depth in range(1, mtp + 1)))
+
+
+def moe_layers(model: Mapping[str, Any]) -> list[int]:
+    """The main stack's MoE layers, as model.config.ModelConfig.is_moe_layer picks them; restated here
+    because importing the model package would bring torch into the plot worker."""
+    if not model.get("num_experts"):
+        return []
+    step = int(model.get("decoder_sparse_step") or 1)
+    dense = set(model.get("mlp_only_layers") or ())
+    layers = range(int(model.get("num_hidden_layers") or 0))
+    return [layer for layer in layers if layer not in dense and (layer + 1) % step == 0]

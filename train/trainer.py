@@ -497,7 +497,7 @@ class Trainer:
         stop = stop_signal_flag()
         batches = iter(self.loader)
         stopped_by = None
-        where = f"{self.layout.world} {'GPU' if self.on_gpu else 'CPU process'}(es)"
+        where = f"{self.layout.world} {'GPU(s)' if self.on_gpu else 'CPU process(es)'}"
         self.monitor.message(
             f"training {cfg.trainer.max_steps - self.step} steps from step {self.step} on {where}; "
             f"run dir {self.run_dir}"

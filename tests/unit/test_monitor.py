@@ -1,6 +1,7 @@
 """train/monitor.py: metrics.jsonl contents and resume, the main-rank-only rule, plots (rendered by a
-background process that log_step never waits for, current after close), the console line, and W&B
-(never imported when disabled; an offline run when asked)."""
+background process that log_step never waits for, current after close; what the figures show), the
+console line, and W&B (never imported when disabled; an offline run when asked, of which the process
+prints one line and W&B nothing)."""
 
 import json
 import math
@@ -12,10 +13,13 @@ import time
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from data.shards import PARTIAL_SUFFIX
+from model.config import ModelConfig
 from tests.unit import plot_renderers
 from tests.unit.plot_renderers import RENDERS_LOG, SLOW_RENDER_S
 from train.monitor import (
@@ -28,7 +32,7 @@ from train.monitor import (
     read_metrics,
     resolve_wandb_mode,
 )
-from train.plots import relative_expert_load
+from train.plots import expert_load_figure, expert_row_labels, loss_figure, relative_expert_load
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -242,6 +246,7 @@ def test_plots_are_valid_pngs_and_no_temp_files_remain(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_log_step_never_waits_for_a_slow_render_and_close_leaves_current_plots(tmp_path):
     monitor = make_monitor(tmp_path, plot_every=2, plot_renderer=plot_renderers.slow_render)
     submitted = time.monotonic()
@@ -261,6 +266,7 @@ def test_log_step_never_waits_for_a_slow_render_and_close_leaves_current_plots(t
     assert not list(tmp_path.glob(".*tmp*"))
 
 
+@pytest.mark.slow
 def test_close_draws_the_final_plots_only_if_the_last_job_did_not(tmp_path):
     current = tmp_path / "current"
     monitor = make_monitor(current, plot_every=2, plot_renderer=plot_renderers.counting_render)
@@ -344,6 +350,7 @@ def test_close_gives_up_on_a_stuck_worker(tmp_path, monkeypatch, capsys):
 
 
 @needs_proc
+@pytest.mark.slow
 def test_the_worker_exits_when_the_training_process_dies_without_closing(tmp_path):
     script = textwrap.dedent(
         f"""
@@ -372,6 +379,74 @@ def test_relative_expert_load_is_count_over_layer_mean():
     load = relative_expert_load(counts.numpy())
     assert load[0].tolist() == [1.0, 1.0, 2.0, 0.0]
     assert load[1].tolist() == [0.0, 0.0, 0.0, 0.0]  # a layer that routed nothing
+
+
+TINY_MODEL = {"num_hidden_layers": 4, "num_experts": 16, "mtp_num_layers": 1}  # 4 MoE layers + MTP
+
+
+def title_fits_in_figure(fig) -> bool:
+    fig.draw_without_rendering()  # lays the figure out
+    (ax,) = (ax for ax in fig.axes if ax.get_title())
+    title = ax.title.get_window_extent()
+    return fig.bbox.contains(*title.p0) and fig.bbox.contains(*title.p1)
+
+
+def y_tick_labels(ax) -> list[str]:
+    return [label.get_text() for label in ax.get_yticklabels()]
+
+
+@pytest.mark.parametrize(
+    ("rows", "experts"), [(5, 4), (5, 16), (49, 64)], ids=["4-experts", "tiny", "49-rows"]
+)
+def test_expert_load_title_fits_and_the_mtp_row_is_labelled(rows, experts):
+    counts = np.ones((rows, experts))
+    counts[-1, 0] = 10 * experts  # the MTP layer is the worst
+    labels = expert_row_labels({**TINY_MODEL, "num_hidden_layers": rows - 1}, rows)
+    fig = expert_load_figure(counts, 1234561, 1234570, labels)
+    assert title_fits_in_figure(fig)
+    ax = fig.axes[0]
+    assert "(MTP 1)" in ax.get_title()
+    ticks = y_tick_labels(ax)
+    assert ticks[-1] == "MTP 1" and ticks[:3] == (["0", "1", "2"] if rows < 48 else ["0", "2", "4"])
+
+
+def test_expert_rows_are_the_models_moe_layers_then_the_mtp_depths():
+    model = ModelConfig(num_hidden_layers=8, decoder_sparse_step=2, mlp_only_layers=[3], mtp_num_layers=2)
+    config = OmegaConf.to_container(OmegaConf.structured(model))  # as the trainer hands it over
+    moe = [str(layer) for layer in range(8) if model.is_moe_layer(layer)]
+    assert moe == ["1", "5", "7"]
+    assert expert_row_labels(config, 5) == (*moe, "MTP 1", "MTP 2")
+    assert expert_row_labels({}, 3) == ("0", "1", "2")  # a config that says nothing: numbered
+    assert expert_row_labels(TINY_MODEL, 3) == ("0", "1", "MTP 1")  # rows the config does not explain
+
+
+def aux_loss_lines(series) -> dict[str, object]:
+    """The label of each line on the aux-loss panel (its left axis or a twin) -> its axes."""
+    middle = loss_figure(series).axes[1]
+    twins = [ax for ax in middle.figure.axes if ax is not middle and ax.bbox.bounds == middle.bbox.bounds]
+    return {line.get_label(): ax for ax in (middle, *twins) for line in ax.get_lines()}
+
+
+def test_z_loss_is_plotted_only_when_nonzero_and_on_its_own_axis():
+    steps = np.arange(1, 11, dtype=np.float64)
+    series = {key: np.column_stack([steps, np.full(10, 2.0)]) for key in ("loss", "lb_loss", "lr")}
+    assert set(aux_loss_lines({**series, "z_loss": np.column_stack([steps, np.zeros(10)])})) == {"lb_loss"}
+    lines = aux_loss_lines({**series, "z_loss": np.column_stack([steps, np.full(10, 40.0)])})
+    assert set(lines) == {"lb_loss", "z_loss (right axis)"}
+    assert lines["lb_loss"] is not lines["z_loss (right axis)"]  # z in the tens does not flatten lb
+
+
+@pytest.mark.usefixtures("no_plots")
+def test_the_monitor_plots_z_loss_only_when_the_loss_uses_it_and_names_the_rows(tmp_path):
+    unused = make_monitor(tmp_path / "a", config={"loss": {"z_coef": 0.0}, "model": TINY_MODEL})
+    unused.log_step(fake_metrics(1, z_loss=7.5), fake_expert_tokens(1, layers=5))
+    job = unused._plot_job()
+    assert "z_loss" not in job.series and job.expert_rows == ("0", "1", "2", "3", "MTP 1")
+    unused.close()
+    used = make_monitor(tmp_path / "b", config={"loss": {"z_coef": 1e-3}})
+    used.log_step(fake_metrics(1, z_loss=7.5))
+    assert used._plot_job().series["z_loss"].tolist() == [[1.0, 7.5]]
+    used.close()
 
 
 @pytest.mark.usefixtures("no_plots")
@@ -418,31 +493,52 @@ def test_number_formats():
     assert format_duration(None) == "--"
 
 
-def test_wandb_offline_run_and_id_file(tmp_path, monkeypatch):
-    wandb = pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_CONSOLE", "off")
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    run_dir = tmp_path / "run"
-    monitor = make_monitor(run_dir, wandb_mode="offline", plot_every=2, total_steps=3)
-    try:
-        assert monitor.wandb_run is not None
+@pytest.mark.slow
+def test_wandb_offline_prints_one_line_and_nothing_of_its_own(tmp_path):
+    """What a user sees of an offline run (the default without an API key): one line saying how to
+    upload it, which names its directory; no `wandb:` lines, before or after the run's last message."""
+    pytest.importorskip("wandb")
+    script = textwrap.dedent(
+        """
+        import numpy as np
+        import wandb
+        from train.monitor import RunMonitor
+        m = RunMonitor("run", is_main=True, total_steps=3, wandb_mode="offline", wandb_project="p",
+                       wandb_entity=None, wandb_name=None, config={}, plot_every=0)
         for step in (1, 2, 3):
-            monitor.log_step(fake_metrics(step), fake_expert_tokens(step))
-    finally:
-        monitor.close()
-    assert wandb.run is None  # finished
-    run_id = (run_dir / "wandb_id.txt").read_text().strip()
-    assert list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+            m.log_step(dict(step=step, loss=1.0, lr=1e-3), np.ones((2, 4), dtype=np.int64))
+        m.message("done: 3 steps")  # the trainer's last message, before it closes the monitor
+        m.close()
+        assert wandb.run is None, "the W&B run was not finished"
+        """
+    )
+    # none of the caller's W&B settings (WANDB_SILENT would hide what this test looks for); its
+    # per-user files in tmp_path, not in the home directory
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(PYTHONPATH=str(REPO), **{f"WANDB_{d}_DIR": str(tmp_path) for d in ("CONFIG", "CACHE", "DATA")})
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, timeout=120,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,  # one stream: the order as printed
+    )  # fmt: skip
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0, result.stdout
+    run_id = (tmp_path / "run" / "wandb_id.txt").read_text().strip()
+    (offline_dir,) = (tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}")
+    shown = Path("run") / "wandb" / offline_dir.name  # under the run directory as it was given
+    assert [line for line in lines if line.startswith("wandb")] == []
+    assert [line for line in lines if "W&B" in line or "wandb sync" in line] == [
+        f"W&B offline: to upload this run, `wandb sync {shown}`"
+    ]
+    assert lines[-1] == "done: 3 steps"
 
 
 class FakeWandb(types.ModuleType):
     """Stands in for the wandb module: records init arguments and logged steps; no real W&B."""
 
-    def __init__(self, fail_init: bool = False):
+    def __init__(self, fail_init: bool = False, url: str | None = None):
         super().__init__("wandb")
         self.fail_init = fail_init
+        self.url = url
         self.inits: list[dict] = []
         self.logged: list[tuple[int, dict]] = []
         self.finished: list[int] = []
@@ -453,8 +549,9 @@ class FakeWandb(types.ModuleType):
         self.inits.append(kwargs)
         fake = self
         return types.SimpleNamespace(
-            url=None,
-            dir=str(kwargs["dir"]),
+            url=self.url,
+            offline=kwargs["mode"] == "offline",
+            dir=str(Path(kwargs["dir"]) / "wandb" / f"offline-run-{kwargs['id']}" / "files"),
             step=0,
             log=lambda data, step: fake.logged.append((step, data)),
             finish=lambda exit_code=0: fake.finished.append(exit_code),
@@ -462,6 +559,9 @@ class FakeWandb(types.ModuleType):
 
     def Image(self, path):
         return ("image", Path(path).read_bytes()[:8])
+
+    def Settings(self, **kwargs):
+        return kwargs
 
 
 def test_wandb_auto_mode_is_online_only_with_an_api_key():
@@ -480,6 +580,16 @@ def test_wandb_init_failure_warns_and_training_goes_on(tmp_path, monkeypatch, ca
     out = capsys.readouterr().out
     assert "W&B init failed in mode 'online'" in out and "ConnectionError" in out
     assert steps_in(tmp_path) == [1]
+
+
+@pytest.mark.usefixtures("no_plots")
+def test_wandb_online_prints_one_line_with_the_url_and_silences_wandb(tmp_path, monkeypatch, capsys):
+    fake = FakeWandb(url="https://wandb.ai/team/test/runs/abc123")
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    make_monitor(tmp_path, wandb_mode="online").close()
+    assert capsys.readouterr().out.splitlines() == ["W&B online: https://wandb.ai/team/test/runs/abc123"]
+    settings = fake.inits[0]["settings"]
+    assert settings["silent"] and settings["quiet"] and settings["console"] == "off"
 
 
 def test_wandb_gets_the_scalars_at_their_step_and_a_resumed_run_keeps_its_id(tmp_path, monkeypatch):

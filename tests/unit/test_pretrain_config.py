@@ -19,6 +19,7 @@ def pretrain(*overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_dry_run_of_80b_a3b_reports_the_published_sizes():
     result = pretrain("conf=80b_a3b", "trainer.dry_run=true")
     assert result.returncode == 0, result.stderr
@@ -27,6 +28,23 @@ def test_dry_run_of_80b_a3b_reports_the_published_sizes():
     assert "memory per rank" in result.stdout
 
 
+def test_dry_run_of_tiny_counts_in_millions_and_says_there_is_no_memory_limit():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from train.config import register_configs, validate_layout
+    from train.dry_run import dry_run_report, format_parameters
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = OmegaConf.to_object(compose("pretrain", ["conf=tiny"]))
+    report, fits = dry_run_report(cfg, validate_layout(cfg, 1))
+    assert "0.00B" not in report and "M in routed experts" in report, report
+    assert report.splitlines()[-1] == "no GPU memory limit (trainer.gpu_memory_gb=0)" and fits
+    assert (format_parameters(4.2e6), format_parameters(79.67e9)) == ("4.2M", "79.67B")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "named"),
     [
@@ -78,6 +96,7 @@ def test_zero_and_expert_parallelism_shard_what_they_should():
     assert zero2.gradients == pytest.approx(6 * numel / 4)
 
 
+@pytest.mark.slow
 def test_80b_a3b_without_gpus_stops_at_once_saying_what_it_needs():
     result = pretrain("conf=80b_a3b")
     assert result.returncode != 0
@@ -89,6 +108,7 @@ def test_80b_a3b_without_gpus_stops_at_once_saying_what_it_needs():
         assert f"{verdict} trainer.gpu_memory_gb" in plan.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "named"),
     [
