@@ -408,7 +408,8 @@ def json_text(line: str, text_key: str, block: Block, number: int) -> str | None
         if end != len(line) and not line[end:].isspace():
             raise json.JSONDecodeError("Extra data", line, end)
     except json.JSONDecodeError as exc:
-        message = f"not valid JSON ({exc.msg} at column {exc.colno})"
+        # some of json's messages end in " at" ("Unterminated string starting at"): said once
+        message = f"not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})"
         raise InputError(f"{where(block, number)}: {message}") from None
     if not isinstance(record, dict):
         raise InputError(f"{where(block, number)}: expected a JSON object, got {type(record).__name__}")

@@ -358,12 +358,21 @@ def write_safetensors_files(
         save_file(read_outputs(reader, file_outputs), str(out / f"{name}.partial"), metadata={"format": "pt"})
         if on_file is not None:
             on_file(name, sum(o.nbytes for o in file_outputs))
+    mode = readable_file_mode()
     for name in names:
+        os.chmod(out / f"{name}.partial", mode)  # safetensors creates its files 0600
         os.replace(out / f"{name}.partial", out / name)
     weight_map = {o.key: name for name, file_outputs in zip(names, plan, strict=True) for o in file_outputs}
     index = {"metadata": {"total_size": sum(o.nbytes for o in outputs)}, "weight_map": weight_map}
     write_text_atomically(out / INDEX_FILE, json.dumps(index, indent=2))
     return weight_map
+
+
+def readable_file_mode() -> int:
+    """The mode a plain new file gets here (0666 less the umask), for files a library made private."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_text_atomically(path: Path, text: str) -> None:
