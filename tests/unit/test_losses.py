@@ -305,6 +305,7 @@ def model_grads(model):
 COEFS = dict(mtp_weight=0.5, lb_coef=0.1, z_coef=0.01)
 
 
+@pytest.mark.slow
 def test_model_step_over_micro_batches_equals_one_whole_batch_forward():
     model = build_model()
     batch = make_global_batch(rows=3, seq_len=16, seed=4)

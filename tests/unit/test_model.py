@@ -58,6 +58,7 @@ def losses(out):
     return out.lm_loss_sum + sum(out.mtp_loss_sums)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("boundaries_as", ["position_ids", "documents"])
 def test_packed_batch_equals_documents_run_one_by_one(boundaries_as):
     """Also with the layout derived beforehand and passed as `documents` (the training loop's way)."""

@@ -120,6 +120,7 @@ def expected_share(config, tensor: int, expert: int) -> int:
     return count
 
 
+@pytest.mark.slow
 def test_dry_run_rank_builds_that_rank_and_agrees_with_the_estimate():
     sizes = ["model.num_hidden_layers=4", "model.num_experts=64", "model.vocab_size=8192"]
     layout = ["trainer.dry_run_world_size=8", "parallel.expert=8", "parallel.tensor=2"]
@@ -142,6 +143,7 @@ def test_dry_run_rank_builds_that_rank_and_agrees_with_the_estimate():
     assert estimate and int(estimate[1].replace(",", "")) == pytest.approx(held, rel=0.01)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "named"),
     [
