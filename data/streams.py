@@ -50,6 +50,7 @@ import os
 import queue
 import random
 import re
+import tarfile
 import time
 import traceback
 import weakref
@@ -60,11 +61,12 @@ from typing import NamedTuple
 
 import numpy as np
 from webdataset.gopen import gopen
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
 from data.packing import Packer
 
 TOKENS_MEMBER = "tokens.npy"
+NPY_HEADER_LIMIT = 10 + 0xFFFF  # .npy magic and header-length fields plus the longest version-1 header
 _MASK64 = (1 << 64) - 1
 _NPY_UINT32_HEADER = re.compile(rb"\{'descr': '<u4', 'fortran_order': False, 'shape': \((\d+),\), \} *\n")
 
@@ -204,19 +206,31 @@ def open_shard(shard: ShardInfo):
 
 
 def tar_members(fileobj, shard: ShardInfo) -> Iterator[tuple[str, bytes]]:
-    """(key, bytes) of each `KEY.tokens.npy` member; other members are ignored."""
-    members = tar_file_iterator(fileobj)
-    while True:
-        try:
-            member = next(members)
-        except StopIteration:
-            return
-        except Exception as error:  # tarfile.ReadError, OSError, EOFError, ...: one message for all
-            reason = f"unreadable tar (truncated or corrupt): {error}{pipe_status(fileobj)}"
-            raise ShardError(f"shard {shard.describe()}: {reason}") from error
-        key, extension = base_plus_ext(member["fname"])
-        if extension == TOKENS_MEMBER:
-            yield key, member["data"]
+    """(key, bytes) of each `KEY.tokens.npy` member, in tar order; other members are skipped unread.
+
+    A member is read only after its size is checked against what index.json says the shard holds:
+    a small compressed shard can expand to gigabytes, and nothing legitimate is larger than the
+    shard's tokens (4 bytes each) plus an .npy header."""
+    limit = shard.tokens * 4 + NPY_HEADER_LIMIT
+    try:
+        archive = tarfile.open(fileobj=fileobj, mode="r|*")
+        for member in archive:
+            key, extension = base_plus_ext(member.name)
+            if not member.isreg() or extension != TOKENS_MEMBER:
+                continue
+            if member.size > limit:
+                raise ShardError(
+                    f"shard {shard.describe()}: member {member.name} is {member.size:,} bytes, more than "
+                    f"the {shard.tokens:,} tokens index.json gives the whole shard can fill ({limit:,} bytes "
+                    "with the header): refused unread (replaced or crafted shard?)"
+                )
+            yield key, archive.extractfile(member).read()
+            archive.members = []  # stream mode keeps every TarInfo otherwise
+    except ShardError:
+        raise
+    except Exception as error:  # tarfile.ReadError, OSError, EOFError, ...: one message for all
+        reason = f"unreadable tar (truncated or corrupt): {error}{pipe_status(fileobj)}"
+        raise ShardError(f"shard {shard.describe()}: {reason}") from error
 
 
 def finish_reading(fileobj, shard: ShardInfo) -> None:

@@ -602,3 +602,39 @@ def test_an_incomplete_data_set_is_refused(tmp_path):
         check_index_fields({**index, "shards": []}, str(tmp_path / "index.json"))
     index["complete"] = True
     check_index_fields(index, str(tmp_path / "index.json"))
+
+
+def write_compressed_bomb(path: Path, member: str, payload_bytes: int) -> None:
+    """A gzip tar (kilobytes on disk) whose one tokens.npy member expands to `payload_bytes`."""
+    header = npy_bytes(np.zeros(0, np.uint32))
+    info = tarfile.TarInfo(member)
+    info.size = len(header) + payload_bytes
+
+    class Zeros:  # what tarfile copies the member from, a MiB at a time
+        left = info.size
+
+        def read(self, size: int) -> bytes:
+            count = min(size, self.left)
+            self.left -= count
+            return bytes(count)
+
+    with tarfile.open(path, "w:gz", compresslevel=1) as archive:
+        archive.addfile(info, Zeros())
+
+
+def test_a_member_larger_than_the_index_allows_is_refused_unread(shard_dir):
+    import tracemalloc
+
+    path = shard_dir / "shard-000004.tar"
+    write_compressed_bomb(path, "s4-doc000.tokens.npy", 64 << 20)
+    rehash(shard_dir, path.name)  # the index names the file; only its token count bounds the member
+    assert path.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        error = first_error(shard_dir)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert isinstance(error, ShardError)
+    assert "shard-000004.tar" in str(error) and "s4-doc000.tokens.npy" in str(error)
+    assert peak < 16 << 20  # the 64 MiB member was never read into memory
