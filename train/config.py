@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -90,7 +91,7 @@ class LossConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 0  # 0: only at the end
-    keep: int = 3
+    keep: int = 3  # complete checkpoints kept, the oldest removed first; 0 keeps them all
     resume: str = "auto"  # auto | none | a path
     init_from: str | None = None  # initial weights from `launch/convert_hf.py from-hf` (when not resuming)
 
@@ -148,8 +149,82 @@ class Layout:
     grad_accum: int  # micro-batches per optimizer step on each rank
 
 
+Range = tuple[typing.Callable[[float], bool], str]  # the test, and how a message states it
+
+
+def at_least(low: float) -> Range:
+    return (lambda value: value >= low), f">= {low:g}"
+
+
+def above(low: float) -> Range:
+    return (lambda value: value > low), f"> {low:g}"
+
+
+def between(low: float, high: float, *, high_open: bool = False) -> Range:
+    if high_open:
+        return (lambda value: low <= value < high), f"in [{low:g}, {high:g})"
+    return (lambda value: low <= value <= high), f"in [{low:g}, {high:g}]"
+
+
+# each numeric setting's allowed range (None, where a key allows it, means "the default")
+VALUE_RANGES = {
+    "trainer.max_steps": at_least(1),
+    "trainer.global_batch_size": at_least(1),
+    "trainer.micro_batch_size": at_least(1),
+    "trainer.seed": at_least(0),
+    "trainer.gpu_memory_gb": at_least(0),
+    "trainer.log_every": at_least(1),
+    "trainer.profile_step": at_least(0),
+    "trainer.profile_steps": at_least(1),
+    "trainer.max_bad_steps": at_least(1),
+    "trainer.dry_run_world_size": at_least(1),
+    "optim.lr": above(0),
+    "optim.min_lr_ratio": between(0, 1),
+    "optim.weight_decay": at_least(0),
+    "optim.beta1": between(0, 1, high_open=True),
+    "optim.beta2": between(0, 1, high_open=True),
+    "optim.eps": above(0),
+    "optim.grad_clip": at_least(0),
+    "optim.warmup_steps": at_least(0),
+    "optim.decay_fraction": between(0, 1),
+    "optim.schedule_steps": at_least(1),
+    "data.seq_len": at_least(2),
+    "data.num_workers": at_least(0),
+    "data.streams": at_least(1),
+    "data.shuffle_buffer": at_least(0),
+    "loss.mtp_weight": at_least(0),
+    "loss.lb_coef": at_least(0),
+    "loss.z_coef": at_least(0),
+    "loss.expert_bias_rate": at_least(0),
+    "checkpoint.every": at_least(0),
+    "checkpoint.keep": at_least(0),
+    "logging.plot_every": at_least(1),
+}
+
+
+def setting(cfg: PretrainConfig, key: str):
+    value = cfg
+    for name in key.split("."):
+        value = getattr(value, name)
+    return value
+
+
+def check_values(cfg: PretrainConfig) -> None:
+    """Each numeric setting within its range, and run.dir a directory (or not there yet): checked
+    before anything is built; ValueError names the key, the value and what is allowed."""
+    for key, (allowed, description) in VALUE_RANGES.items():
+        value = setting(cfg, key)
+        if value is not None and not allowed(value):
+            raise ValueError(f"{key}={value} is out of range: it must be {description}")
+    run_dir = Path(cfg.run.dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run.dir={cfg.run.dir} is a file; run.dir names the run's directory")
+
+
 def validate_layout(cfg: PretrainConfig, world: int) -> Layout:
-    """Check the settings against each other and the world size; ValueError names the setting."""
+    """Check each setting's range, then the settings against each other and the world size;
+    ValueError names the setting."""
+    check_values(cfg)
     p, t, m, d = cfg.parallel, cfg.trainer, cfg.model, cfg.data
     checks = [
         (world >= 1, f"world size must be >= 1, got {world}"),

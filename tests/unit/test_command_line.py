@@ -60,3 +60,50 @@ def test_missing_data_is_reported_before_the_model_is_built(tmp_path):
     assert result.returncode == 2
     assert "no such directory" in result.stderr and "prepare_data.py" in result.stderr
     assert "building the model" not in result.stdout
+
+
+def composed(*overrides: str):
+    """The typed config launch/pretrain.py would build from these overrides."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from train.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return OmegaConf.to_object(compose("pretrain", overrides=["conf=tiny", *overrides]))
+
+
+@pytest.mark.parametrize(
+    ("override", "allowed"),
+    [
+        ("trainer.global_batch_size=0", ">= 1"),
+        ("optim.lr=-1", "> 0"),
+        ("data.streams=0", ">= 1"),
+        ("data.num_workers=-1", ">= 0"),
+        ("trainer.max_steps=-5", ">= 1"),
+        ("optim.grad_clip=-1", ">= 0"),
+        ("checkpoint.every=-1", ">= 0"),
+        ("optim.beta2=1.0", "in [0, 1)"),
+    ],
+)
+def test_out_of_range_values_are_refused_naming_the_key_and_the_range(override, allowed):
+    from train.config import validate_layout
+
+    key, value = override.split("=")
+    with pytest.raises(ValueError) as caught:
+        validate_layout(composed(override), 1)
+    message = str(caught.value)
+    assert message.startswith(f"{key}=") and float(message.split()[0].split("=")[1]) == float(value)
+    assert message.endswith(f"out of range: it must be {allowed}")
+
+
+@pytest.mark.slow
+def test_a_run_dir_naming_a_file_is_refused_in_one_line(tmp_path):
+    (tmp_path / "taken").write_text("")
+    result = pretrain("conf=tiny", f"run.dir={tmp_path / 'taken'}")
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == f"pretrain.py: run.dir={tmp_path / 'taken'} is a file; run.dir names the run's directory"
+    )
