@@ -213,19 +213,19 @@ def tar_members(fileobj, shard: ShardInfo) -> Iterator[tuple[str, bytes]]:
     shard's tokens (4 bytes each) plus an .npy header."""
     limit = shard.tokens * 4 + NPY_HEADER_LIMIT
     try:
-        archive = tarfile.open(fileobj=fileobj, mode="r|*")
-        for member in archive:
-            key, extension = base_plus_ext(member.name)
-            if not member.isreg() or extension != TOKENS_MEMBER:
-                continue
-            if member.size > limit:
-                raise ShardError(
-                    f"shard {shard.describe()}: member {member.name} is {member.size:,} bytes, more than "
-                    f"the {shard.tokens:,} tokens index.json gives the whole shard can fill ({limit:,} bytes "
-                    "with the header): refused unread (replaced or crafted shard?)"
-                )
-            yield key, archive.extractfile(member).read()
-            archive.members = []  # stream mode keeps every TarInfo otherwise
+        with tarfile.open(fileobj=fileobj, mode="r|*") as archive:  # closes only what it opened
+            for member in archive:
+                key, extension = base_plus_ext(member.name)
+                if not member.isreg() or extension != TOKENS_MEMBER:
+                    continue
+                if member.size > limit:
+                    raise ShardError(
+                        f"shard {shard.describe()}: member {member.name} is {member.size:,} bytes, more "
+                        f"than the {shard.tokens:,} tokens index.json gives the whole shard can fill "
+                        f"({limit:,} bytes with the header): refused unread (replaced or crafted shard?)"
+                    )
+                yield key, archive.extractfile(member).read()
+                archive.members = []  # stream mode keeps every TarInfo otherwise
     except ShardError:
         raise
     except Exception as error:  # tarfile.ReadError, OSError, EOFError, ...: one message for all
