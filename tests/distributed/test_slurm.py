@@ -155,7 +155,9 @@ def test_sbatch_runs_the_tiny_preset_to_completion(slurm, tmp_path):
 
 def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, tmp_path):
     """The USR1 Slurm sends before the time limit (here sent by hand): the run checkpoints and exits 0,
-    the job requeues itself, and the second start resumes and finishes, each step logged once."""
+    the job requeues itself, and the second start resumes and finishes, each step logged once. The
+    tasks get a SIGTERM as well (as from preemption, or the limit itself): torchrun, signalled, exits 1
+    while its workers save and exit 0, and the script still counts the stop a success and requeues."""
     corpus = write_corpus(tmp_path / "corpus")
     run_dir = tmp_path / "run"
     steps = 60
@@ -163,6 +165,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, tmp_path):
     job_id = submit(slurm, tmp_path, args)
     metrics = run_dir / "metrics.jsonl"
     wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 120, "no steps logged")
+    subprocess.run(["scancel", "--signal=TERM", job_id], env=slurm, check=True)  # the tasks, not the script
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=slurm, check=True)
     # a requeued job waits two minutes before it may start again (Slurm's rule); let it start now
     wait_for(lambda: job_fields(job_id, slurm).get("Restarts") == "1", 120, "the job did not requeue", 1)
@@ -176,5 +179,6 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, tmp_path):
     assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", f"{fields}\n{log[-3000:]}"
     assert fields["Restarts"] == "1", fields
     assert "asking the run to checkpoint and stop" in log and "resuming from" in log
+    assert "torchrun's exit status 1 is its own: exit 0" in log, log[-3000:]
     assert [row["step"] for row in read_metrics(run_dir)] == list(range(1, steps + 1))
     assert not (run_dir / "STOP").exists()
