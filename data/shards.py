@@ -196,13 +196,18 @@ def index_document(shards: list[ShardEntry], build: dict, complete: bool) -> dic
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Replace `path` by `data` so that readers see the old file or the new one, never a mix."""
+    """Replace `path` by `data` so that readers see the old file or the new one, never a mix. A
+    failed write (a full disk) leaves the old file and no partial one."""
     partial = path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
-    with open(partial, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(partial, path)
+    try:
+        with open(partial, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def write_index(output: Path, shards: list[ShardEntry], build: dict, complete: bool) -> None:

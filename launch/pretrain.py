@@ -8,7 +8,6 @@ the per-rank memory estimate (`trainer.dry_run_world_size` picks the world size 
 `trainer.dry_run_rank=R` then builds and initialises rank R's shard on the CPU and reports it.
 """
 
-import contextlib
 import math
 import os
 import sys
@@ -92,6 +91,9 @@ def planned_world_size(cfg) -> int:
 def main(raw: DictConfig) -> None:
     import torch
 
+    from train.run_dir import RunDirInUse, watch_launcher
+
+    watch_launcher()  # under torchrun: a worker stops when its launcher dies (they run in their own sessions)
     try:
         cfg = OmegaConf.to_object(raw)  # also runs the model config's own validation
         world = planned_world_size(cfg) if cfg.trainer.dry_run else int(os.environ.get("WORLD_SIZE", "1"))
@@ -115,7 +117,6 @@ def main(raw: DictConfig) -> None:
     except ValueError as error:
         fail(str(error))
     if cfg.trainer.dry_run:
-        remove_if_empty(Path(cfg.run.dir))  # Hydra made it; a plan writes nothing there
         from train.dry_run import dry_run_report, materialise_rank
 
         print(dry_run_report(cfg, layout)[0], flush=True)
@@ -123,17 +124,16 @@ def main(raw: DictConfig) -> None:
             print(f"building rank {cfg.trainer.dry_run_rank}'s shard on the CPU ...", flush=True)
             print(materialise_rank(cfg, layout, cfg.trainer.dry_run_rank))
         return
-    from train.trainer import BadStepsError, Trainer
+    from train.checkpoint import CheckpointError
+    from train.disk_space import OutOfSpaceError
+    from train.safe_load import CheckpointUnpicklingError
+    from train.trainer import BadStepsError, Trainer, leave_distributed
 
     try:
         Trainer(cfg, layout).fit()
-    except BadStepsError as error:
+    except (BadStepsError, RunDirInUse, CheckpointError, CheckpointUnpicklingError, OutOfSpaceError) as error:
         fail(str(error))
-
-
-def remove_if_empty(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # absent, or holds something: not ours to remove
-        directory.rmdir()
+    leave_distributed()
 
 
 def check_command_line(arguments: list[str]) -> None:

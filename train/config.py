@@ -168,7 +168,7 @@ def between(low: float, high: float, *, high_open: bool = False) -> Range:
 
 # each numeric setting's allowed range (None, where a key allows it, means "the default")
 VALUE_RANGES = {
-    "trainer.max_steps": at_least(1),
+    "trainer.max_steps": at_least(0),  # 0: a checkpoint of the initial weights
     "trainer.global_batch_size": at_least(1),
     "trainer.micro_batch_size": at_least(1),
     "trainer.seed": at_least(0),

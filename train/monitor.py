@@ -10,7 +10,9 @@ field reads back with `float(value)` and a NaN step stays distinguishable from a
 `read_metrics` does that conversion.
 
 On resume from step N the lines with step > N (logged after that checkpoint) are dropped, so the file
-holds each step once; a fresh start (N = 0) moves an old file aside to `metrics.jsonl.old`.
+holds each step once; a fresh start (N = 0) moves an old file aside to `metrics.jsonl.old`. The file
+is rewritten atomically; on a full disk the old one stays, with no partial file, and the run stops
+saying so (`OutOfSpaceError`).
 
 `elapsed_s`, when the trainer gives it, is seconds since some fixed start (cumulative); the ETA uses
 its differences over the recent steps, otherwise the wall-clock time between calls.
@@ -51,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from data.shards import write_atomically
+from train.disk_space import OutOfSpaceError, out_of_space_kind, out_of_space_message
 from train.plots import EXPERT_LOAD_PLOT, PlotJob, expert_row_labels, render_plots
 from train.plots import LOSS_PLOT as LOSS_PLOT  # the run directory's file names are importable here
 
@@ -466,7 +469,14 @@ class RunMonitor:
             os.replace(path, path.with_name(METRICS_FILE + ".old"))
             self.message(f"moved the previous {METRICS_FILE} aside to {METRICS_FILE}.old")
             return
-        kept, dropped = truncate_metrics(path, resume_step)
+        try:
+            kept, dropped = truncate_metrics(path, resume_step)
+        except OSError as error:
+            if not out_of_space_kind(error):
+                raise
+            doing = f"cutting {path} back to step {resume_step}"
+            message = out_of_space_message(path.parent, doing, path.stat().st_size)
+            raise OutOfSpaceError(f"{message}: free some space, then rerun") from None
         for record in kept:
             self._remember(record)
         if dropped:

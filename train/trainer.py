@@ -34,7 +34,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from data.loader import TokenLoader, merge_states
-from model.accounting import flops_per_token
+from model.accounting import count_parameters, flops_per_token
 from model.documents import DocumentLayout, copy_to_device
 from model.moe import moe_blocks
 from model.ops.cross_entropy import check_labels_in_range
@@ -52,22 +52,29 @@ from parallel.expert import (
 )
 from parallel.tensor import TensorParallelGroups
 from train.checkpoint import (
+    CheckpointError,
+    CheckpointLoadError,
     checkpoint_root,
+    choose_checkpoint,
     complete_checkpoints,
     convert_to_universal,
-    load_checkpoint,
+    intact_alternatives,
+    load_on_every_rank,
     needs_universal,
+    newest_intact,
     read_trainer_state,
-    resolve_resume,
+    refuse_past_max_steps,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    sweep_leftovers,
 )
 from train.config import Layout, PretrainConfig, uses_autoep
-from train.losses import TrainingObjective, global_target_counts, update_expert_biases
+from train.losses import TrainingObjective, all_reduce_sum, global_target_counts, update_expert_biases
 from train.monitor import RunMonitor
 from train.optim import lr_at, param_groups, without_names
 from train.precision import bf16_settings, finish_bf16_setup
+from train.run_dir import hold_run_dir, mark_clean_exit
 
 
 class BadStepsError(RuntimeError):
@@ -306,6 +313,15 @@ def setup_distributed() -> tuple[torch.device, bool]:
     return device, on_gpu
 
 
+def leave_distributed() -> None:
+    """Every rank leaves the process group together once the run is over: one that still holds it
+    at interpreter exit, after rank 0 (the rendezvous store's host) has gone, was seen to abort in a
+    C++ background thread ("terminate called without an active exception") under a loaded machine."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 class Trainer:
     """Build everything from a validated config, then `fit()`."""
 
@@ -326,6 +342,8 @@ class Trainer:
         self.device, self.on_gpu = setup_distributed()
         self.rank = dist.get_rank()
         self.is_main = self.rank == 0
+        # before anything is written into run.dir: one run per directory (train/run_dir.py)
+        self.run_dir_lock = hold_run_dir(self.run_dir, self.is_main)
         self.config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -420,9 +438,13 @@ class Trainer:
 
     def _resume_source(self) -> tuple[Path | None, bool]:
         """The checkpoint to resume from, and whether it needs the universal form (saved partitioned
-        otherwise); decided before the engine is built, which must know the latter."""
-        path = resolve_resume(self.cfg.checkpoint.resume, self.run_dir)
+        otherwise); decided before the engine is built, which must know the latter. The checkpoint is
+        checked against its manifest first (`choose_checkpoint`: auto falls back past damaged ones)."""
+        self._sweep_checkpoint_leftovers()
+        path = choose_checkpoint(self.cfg.checkpoint.resume, self.run_dir, self._message_early)
         state = read_trainer_state(path) if path else {}
+        if path is not None:
+            refuse_past_max_steps(path, state["step"], self.cfg.trainer.max_steps)
         self._set_aside_later_checkpoints(state.get("step", 0))
         if path is None:
             return None, False
@@ -471,12 +493,27 @@ class Trainer:
             self._message_early(f"moved {len(later)} checkpoint(s) after step {start_step} to {aside}")
         dist.barrier()
 
+    def _sweep_checkpoint_leftovers(self) -> None:
+        """What interrupted saves and removals left (staging, trash), before any checkpoint is chosen."""
+        if self.is_main:
+            for line in sweep_leftovers(checkpoint_root(self.run_dir)):
+                self._message_early(line)
+        dist.barrier()
+
     def _resume(self) -> None:
         path = self.resume_from
         if path is None:
             return
-        self._message_early(f"resuming from {path}")
-        trainer_state, rank_states = load_checkpoint(self.engine, path, universal=self.resume_universal)
+        while True:
+            self._message_early(f"resuming from {path}")
+            try:
+                trainer_state, rank_states = load_on_every_rank(
+                    self.engine, path, universal=self.resume_universal
+                )
+                break
+            except CheckpointLoadError as error:
+                path = self._fallback_after_load_error(path, error)
+        self.resume_from = path
         self.step = trainer_state["step"]
         self.tokens_seen = trainer_state["tokens"]
         self.skipped_steps = trainer_state.get("skipped_steps", 0)
@@ -485,6 +522,34 @@ class Trainer:
         self.loader.load_state_dict(merge_states([s["loader"] for s in rank_states]))
         if len(rank_states) == self.layout.world:
             set_rng_state(rank_states[self.rank]["rng"])
+
+    def _fallback_after_load_error(self, path: Path, error: CheckpointLoadError) -> Path:
+        """After `path` passed its checks but failed to load (every rank knows): with
+        checkpoint.resume=auto the newest intact checkpoint before it, loaded into the same engine
+        (a new load replaces all the failed one set), with later ones set aside; otherwise stop,
+        listing the intact ones."""
+        root = checkpoint_root(self.run_dir)
+        if self.cfg.checkpoint.resume != "auto":
+            raise CheckpointError(
+                f"{error}\n{intact_alternatives(path.parent, self._message_early, besides=path)}"
+            )
+        fallback = newest_intact(root, self._message_early, below=read_trainer_state(path)["step"])
+        if fallback is None:
+            raise CheckpointError(
+                f"{error}\nNo earlier checkpoint in {root}: checkpoint.resume=none starts over."
+            )
+        self._message_early(f"WARNING: {error}")
+        self._message_early(f"falling back to the newest intact checkpoint before it, {fallback}")
+        state = read_trainer_state(fallback)
+        if needs_universal(fallback, state.get("partitioning"), self.partitioning) != self.resume_universal:
+            raise CheckpointError(
+                f"{error}\nThe newest intact checkpoint before it, {fallback}, was saved in another layout: "
+                f"resume from it with checkpoint.resume={fallback}"
+            )
+        if self.resume_universal:
+            convert_to_universal(fallback)
+        self._set_aside_later_checkpoints(state["step"])
+        return fallback
 
     def _message_early(self, text: str) -> None:
         if self.is_main:
@@ -550,6 +615,9 @@ class Trainer:
                     f"done: {self.step} steps; metrics {self.run_dir / 'metrics.jsonl'}, "
                     f"plots {self.run_dir / 'loss.png'} and {self.run_dir / 'expert_load.png'}"
                 )
+        if self.is_main:  # for launchers whose exit status cannot say it (launch/slurm/pretrain.sbatch)
+            mark_clean_exit(self.run_dir, self.step, stopped_by)
+        self.run_dir_lock.release()
 
     def _train_step(self, batches) -> tuple[dict, torch.Tensor | None]:
         cfg = self.cfg
@@ -606,11 +674,20 @@ class Trainer:
             "step_time_s": elapsed,
             "bad_step": int(bad),
             "skipped_steps": self.skipped_steps,
-            **{f"data_{k}": v for k, v in self.loader.metrics().items()},
+            **{f"data_{k}": v for k, v in self._data_metrics().items()},
         }
         if self.layout.expert > 1:
             metrics.update(self._all_to_all_volume(losses.local_expert_tokens))
         return metrics, losses.expert_tokens if losses.expert_tokens.numel() else None
+
+    def _data_metrics(self) -> dict[str, int]:
+        """The loader's counters, skipped shards summed over the data-parallel ranks (each skips the
+        shards of its own streams; without data.skip_corrupt a bad shard stops the run instead)."""
+        metrics = self.loader.metrics()
+        if self.cfg.data.skip_corrupt and self.layout.data > 1:
+            local = torch.tensor([float(metrics["skipped_shards"])], device=self.device)
+            metrics["skipped_shards"] = int(all_reduce_sum(local, self.dp_group).item())
+        return metrics
 
     def _all_to_all_volume(self, local_counts_le: torch.Tensor) -> dict[str, float]:
         """Expert-parallel traffic of the step, over all ranks: the (token, slot) pairs routed to an
@@ -702,6 +779,12 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
+    def _checkpoint_size_estimate(self) -> int:
+        """About the bytes of a first checkpoint (later ones are as large as the one before): 16 a
+        parameter, the module's copy, fp32 master weights and Adam's two moments."""
+        count = count_parameters(self.cfg.model)
+        return 16 * (count.total + count.mtp)
+
     def save(self) -> None:
         trainer_state = {
             "step": self.step,
@@ -723,6 +806,7 @@ class Trainer:
             rank_state,
             self.config_yaml,
             keep=self.cfg.checkpoint.keep,
+            size_hint=self._checkpoint_size_estimate(),
         )
         self.last_saved_step = self.step
         self.monitor.message(f"checkpoint {path} ({time.perf_counter() - started:.1f} s)")

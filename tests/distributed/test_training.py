@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -188,6 +189,23 @@ def test_one_process_gives_the_losses_of_two(corpus, straight_run, tmp_path):
     run_dir = tmp_path / "one"
     pretrain(1, overrides(corpus, run_dir, **{"trainer.max_steps": 3}))
     np.testing.assert_allclose(losses(run_dir), losses(straight_run)[:3], rtol=1e-5)
+
+
+def test_skipped_shards_are_counted_over_all_ranks(corpus, tmp_path):
+    """With data.skip_corrupt, each rank skips the bad shards of its own streams; the logged count
+    is the run's, so 2 processes log what 1 process (every stream) logs."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(corpus, damaged)
+    for number in (1, 4, 6):
+        (damaged / f"shard-{number:06d}.tar").unlink()
+    counts = {}
+    for nproc in (1, 2):
+        run_dir = tmp_path / f"nproc{nproc}"
+        extra = {"data.skip_corrupt": "true", "trainer.max_steps": 3, "checkpoint.every": 0}
+        pretrain(nproc, overrides(damaged, run_dir, **extra))
+        counts[nproc] = [row["data_skipped_shards"] for row in read_metrics(run_dir)]
+    assert counts[1][-1] > 0, "the run should have met a missing shard"
+    assert counts[2] == counts[1]
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(corpus, tmp_path):

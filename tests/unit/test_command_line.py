@@ -81,7 +81,7 @@ def composed(*overrides: str):
         ("optim.lr=-1", "> 0"),
         ("data.streams=0", ">= 1"),
         ("data.num_workers=-1", ">= 0"),
-        ("trainer.max_steps=-5", ">= 1"),
+        ("trainer.max_steps=-5", ">= 0"),
         ("optim.grad_clip=-1", ">= 0"),
         ("checkpoint.every=-1", ">= 0"),
         ("optim.beta2=1.0", "in [0, 1)"),
