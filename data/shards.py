@@ -1,6 +1,6 @@
 """Token shards: tokenize documents in parallel and write deterministic webdataset tar shards.
 
-Output directory layout (the contract of DESIGN.md §4):
+Output directory layout (the shard format the loader and users rely on):
 
     shard-000000.tar, shard-000001.tar, ...   webdataset tars, one sample per document:
         <key>.tokens.npy   uint32 token ids, EOS (151643) appended, in .npy format;

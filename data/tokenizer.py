@@ -66,15 +66,6 @@ def encode_ids(text: str) -> np.ndarray:
     return ids.astype(TOKEN_DTYPE, copy=False)  # native uint32: little-endian, no copy, on x86/ARM
 
 
-def encode_document(text: str) -> np.ndarray:
-    """uint32 token ids of one document with the EOS appended."""
-    ids = encode_ids(text)
-    document = np.empty(len(ids) + 1, dtype=TOKEN_DTYPE)
-    document[:-1] = ids
-    document[-1] = EOS_ID
-    return document
-
-
 def npy_header(length: int) -> bytes:
     """The .npy (format 1.0) header of a 1-D little-endian uint32 array of `length`, byte for
     byte what numpy 2 writes (growth padding included), built here because

@@ -27,7 +27,7 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "conf" / "model"
 
 @dataclass
 class ModelConfig:
-    """Defaults are Qwen3-Next-80B-A3B (DESIGN.md §2)."""
+    """Defaults are Qwen3-Next-80B-A3B as published (its Hugging Face config.json)."""
 
     vocab_size: int = 151936
     hidden_size: int = 2048

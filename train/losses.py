@@ -14,10 +14,10 @@ stack and MTP, in call order), E experts, x_lt layer l's router logits of token 
         f_li = C_li / sum_j C_lj, C_li = (token, slot) pairs of B routed to expert i (top-k of the fp32
                softmax, `model.moe.route`): a constant, no gradient flows through it;
         P_li = S_li / N,          S_li = sum_{t in B} softmax(x_lt)_i (fp32).
-    DESIGN.md's P_i is the mean probability on the local micro-batch; the LBL is then the mean over
-    (r, m) of E sum_i f_i P_i^(r,m). Weighting micro-batches by their tokens, as above, gives the same
-    value whenever they all hold the same number of tokens (this trainer's fixed-shape batches) and
-    stays the global-batch value when they do not. Either way it does not depend on the layout.
+    The usual statement takes P_i as the mean probability on the local micro-batch; the LBL is then
+    the mean over (r, m) of E sum_i f_i P_i^(r,m). Weighting micro-batches by their tokens, as above,
+    gives the same value whenever they all hold the same number of tokens (this trainer's fixed-shape
+    batches) and stays the global-batch value when they do not. Either way it does not depend on the layout.
 
 Gradient. The engine (DeepSpeed) backprops each micro-batch's loss, divides by the accumulation steps
 M and averages over the R data-parallel ranks: g = 1/(R*M) sum_{r,m} grad loss^(r,m). So each

@@ -1,4 +1,4 @@
-"""Data and expert parallel layouts on 4 gloo processes give the 1-process run (DESIGN.md section 5),
+"""Data and expert parallel layouts on 4 gloo processes give the 1-process run,
 and checkpoints move between layouts.
 
 The toy model and corpus of test_training.py, trained 3 steps by `torchrun launch/pretrain.py` at
