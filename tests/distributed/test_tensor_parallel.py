@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,13 +81,28 @@ def test_sharded_model_computes_the_whole_models_loss_and_gradients(tmp_path, kv
         assert errors[worst] < 1e-5, f"{worst}: relative gradient error {errors[worst]:.2e}"
 
 
-def train_single_and_tensor_parallel(tmp_path, corpus, tp: int, parallel_only=None, **extra):
-    """3 steps on 1 process and on 4 with parallel.tensor=tp; asserts equal losses, gradient norms
-    and (the TP ranks' shards joined) weights. Large steps (lr 0.3, eps 1) so a wrong gradient or
-    norm shows; clipping (at 1.0) acts on these norms, so a miscounted norm changes the weights."""
-    common = {"trainer.max_steps": 3, "optim.schedule_steps": 3, "optim.eps": 1.0, "optim.lr": 0.3, **extra}
-    single, parallel = tmp_path / "single", tmp_path / f"tp{tp}"
-    pretrain(1, overrides(corpus, single, **common))
+COMMON = {"trainer.max_steps": 3, "optim.schedule_steps": 3, "optim.eps": 1.0, "optim.lr": 0.3}
+
+
+@pytest.fixture(scope="module")
+def shared_single(tmp_path_factory) -> tuple[Path, Path]:
+    """The corpus and the 1-process reference run of the layouts that change nothing else."""
+    root = tmp_path_factory.mktemp("single")
+    corpus = write_corpus(root / "corpus")
+    pretrain(1, overrides(corpus, root / "single", **COMMON))
+    return corpus, root / "single"
+
+
+def train_single_and_tensor_parallel(tmp_path, corpus, tp: int, parallel_only=None, single=None, **extra):
+    """3 steps on 1 process (or `single`, a run of these settings) and on 4 with parallel.tensor=tp;
+    asserts equal losses, gradient norms and (the TP ranks' shards joined) weights. Large steps
+    (lr 0.3, eps 1) so a wrong gradient or norm shows; clipping (at 1.0) acts on these norms, so a
+    miscounted norm changes the weights."""
+    common = {**COMMON, **extra}
+    parallel = tmp_path / f"tp{tp}"
+    if single is None:
+        single = tmp_path / "single"
+        pretrain(1, overrides(corpus, single, **common))
     pretrain(
         4,
         overrides(corpus, parallel, **common, **{"parallel.tensor": tp, **(parallel_only or {})}),
@@ -105,9 +121,9 @@ def train_single_and_tensor_parallel(tmp_path, corpus, tp: int, parallel_only=No
     return common, parallel
 
 
-def test_tp2_dp2_trains_like_one_process(tmp_path):
-    corpus = write_corpus(tmp_path / "corpus")
-    common, parallel = train_single_and_tensor_parallel(tmp_path, corpus, 2)
+def test_tp2_dp2_trains_like_one_process(tmp_path, shared_single):
+    corpus, single = shared_single
+    common, parallel = train_single_and_tensor_parallel(tmp_path, corpus, 2, single=single)
 
     # resuming on another tensor-parallel size is refused, naming the setting
     result = subprocess.run(
@@ -125,11 +141,11 @@ def test_tp4_with_kv_heads_kept_by_rank_pairs_trains_like_one_process(tmp_path):
     train_single_and_tensor_parallel(tmp_path, corpus, 4, **heads)
 
 
-def test_tp2_dp2_with_ep2_trains_like_one_process(tmp_path):
+def test_tp2_dp2_with_ep2_trains_like_one_process(tmp_path, shared_single):
     """AutoEP folded onto the tensor-parallel pairs: ranks {0, 1} and {2, 3} each hold the 8 experts
     split in two, and each TP peer dispatches half of their shared tokens' (token, slot) pairs."""
-    corpus = write_corpus(tmp_path / "corpus")
-    common, parallel = train_single_and_tensor_parallel(tmp_path, corpus, 2, {"parallel.expert": 2})
+    corpus, single = shared_single
+    common, parallel = train_single_and_tensor_parallel(tmp_path, corpus, 2, {"parallel.expert": 2}, single)
     assert any(parallel.joinpath("checkpoints", "step_3").glob("layer_*_expert_*_model_states.pt"))
 
     # resharding a tensor-parallel run (here to ep4) is refused, saying what to do
