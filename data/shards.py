@@ -234,10 +234,10 @@ def shards_of(index: dict) -> list[ShardEntry]:
 # Shard files
 
 
-def sha256_of(path: Path) -> str:
+def sha256_of(path: Path, chunk_bytes: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:
-        while chunk := file.read(1 << 20):
+        while chunk := file.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
 

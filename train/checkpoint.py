@@ -57,6 +57,7 @@ from train.checkpoint_integrity import (
     from_main,
     manifest_bytes,
     on_every_rank,
+    rank,
     verify_manifest,
     write_manifest,
 )
@@ -175,7 +176,7 @@ def check_checkpoint(path: Path, say: Callable[[str], None]) -> Verdict:
             size = format_bytes(verdict.total_bytes)
             say(f"checked {path} against its {MANIFEST} ({size} in {verdict.seconds:.1f} s)")
         return verdict
-    problems = from_main(_problems_without_manifest(path) if _rank() == 0 else None)
+    problems = from_main(_problems_without_manifest(path) if rank() == 0 else None)
     if not problems:
         say(f"WARNING: {path} has no {MANIFEST} (saved by an older version): loading it unverified")
     return Verdict(problems, has_manifest=False)
@@ -198,10 +199,10 @@ def _problems_without_manifest(path: Path) -> list[str]:
     if match and int(match.group(1)) != state["step"]:
         problems.append(f"{state_file}: says step {state['step']}, but the directory is {path.name}")
     ranks = state.get("world_size")
-    for rank in range(ranks if isinstance(ranks, int) else 0):
-        if not (path / rank_file_name(rank)).is_file():
+    for number in range(ranks if isinstance(ranks, int) else 0):
+        if not (path / rank_file_name(number)).is_file():
             problems.append(
-                f"{path / rank_file_name(rank)}: missing (rank {rank}'s data-loader and RNG state)"
+                f"{path / rank_file_name(number)}: missing (rank {number}'s data-loader and RNG state)"
             )
     return problems
 
@@ -250,10 +251,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def rng_state() -> dict[str, torch.Tensor | list[torch.Tensor]]:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -286,7 +283,7 @@ def save_checkpoint(
     root = checkpoint_root(run_dir)
     final = root / step_tag(step)
     staging = root / STAGING / final.name
-    main = _rank() == 0
+    main = rank() == 0
     trainer_state = {**trainer_state, "manifest": MANIFEST}  # its absence later means damage
     try:
         on_every_rank(lambda: _empty_staging(root, staging) if main else None)
@@ -325,7 +322,7 @@ def _save_engine_state(engine, staging: Path) -> None:
 def _write_our_files(staging: Path, rank_state: dict, trainer_state: dict | None, config_yaml: str) -> None:
     """This rank's rank_XXXXX.pt; on the main rank (given `trainer_state`) also config.yaml and
     trainer_state.json."""
-    torch.save(rank_state, staging / rank_file_name(_rank()))
+    torch.save(rank_state, staging / rank_file_name(rank()))
     if trainer_state is not None:
         (staging / "config.yaml").write_text(config_yaml)
         write_atomically(staging / TRAINER_STATE, json.dumps(trainer_state, indent=2).encode())
@@ -451,7 +448,7 @@ def convert_to_universal(path: Path, poll_seconds: float = 5.0) -> Path:
     target = universal_path(path)
     identity = read_trainer_state(path).get("saved_at", "")
     failed = path.parent / f".{target.name}.failed"
-    if _rank() == 0:
+    if rank() == 0:
         if not (target / "source").is_file() or (target / "source").read_text() != identity:
             shutil.rmtree(target, ignore_errors=True)
             failed.unlink(missing_ok=True)
@@ -546,7 +543,7 @@ def _load_naming_the_file(engine, path: Path, universal: bool) -> tuple[dict, li
         # said at once, by this rank: a file only this rank reads (its ZeRO partition) fails here
         # while the others may wait inside DeepSpeed's load, which the agreement cannot end
         print(
-            f"pretrain: rank {_rank()}: could not load {path}: {describe(named)}", file=sys.stderr, flush=True
+            f"pretrain: rank {rank()}: could not load {path}: {describe(named)}", file=sys.stderr, flush=True
         )
         if named is error:
             raise

@@ -20,7 +20,6 @@ Without torch.distributed initialised everything runs as a world of one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -30,7 +29,7 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
-from data.shards import write_atomically
+from data.shards import sha256_of, write_atomically
 from train.disk_space import OutOfSpaceError, out_of_space_kind
 
 MANIFEST = "manifest.json"
@@ -120,14 +119,8 @@ def describe(error: BaseException) -> str:
 
 
 def file_digest(path: Path) -> tuple[int, str]:
-    """(size in bytes, sha256 hex digest) of a file, read in chunks."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(READ_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
+    """(size in bytes, sha256 hex digest) of a file."""
+    return path.stat().st_size, sha256_of(path, READ_CHUNK)
 
 
 def share_of(sizes: dict[str, int], of_rank: int, world: int) -> list[str]:
