@@ -9,7 +9,8 @@
 # Stages can be picked: `bash bench/gpu_checks.sh tests bench bench-packed loop` (default: those four);
 # `bench-ep` and `loop-ep` (2 GPUs) compare expert parallelism with data parallelism on conf=small,
 # as the raw step (launch/bench.py layout) and as the training loop; `start-80b` measures the start-up
-# and peak memory at the 80B width on one GPU (EXPERTS="384 256" picks the expert counts).
+# and peak memory at the 80B width on one GPU (EXPERTS="384 256" picks the expert counts); `slice`
+# times the step at the 80B's layer width (4 layers + MTP, 128 experts) with its op-family table.
 set -uo pipefail
 out=${OUT:-.}
 export TRITON_CACHE_AUTOTUNING=1 PYTHONUNBUFFERED=1
@@ -38,13 +39,20 @@ for stage in $stages; do
         # conf=small as shipped (4 x 4096 micro-batches, 4 per optimizer step, MTP on), on the demo
         # shards (29 of them: fewer streams than the preset's 64)
         rm -rf /tmp/loop-small
-        QWEN3NEXT_VARLEN=${VARLEN:-1} python launch/pretrain.py conf=small data.streams=16 trainer.max_steps=${LOOP_STEPS:-12} \
+        python launch/pretrain.py conf=small data.streams=16 trainer.max_steps=${LOOP_STEPS:-12} \
+            trainer.varlen_attention=$([ "${VARLEN:-1}" = 0 ] && echo false || echo true) \
             trainer.profile_step=${PROFILE_STEP:-0} \
             run.dir=/tmp/loop-small logging.wandb.mode=disabled checkpoint.every=0 > "$out/loop.log" 2>&1
         cp /tmp/loop-small/metrics.jsonl "$out/loop_metrics.jsonl"
         cp /tmp/loop-small/profile/operators.txt "$out/loop_operators.txt" 2>/dev/null
         [ -f /tmp/loop-small/profile/trace.json ] && gzip -c /tmp/loop-small/profile/trace.json > "$out/loop_trace.json.gz"
         tail -6 "$out/loop.log" ;;
+    slice)
+        # the 80B-A3B's layer width on one GPU (launch/bench.py layout --preset 80b_a3b-slice), with the
+        # per-op-family table of a profiled step; SLICE_ARGS adds options or overrides
+        python launch/bench.py layout --preset 80b_a3b-slice --steps ${SLICE_STEPS:-6} --warmup 3 \
+            --out "$out/slice.json" ${SLICE_ARGS:-} > "$out/slice.log" 2>&1
+        grep -v "^ *\(W\|I\)[0-9]" "$out/slice.log" | tail -22 ;;
     bench-ep)
         # 2 GPUs (nvidia-h100-x2): the raw step of conf=small with experts over both GPUs (ep2) against
         # plain data parallel (ep1 x dp2), and the all-to-all time per MoE layer (issue 5)
@@ -60,7 +68,8 @@ for stage in $stages; do
         # (ep1 x dp2), same global batch; the profile of step 8 times the all-to-alls
         for ep in 1 2; do
             rm -rf /tmp/loop-ep$ep
-            QWEN3NEXT_VARLEN=${VARLEN:-1} torchrun --nproc-per-node 2 launch/pretrain.py conf=small \
+            torchrun --nproc-per-node 2 launch/pretrain.py conf=small \
+                trainer.varlen_attention=$([ "${VARLEN:-1}" = 0 ] && echo false || echo true) \
                 data.streams=16 trainer.max_steps=${LOOP_STEPS:-12} parallel.expert=$ep \
                 trainer.profile_step=8 run.dir=/tmp/loop-ep$ep logging.wandb.mode=disabled \
                 checkpoint.every=0 > "$out/loop_ep$ep.log" 2>&1

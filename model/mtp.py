@@ -36,9 +36,10 @@ class MultiTokenPredictor(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         layout: DocumentLayout,
     ) -> torch.Tensor:
-        """One depth (1-based); returns its final-normed hidden state, input of the next depth."""
+        """One depth (1-based); returns its final-normed hidden state, input of the next depth, and
+        its MoE layer's RouterStats."""
         x_btd = torch.cat(
             [self.pre_fc_norm_embedding(next_embeds_btd), self.pre_fc_norm_hidden(h_prev_btd)], -1
         )
-        x_btd = self.layers[depth - 1](self.fc(x_btd), rope, layout)
-        return self.norm(x_btd)
+        x_btd, stats = self.layers[depth - 1](self.fc(x_btd), rope, layout)
+        return self.norm(x_btd), stats

@@ -3,8 +3,9 @@
 `Qwen3NextForCausalLM.forward(input_ids, position_ids=None, labels=None, documents=None)`:
 - without labels it returns full logits [batch, seq, vocab] (HF parity, evaluation);
 - with labels it never materialises the logits: it returns per-objective loss *sums* and token
-  counts (next-token and each MTP depth) plus every router's logits, so that the training loop can
-  form token-weighted means and the load-balancing loss over the whole global batch.
+  counts (next-token and each MTP depth) plus every MoE layer's `RouterStats` (model/moe.py), so
+  that the training loop can form token-weighted means and the load-balancing loss over the whole
+  global batch.
 Document boundaries come in `position_ids` (0 starts a document), or already derived as `documents`
 (a DocumentLayout, which the training loop builds on the host); see model/documents.py.
 """
@@ -22,7 +23,7 @@ from model.attention import RotaryEmbedding
 from model.config import ModelConfig
 from model.decoder import DecoderLayer
 from model.documents import DocumentLayout
-from model.moe import RouterLogitsRecorder
+from model.moe import RouterStats
 from model.mtp import MultiTokenPredictor
 from model.norms import RMSNorm
 from model.ops.cross_entropy import linear_cross_entropy
@@ -37,7 +38,7 @@ class CausalLMOutput:
     lm_tokens: torch.Tensor | None = None  # how many target tokens that sum covers
     mtp_loss_sums: list[torch.Tensor] = field(default_factory=list)  # one per MTP depth
     mtp_tokens: list[torch.Tensor] = field(default_factory=list)
-    router_logits: list[torch.Tensor] = field(default_factory=list)  # [tokens, experts] per MoE layer
+    router_stats: list[RouterStats] = field(default_factory=list)  # per MoE layer, in call order
 
 
 class Qwen3NextModel(nn.Module):
@@ -57,14 +58,17 @@ class Qwen3NextModel(nn.Module):
 
     def forward(
         self, embeds_btd: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], layout: DocumentLayout
-    ) -> torch.Tensor:
-        x_btd = embeds_btd
+    ) -> tuple[torch.Tensor, list[RouterStats]]:
+        """The final-normed hidden states and the MoE layers' RouterStats, in call order."""
+        x_btd, router_stats = embeds_btd, []
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x_btd = checkpoint(layer, x_btd, rope, layout, use_reentrant=False)
+                x_btd, stats = checkpoint(layer, x_btd, rope, layout, use_reentrant=False)
             else:
-                x_btd = layer(x_btd, rope, layout)
-        return self.norm(x_btd)
+                x_btd, stats = layer(x_btd, rope, layout)
+            if stats is not None:
+                router_stats.append(stats)
+        return self.norm(x_btd), router_stats
 
 
 class LMHead(nn.Linear):
@@ -90,7 +94,6 @@ class Qwen3NextForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.mtp = MultiTokenPredictor(config) if config.mtp_num_layers > 0 else None
-        self.router_recorder = RouterLogitsRecorder(self)
 
     def compile_layers(self) -> None:
         """torch.compile every decoder layer (main stack and MTP) in place, for CUDA training.
@@ -124,19 +127,19 @@ class Qwen3NextForCausalLM(nn.Module):
         layout = documents or DocumentLayout.from_position_ids(position_ids, batch, seq_len, input_ids.device)
         embeds_btd = self.model.embed_tokens(input_ids)
         rope = self.model.rotary_emb(layout.position_ids_bt, embeds_btd.dtype)
-        self.router_recorder.pop()  # drop anything a failed forward left behind
-        h_btd = self.model(embeds_btd, rope, layout)
+        h_btd, router_stats = self.model(embeds_btd, rope, layout)
         if labels is None:
-            return CausalLMOutput(logits=self.lm_head(h_btd), router_logits=self.router_recorder.pop())
+            return CausalLMOutput(logits=self.lm_head(h_btd), router_stats=router_stats)
 
-        out = CausalLMOutput()
+        out = CausalLMOutput(router_stats=router_stats)
         out.lm_loss_sum, out.lm_tokens = self.cross_entropy(h_btd, labels)
         for depth in range(1, self.config.mtp_num_layers + 1):
-            h_btd = self.mtp(depth, h_btd, shift_left(embeds_btd, depth, 0.0), rope, layout)
+            h_btd, stats = self.mtp(depth, h_btd, shift_left(embeds_btd, depth, 0.0), rope, layout)
+            if stats is not None:
+                out.router_stats.append(stats)
             loss_sum, tokens = self.cross_entropy(h_btd, mtp_targets(labels, depth, layout))
             out.mtp_loss_sums.append(loss_sum)
             out.mtp_tokens.append(tokens)
-        out.router_logits = self.router_recorder.pop()
         return out
 
     def cross_entropy(

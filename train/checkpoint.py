@@ -67,7 +67,6 @@ from train.safe_load import (
     CheckpointUnpicklingError,
     load_file,
     restricted_torch_load,
-    safe_checkpoint_engine,
 )
 
 CHECKPOINTS = "checkpoints"
@@ -311,7 +310,7 @@ def _empty_staging(root: Path, staging: Path) -> None:
 
 def _save_engine_state(engine, staging: Path) -> None:
     try:
-        engine.save_checkpoint(str(staging.parent), tag=staging.name, save_latest=False)
+        engine.save_checkpoint(str(staging.parent), tag=staging.name)
     except Exception:
         # DeepSpeed's save ends in a barrier (0.19.8), where the ranks whose writes succeeded now
         # wait: meet them there, so that all reach the all-gather that reports this failure
@@ -510,13 +509,10 @@ def load_checkpoint(engine, path: Path, universal: bool = False) -> tuple[dict, 
     been built with DeepSpeed's `checkpoint.load_universal`); any world size, expert-parallel size
     or ZeRO stage. DeepSpeed reads the universal files with torch.load itself: restricted here too.
     """
-    engine.checkpoint_engine = safe_checkpoint_engine()
     source = universal_path(path) if universal else path
     with restricted_torch_load():
-        load_path, _ = engine.load_checkpoint(
-            str(source.parent), tag=source.name, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
-    if load_path is None:
+        loaded = engine.load_checkpoint(str(source.parent), tag=source.name, read=load_file)
+    if not loaded:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
     rank_files = sorted(path.glob("rank_*.pt"))
     rank_states = [load_file(f, map_location="cpu") for f in rank_files]

@@ -33,6 +33,8 @@ class ParallelConfig:
     # DeepSpeed AutoEP for the MoE: None = when expert > 1. On at expert 1 too, the checkpoints keep
     # AutoEP's parameter names, so that they reshard to any expert-parallel size (and back).
     autoep: bool | None = None
+    # run on a DeepSpeed version parallel/engine.py's changes were not checked on (it refuses one)
+    untested_deepspeed: bool = False
 
 
 @dataclass
@@ -74,6 +76,12 @@ class TrainerConfig:
     gpu_memory_gb: float = 80.0
     activation_checkpointing: bool = False
     compile: bool = True  # torch.compile the decoder layers on GPU (ignored on CPU)
+    # torch.compile the small elementwise chains (norms, RoPE, SwiGLU, ...) on GPU where they run
+    # outside a compiled layer: with trainer.compile=false, or in the LM head's CE (model/ops/fusion.py)
+    compile_fusions: bool = True
+    # packed documents through varlen flash attention on GPU, else a block-diagonal mask
+    # (model/ops/attention.py)
+    varlen_attention: bool = True
     log_every: int = 1
     profile_step: int = 0  # > 0: torch.profiler over this step and the next profile_steps - 1
     profile_steps: int = 2

@@ -141,8 +141,11 @@ def materialise_rank(cfg: PretrainConfig, layout: Layout, rank: int) -> str:
     the estimate's count for that rank. Raises if the two differ by more than 1%."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # AutoEP's layers come from DeepSpeed; no GPU needed
     from parallel.build import RankPlacement, build_rank_model, peak_host_memory_bytes
+    from parallel.engine import check_deepspeed_version, quiet_deepspeed
 
-    _quiet_deepspeed()
+    quiet_deepspeed()
+    if uses_autoep(cfg, layout):  # AutoEP's layers are built through its internals (parallel/expert.py)
+        check_deepspeed_version(cfg.parallel.untested_deepspeed)
     placement = RankPlacement(layout.world, rank, layout.tensor, layout.expert, uses_autoep(cfg, layout))
     init_from = cfg.checkpoint.init_from
     model, report = build_rank_model(
@@ -165,12 +168,3 @@ def materialise_rank(cfg: PretrainConfig, layout: Layout, rank: int) -> str:
         raise RuntimeError("\n".join(lines) + "\nthe memory estimate (train/memory.py) misses this layout")
     del model
     return "\n".join(lines)
-
-
-def _quiet_deepspeed() -> None:
-    """DeepSpeed logs its accelerator choice at import and every replaced layer at INFO."""
-    import logging
-
-    from deepspeed.utils import logger
-
-    logger.setLevel(logging.WARNING)

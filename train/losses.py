@@ -11,8 +11,8 @@ stack and MTP, in call order), E experts, x_lt layer l's router logits of token 
     mtp_loss = (1/D) sum_k sum_{r,m} mtp_loss_sum_k^(r,m) / N_k    a depth's token-weighted mean, averaged
     z_loss   = (1/L) sum_l (1/N) sum_{t in B} logsumexp(x_lt)^2    router z-loss (ST-MoE)
     lb_loss  = (1/L) sum_l E sum_i f_li P_li                       global-batch LBL (Qiu et al. 2025)
-        f_li = C_li / sum_j C_lj, C_li = (token, slot) pairs of B routed to expert i (top-k of the fp32
-               softmax, `model.moe.route`): a constant, no gradient flows through it;
+        f_li = C_li / sum_j C_lj, C_li = (token, slot) pairs of B that layer l sent to expert i (the
+               experts its router picked, as its RouterStats report them): a constant, no gradient;
         P_li = S_li / N,          S_li = sum_{t in B} softmax(x_lt)_i (fp32).
     The usual statement takes P_i as the mean probability on the local micro-batch; the LBL is then
     the mean over (r, m) of E sum_i f_i P_i^(r,m). Weighting micro-batches by their tokens, as above,
@@ -32,20 +32,15 @@ The LBL gradient. lb_loss is linear in S with f constant, so micro-batch m's exa
 of every micro-batch, i.e. on the full forward of each, and micro-batch 1 backprops before
 micro-batch 2 runs forward. Backpropagating m with some f' instead leaves the error
 (E / (L N)) sum_i (f - f')_li grad S_li^(m), and once m's graph is freed only recomputing m can give
-grad S^(m) again (storing it means E gradient vectors the size of the model). So there is no exact
-scheme without extra work; the two usable ones, chosen per step by the trainer:
-- "running" (the default; Megatron-Core's `global_aux_loss`, which keeps a running
-  `global_tokens_per_expert` over the micro-batches of a step and resets it after the optimizer
-  step): micro-batch m uses f^(<=m), the shares of the counts of micro-batches 1..m of this step,
-  all-reduced over the ranks (an all-reduce of L*E counts a micro-batch). Exact when M = 1 on any
-  number of ranks, and for the last micro-batch; earlier ones see the load of a smaller batch. The
-  gradient error is sum_{m<M} (E / (L N)) sum_{l,i} (f^(<=m) - f)_li grad S_li^(m).
-- "exact": the trainer runs a no-grad forward of the step's micro-batches first and passes the summed
-  `expert_counts` to `begin_step`; every micro-batch then uses the step's f and the accumulated
-  gradient is grad loss exactly. The price is one more forward a step (about +33% compute, +25%
-  with activation checkpointing), or for the memory alternative (keeping every micro-batch's graph
-  until the end) M times the activations, which is what accumulation exists to avoid.
-In both schemes the *reported* lb_loss is the exact value: each rank keeps its counts and detached
+grad S^(m) again (storing it means E gradient vectors the size of the model). Exactness would need
+one more forward a step (a no-grad pass that counts the step's loads first: about +33% compute) or M
+times the activations; this trainer does neither and uses the running scheme of Megatron-Core's
+`global_aux_loss`, which keeps a running `global_tokens_per_expert` over the micro-batches of a step:
+micro-batch m uses f^(<=m), the shares of the counts of micro-batches 1..m of this step, all-reduced
+over the ranks (an all-reduce of L*E counts a micro-batch). Exact when M = 1 on any number of ranks,
+and for the last micro-batch; earlier ones see the load of a smaller batch. The gradient error is
+sum_{m<M} (E / (L N)) sum_{l,i} (f^(<=m) - f)_li grad S_li^(m).
+The *reported* lb_loss is the exact value: each rank keeps its counts and detached
 S summed over its micro-batches, and `end_step` all-reduces them (2 L E numbers).
 
 Expert load (for the logs): `expert_tokens[l, i]` = C_li over the global batch, and
@@ -57,26 +52,24 @@ logged as `expert_load_max_over_mean_worst_layer`.
 Per step (`group` = the ranks holding distinct data: data parallel including expert-parallel ranks,
 never tensor-parallel replicas, which see the same tokens):
 
-    objective = TrainingObjective(num_experts, top_k, mtp_weight=..., lb_coef=..., z_coef=..., group=dp)
+    objective = TrainingObjective(num_experts, mtp_weight=..., lb_coef=..., z_coef=..., group=dp)
     tokens = global_target_counts(micro_batches, mtp_depths, group=dp)
-    objective.begin_step(tokens)                # "exact": step_expert_counts=sum of expert_counts(...)
-    for batch in micro_batches:                 #   of a torch.no_grad() forward of every micro-batch
+    objective.begin_step(tokens)
+    for batch in micro_batches:                 # the engine steps the optimizer after the last
         engine.backward(objective.micro_batch_loss(model(**batch)))
-    engine.step()
     metrics = objective.end_step().as_metrics()  # loss, lm_loss, mtp_loss, lb_loss, z_loss, expert load
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from model.documents import DocumentLayout
-from model.moe import route
-from model.ops.experts import expert_token_counts
+from model.moe import RouterStats
 from model.qwen3_next import IGNORE_INDEX, CausalLMOutput, mtp_targets
 
 # ---------------------------------------------------------------------------------------------
@@ -173,45 +166,7 @@ def global_target_counts(
 
 
 # ---------------------------------------------------------------------------------------------
-# Router statistics of one micro-batch ([L, E] over its router layers)
-
-
-def expert_counts(
-    router_logits: list[torch.Tensor], top_k: int, selection_biases: Sequence[torch.Tensor] | None = None
-) -> torch.Tensor:
-    """int64 [L, E]: (token, slot) pairs routed to each expert, by the model's routing rule (with the
-    MoE blocks' aux-loss-free selection biases, when they have them)."""
-    if selection_biases is not None and len(selection_biases) != len(router_logits):
-        raise ValueError(f"{len(selection_biases)} selection biases for {len(router_logits)} routers")
-    counts = []
-    for layer, logits_te in enumerate(router_logits):
-        bias_e = selection_biases[layer] if selection_biases is not None else None
-        _, topk_idx_tk = route(logits_te.detach(), top_k, renormalize=False, selection_bias_e=bias_e)
-        counts.append(expert_token_counts(topk_idx_tk, logits_te.shape[-1]))
-    return torch.stack(counts)
-
-
-@torch.no_grad()
-def update_expert_biases(biases: Sequence[torch.Tensor], expert_tokens_le: torch.Tensor, rate: float) -> None:
-    """Aux-loss-free balancing (DeepSeek-V3): after a step, raise the selection bias of each layer's
-    under-loaded experts by `rate` and lower the over-loaded ones' (sign of mean load - load).
-
-    `expert_tokens_le` are the step's global counts, the same on every rank, so the biases stay equal
-    everywhere without a collective.
-    """
-    for bias_e, counts_e in zip(biases, expert_tokens_le, strict=True):
-        counts_e = counts_e.to(bias_e.device, torch.float32)
-        bias_e.add_(rate * torch.sign(counts_e.mean() - counts_e))
-
-
-def router_prob_sums(router_logits: list[torch.Tensor]) -> torch.Tensor:
-    """fp32 [L, E]: sum over tokens of the router's softmax probabilities (differentiable)."""
-    return torch.stack([logits_te.float().softmax(dim=-1).sum(dim=0) for logits_te in router_logits])
-
-
-def router_z_sums(router_logits: list[torch.Tensor]) -> torch.Tensor:
-    """fp32 [L]: sum over tokens of logsumexp(router logits)^2 (differentiable)."""
-    return torch.stack([logits_te.float().logsumexp(dim=-1).square().sum() for logits_te in router_logits])
+# The load-balancing terms over [L, E] router statistics
 
 
 def load_balancing_loss(counts_le: torch.Tensor, prob_sums_le: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -268,7 +223,7 @@ class StepLosses:
 
 @dataclass
 class _RouterStats:
-    """One micro-batch's router statistics; `prob` and `z` carry graphs when their loss term needs them."""
+    """One micro-batch's router statistics, stacked over layers; `prob` and `z` carry graphs."""
 
     counts: torch.Tensor  # int64 [L, E]
     prob: torch.Tensor  # fp32 [L, E]: sums of softmax probabilities over tokens
@@ -322,17 +277,13 @@ class TrainingObjective:
     def __init__(
         self,
         num_experts: int,
-        top_k: int,
         *,
         mtp_weight: float,
         lb_coef: float,
         z_coef: float = 0.0,
         group=None,
-        selection_biases: Sequence[torch.Tensor] | None = None,
     ):
         self.num_experts = num_experts
-        self.selection_biases = selection_biases  # the MoE blocks' expert_bias buffers, if enabled
-        self.top_k = top_k
         self.mtp_weight = mtp_weight
         self.lb_coef = lb_coef
         self.z_coef = z_coef
@@ -343,28 +294,17 @@ class TrainingObjective:
     def in_step(self) -> bool:
         return self._tokens is not None
 
-    def begin_step(
-        self,
-        tokens: StepTokens,
-        *,
-        grad_scale: float | None = None,
-        step_expert_counts: torch.Tensor | None = None,
-    ) -> None:
+    def begin_step(self, tokens: StepTokens, *, grad_scale: float | None = None) -> None:
         """Start a step whose global token counts are `tokens` (from `global_target_counts`).
 
         grad_scale: the factor the engine divides the summed micro-batch gradients by; default
             `tokens.deepspeed_grad_scale` (dp size x micro-batches). Plain DDP with summed
             accumulation: the dp size.
-        step_expert_counts: this rank's [L, E] `expert_counts` summed over the step's micro-batches
-            from a no-grad pre-pass; given, the LBL gradient is exact, else the running scheme.
         """
         if self.in_step:
             raise RuntimeError("begin_step called twice without end_step")
         self._tokens = tokens
         self._grad_scale = float(tokens.deepspeed_grad_scale if grad_scale is None else grad_scale)
-        self._step_counts = None
-        if step_expert_counts is not None:
-            self._step_counts = all_reduce_sum(step_expert_counts.clone().long(), self.group)
         self._running_counts: torch.Tensor | None = None
         self._sums: _StepSums | None = None
 
@@ -377,14 +317,14 @@ class TrainingObjective:
             raise ValueError(
                 f"the model ran {len(out.mtp_loss_sums)} MTP depths, the step's counts have {len(tokens.mtp)}"
             )
-        stats = self._router_stats(out.router_logits, out.lm_loss_sum.device)
+        stats = self._router_stats(out.router_stats, out.lm_loss_sum.device)
         loss = out.lm_loss_sum / max(tokens.lm, 1)
         if tokens.mtp:
             loss = loss + self.mtp_weight * self._mtp_term(out.mtp_loss_sums, tokens.mtp)
-        if self.lb_coef and out.router_logits:
+        if self.lb_coef and out.router_stats:
             f_counts = self._counts_for_gradient(stats.counts)
             loss = loss + self.lb_coef * load_balancing_loss(f_counts, stats.prob, tokens.routed)
-        if self.z_coef and out.router_logits:
+        if self.z_coef and out.router_stats:
             loss = loss + self.z_coef * stats.z.mean() / tokens.routed
         self._accumulate(_StepSums.of_micro_batch(out, stats))
         return self._grad_scale * loss
@@ -435,28 +375,23 @@ class TrainingObjective:
         per_depth = [s / max(n, 1) for s, n in zip(loss_sums, targets, strict=True)]
         return torch.stack(per_depth).mean()
 
-    def _router_stats(self, router_logits: list[torch.Tensor], device: torch.device) -> _RouterStats:
-        if not router_logits:  # a dense model
+    def _router_stats(self, layers: list[RouterStats], device: torch.device) -> _RouterStats:
+        if not layers:  # a dense model
             empty = torch.zeros(0, self.num_experts, device=device)
             return _RouterStats(empty.long(), empty, empty.new_zeros(0))
-        # a graph only where a loss term needs one: the softmax saved for backward is L x [tokens, E]
-        with torch.set_grad_enabled(torch.is_grad_enabled() and bool(self.lb_coef)):
-            prob = router_prob_sums(router_logits)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and bool(self.z_coef)):
-            z = router_z_sums(router_logits)
-        counts = expert_counts(router_logits, self.top_k, self.selection_biases)
-        if self._step_counts is not None and self._step_counts.shape != counts.shape:
-            raise ValueError(
-                f"step_expert_counts has shape {tuple(self._step_counts.shape)}, "
-                f"the model's routers give {tuple(counts.shape)}"
-            )
-        return _RouterStats(counts, prob, z)
+        counts = torch.stack([layer.counts_e for layer in layers])
+        if counts.shape[-1] != self.num_experts:
+            experts = counts.shape[-1]
+            raise ValueError(f"the routers report {experts} experts, the objective has {self.num_experts}")
+        return _RouterStats(
+            counts=counts,
+            prob=torch.stack([layer.prob_sums_e for layer in layers]),
+            z=torch.stack([layer.z_sum for layer in layers]),
+        )
 
     def _counts_for_gradient(self, counts_le: torch.Tensor) -> torch.Tensor:
-        """The counts whose shares f weigh this micro-batch's LBL gradient (module docstring)."""
-        if self._step_counts is not None:  # exact: the whole step's, from the pre-pass
-            return self._step_counts
-        # running: this step's micro-batches so far, this one included, summed over the ranks
+        """The counts whose shares f weigh this micro-batch's LBL gradient (module docstring): this
+        step's micro-batches so far, this one included, summed over the ranks."""
         counts_le = all_reduce_sum(counts_le.clone(), self.group)
         if self._running_counts is None:
             self._running_counts = counts_le

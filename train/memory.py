@@ -76,7 +76,7 @@ def estimate_memory(
     params = 2 * (sharded(dense_local, dense_dp, 3) + sharded(expert_local, expert_dp, 3))
     if zero_stage == 1:
         # DeepSpeed's BF16_Optimizer: a whole fp32 buffer for this rank's gradients; each bf16
-        # gradient is freed once added into it (train/precision.py)
+        # gradient is freed once added into it (parallel/engine.py)
         grads = 4 * (dense_local + expert_local)
     else:  # bf16 gradients (ZeRO 0 accumulates in them); ZeRO 2 adds fp32 partitions
         grads = 2 * (sharded(dense_local, dense_dp, 2) + sharded(expert_local, expert_dp, 2))

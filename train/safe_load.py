@@ -13,7 +13,7 @@ universal checkpoint is loaded in-process, `universal_checkpoint.load_hp_checkpo
 - `restricted_torch_load()`: while active, every call of `torch.load` goes through `load_file`,
   whatever `weights_only` it asks for. DeepSpeed 0.19.8 looks `torch.load` up on the torch module at
   each call (never `from torch import load`), so replacing that attribute reaches every one.
-- `safe_checkpoint_engine()`: DeepSpeed's torch checkpoint engine, reading through `load_file`.
+- DeepSpeed's own checkpoint engine reads through `load_file` (parallel/engine.py's `Engine.load_checkpoint`).
 - `python -m train.safe_load ds_to_universal ARGS`: DeepSpeed's ds_to_universal with every
   `torch.load` restricted, in its worker processes too (whichever start method they use); exit
   status `REFUSED` with a one-line message naming the file when a file is refused.
@@ -115,22 +115,6 @@ def restrict_this_process() -> None:
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
 
 
-def safe_checkpoint_engine():
-    """DeepSpeed's torch checkpoint engine, loading through `load_file` (built on first use so that
-    importing this module does not import deepspeed)."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
-        def load(self, path: str, map_location=None):
-            return load_file(path, map_location=map_location)
-
-    engine = SafeTorchCheckpointEngine()
-    # without a DeepSpeed config the engine would save the legacy (non-zip) format, which cannot be
-    # memory-mapped: checkpoints saved after a resume must stay readable lazily (convert_hf.py to-hf)
-    engine.zipfile_serialization = True
-    return engine
-
-
 def restricted_process_pool(*args, **kwargs) -> ProcessPoolExecutor:
     """A ProcessPoolExecutor whose workers are restricted from their start. Forked workers inherit
     the parent's restriction, but spawned or forkserver ones (the default on macOS, and on Linux from
@@ -139,19 +123,12 @@ def restricted_process_pool(*args, **kwargs) -> ProcessPoolExecutor:
 
 
 def run_ds_to_universal(arguments: list[str]) -> None:
-    """DeepSpeed's `python -m deepspeed.checkpoint.ds_to_universal ARGUMENTS`, restricted."""
-    from deepspeed.checkpoint import ds_to_universal
+    """DeepSpeed's `python -m deepspeed.checkpoint.ds_to_universal ARGUMENTS`, restricted, its worker
+    processes too."""
+    from parallel.engine import run_ds_to_universal as run_converter
 
-    # its worker pools (_do_parallel_work in 0.19.8) use the name imported into the module
-    if getattr(ds_to_universal, "ProcessPoolExecutor", None) is not ProcessPoolExecutor:
-        raise RuntimeError(
-            "deepspeed.checkpoint.ds_to_universal no longer starts its workers through "
-            "ProcessPoolExecutor: check train/safe_load.py against this DeepSpeed version"
-        )
-    ds_to_universal.ProcessPoolExecutor = restricted_process_pool
     restrict_this_process()
-    sys.argv = ["ds_to_universal", *arguments]  # parse_arguments reads sys.argv
-    ds_to_universal.main(ds_to_universal.parse_arguments())
+    run_converter(arguments, process_pool=restricted_process_pool)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,14 +1,13 @@
 """The pretraining loop: the model of `model/` under a DeepSpeed engine, fed by `data.loader`.
 
-One optimizer step:
-    micro-batches = the next `grad_accum` micro-batches of this rank (data/loader.py)
-    tokens        = global_target_counts(micro-batches)      one small all-reduce: the denominators
-    for each micro-batch: engine.backward(objective.micro_batch_loss(engine(**batch))); engine.step()
-    losses        = objective.end_step()                     the step's exact global values
+One optimizer step is `TrainStep.run` (train/step.py) on the next `grad_accum` micro-batches of this
+rank (data/loader.py), the same step object `launch/bench.py layout` times; train/build.py sets it up.
 DeepSpeed owns ZeRO (the optimizer state, and gradients from stage 2, partitioned over the data-
 parallel ranks), bf16 with fp32 master weights on GPU (fp32 on CPU), gradient clipping and the
 accumulation boundary. A step whose gradient norm is not finite is skipped: DeepSpeed's ZeRO
-optimizer drops it (no update, the gradients cleared); with ZeRO off, `SkippingAdamW` does. After
+optimizer drops it (no update, the gradients cleared); with ZeRO off, `SkippingAdamW` does. With
+`loss.expert_bias_rate` > 0 the balancer (train/balancer.py) updates the experts' selection biases
+after each good step. After
 `trainer.max_bad_steps` skipped steps in a row the run stops, leaving the last checkpoint alone.
 
 SIGTERM (what SLURM sends before a time limit or preemption) or a file run.dir/STOP finishes the
@@ -19,13 +18,9 @@ all-reduced.
 from __future__ import annotations
 
 import contextlib
-import logging
-import math
 import os
 import signal
-import socket
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -35,22 +30,8 @@ from omegaconf import OmegaConf
 
 from data.loader import TokenLoader, merge_states
 from model.accounting import count_parameters, flops_per_token
-from model.documents import DocumentLayout, copy_to_device
-from model.moe import moe_blocks
-from model.ops.cross_entropy import check_labels_in_range
-from model.qwen3_next import IGNORE_INDEX, Qwen3NextForCausalLM
-from parallel.build import RankPlacement, build_rank_model
-from parallel.expert import (
-    after_folded_initialize,
-    attach_after_initialize,
-    autoep_config,
-    check_expert_ranks,
-    engine_adopts_replaced_layers,
-    fold_onto_tensor_parallel,
-    moe_optimizer_factory,
-    selection_biases,
-)
-from parallel.tensor import TensorParallelGroups
+from parallel.engine import setup_distributed
+from train.build import build_training
 from train.checkpoint import (
     CheckpointError,
     CheckpointLoadError,
@@ -70,92 +51,14 @@ from train.checkpoint import (
     sweep_leftovers,
 )
 from train.config import Layout, PretrainConfig, uses_autoep
-from train.losses import TrainingObjective, all_reduce_sum, global_target_counts, update_expert_biases
+from train.losses import all_reduce_sum
 from train.monitor import RunMonitor
-from train.optim import lr_at, param_groups, without_names
-from train.precision import bf16_settings, finish_bf16_setup
+from train.optim import lr_at
 from train.run_dir import hold_run_dir, mark_clean_exit
 
 
 class BadStepsError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
-
-
-class SkippingAdamW(torch.optim.AdamW):
-    """AdamW that leaves the parameters untouched when a gradient holds NaN/inf.
-
-    Only used with ZeRO off (ZeRO's optimizer checks the norm itself). The gradients it sees are
-    already all-reduced, so every rank takes the same decision.
-    """
-
-    skipped = False
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        finite = torch.stack([g.isfinite().all() for g in grads]).all() if grads else torch.tensor(True)
-        self.skipped = not bool(finite)
-        if self.skipped:
-            return None
-        return super().step(closure)
-
-
-def replicated_grad_norm(model: torch.nn.Module) -> float:
-    """The L2 norm of gradients every rank holds whole (ZeRO off, after DeepSpeed's all-reduce)."""
-    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-    return float(torch.stack(norms).norm()) if norms else 0.0
-
-
-def deepspeed_config(
-    cfg: PretrainConfig, layout: Layout, on_gpu: bool, *, autoep: bool = False, load_universal: bool = False
-) -> dict:
-    folded = autoep and layout.tensor > 1  # AutoEP folded onto tensor parallelism (parallel/expert.py)
-    return {
-        **({"checkpoint": {"load_universal": True}} if load_universal else {}),
-        # folded, DeepSpeed gets no mpu and counts every rank as a data-parallel one in this check
-        "train_batch_size": cfg.trainer.global_batch_size * (layout.tensor if folded else 1),
-        **({"tensor_parallel": {"autotp_size": layout.tensor}} if folded else {}),
-        "train_micro_batch_size_per_gpu": cfg.trainer.micro_batch_size,
-        "gradient_accumulation_steps": layout.grad_accum,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
-        **bf16_settings(on_gpu, cfg.parallel.zero_stage, folded=folded),
-        **({"expert_parallel": autoep_config(layout.expert)} if autoep else {}),
-        "zero_allow_untested_optimizer": True,  # torch's AdamW under ZeRO
-        "steps_per_print": 2**31 - 1,  # the trainer prints its own line
-        "wall_clock_breakdown": False,
-        # DeepSpeed's throughput timer synchronizes the device at every micro-batch's forward and
-        # step; each sync drained the GPU's queue (8 a step; on an H100 the loop lost ~5% to them)
-        "timers": {"throughput": {"enabled": False}},
-    }
-
-
-def quiet_deepspeed() -> None:
-    """DeepSpeed logs every set-up detail at INFO; the trainer prints what a user needs."""
-    from deepspeed.utils import logger
-
-    logger.setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*", category=FutureWarning)
-
-
-def skip_deepspeed_cpu_shm_build() -> None:
-    """Keep DeepSpeed from JIT-compiling its shared-memory all-reduce op on CPU.
-
-    On the CPU accelerator DeepSpeed builds a C++ extension at the first `init_distributed` (1-2
-    minutes on a laptop, and a compiler required) only to speed up CPU all-reduces; gloo does them
-    correctly, and CPU runs here are tests and demos. DeepSpeed has no setting for it, so the op is
-    marked unavailable the way DeepSpeed marks ops it cannot build.
-    """
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
-def find_free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def stop_signal_flag() -> dict:
@@ -172,154 +75,6 @@ def stop_signal_flag() -> dict:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, handler)
     return flag
-
-
-def build_model(
-    cfg: PretrainConfig,
-    layout: Layout,
-    rank: int,
-    device: torch.device,
-    *,
-    on_gpu: bool,
-    autoep: bool,
-    tp_groups: TensorParallelGroups | None,
-    init_from: Path | None = None,
-) -> Qwen3NextForCausalLM:
-    """This rank's model as the engine takes it (parallel/build.py: built on the meta device, only the
-    rank's heads and experts materialised on `device`, bf16 on GPUs, seeded or loaded from
-    `init_from`), with the preset's activation checkpointing and expert biases, its layers compiled
-    on GPUs."""
-    placement = RankPlacement(layout.world, rank, layout.tensor, layout.expert, autoep)
-    dtype = torch.bfloat16 if on_gpu else torch.float32  # what DeepSpeed's bf16 mode would cast to
-    model, _ = build_rank_model(
-        cfg.model,
-        placement,
-        device=device,
-        dtype=dtype,
-        seed=cfg.trainer.seed,
-        init_from=init_from,
-        tp_groups=tp_groups,
-    )
-    model.model.activation_checkpointing = cfg.trainer.activation_checkpointing
-    if cfg.loss.expert_bias_rate > 0 and not autoep:  # AutoEP's layers get theirs after initialize
-        for block in moe_blocks(model):
-            block.enable_expert_bias()
-    if tp_groups is None and not autoep:
-        # lets ds_to_universal convert the checkpoints (AutoEP writes its own entry): plain
-        # parameters, no slicing rules to record
-        from deepspeed.checkpoint.constants import (
-            UNIVERSAL_CHECKPOINT_INFO,
-            UNIVERSAL_CHECKPOINT_VERSION_KEY,
-            UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-        )
-
-        setattr(
-            model,
-            UNIVERSAL_CHECKPOINT_INFO,
-            {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
-        )
-    if on_gpu and cfg.trainer.compile:
-        model.compile_layers()
-    return model
-
-
-def build_engine(
-    cfg: PretrainConfig,
-    layout: Layout,
-    model: Qwen3NextForCausalLM,
-    *,
-    on_gpu: bool,
-    autoep: bool,
-    tp_groups: TensorParallelGroups | None,
-    load_universal: bool = False,
-):
-    """The DeepSpeed engine over `model` (built, head-sharded under tensor parallelism, on its device):
-    AdamW over our parameter groups (under AutoEP built by a factory that puts the experts into
-    DeepSpeed's MoE groups), AutoEP folded onto the tensor-parallel ranks when both are on."""
-    import deepspeed
-
-    def groups_of(module: torch.nn.Module) -> list[dict]:
-        return without_names(param_groups(module, cfg.optim.weight_decay))
-
-    def make_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
-        adamw = SkippingAdamW if cfg.parallel.zero_stage == 0 else torch.optim.AdamW
-        betas = (cfg.optim.beta1, cfg.optim.beta2)
-        # fused: one kernel over the fp32 master partitions
-        return adamw(groups, lr=cfg.optim.lr, betas=betas, eps=cfg.optim.eps, fused=on_gpu)
-
-    if autoep:
-        optimizer = moe_optimizer_factory(model, groups_of, make_optimizer)
-    else:
-        optimizer = make_optimizer(groups_of(model))
-    folded = autoep and layout.tensor > 1
-    if folded:
-        fold_onto_tensor_parallel(model)
-    # the MoE blocks were replaced by AutoEP's layers when the model was built (parallel/build.py)
-    adopting = engine_adopts_replaced_layers(model) if autoep else contextlib.nullcontext()
-    with adopting:
-        engine, *_ = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer,
-            mpu=None if folded else tp_groups,  # folded: DeepSpeed builds the same groups itself
-            config=deepspeed_config(cfg, layout, on_gpu, autoep=autoep, load_universal=load_universal),
-            dist_init_required=False,
-        )
-    if autoep:
-        check_expert_ranks(engine.module)
-    if folded:
-        after_folded_initialize(engine.module, layout.tensor)
-    finish_bf16_setup(engine, layout.world)
-    return engine
-
-
-def training_objective(
-    cfg: PretrainConfig, dp_group, selection_biases: list[torch.Tensor] | None = None
-) -> TrainingObjective:
-    """The step's objective from `loss.*`, its global sums over `dp_group` (the ranks holding
-    different tokens)."""
-    return TrainingObjective(
-        cfg.model.num_experts,
-        cfg.model.num_experts_per_tok,
-        mtp_weight=cfg.loss.mtp_weight,
-        lb_coef=cfg.loss.lb_coef,
-        z_coef=cfg.loss.z_coef,
-        selection_biases=selection_biases,
-        group=dp_group,
-    )
-
-
-def setup_distributed() -> tuple[torch.device, bool]:
-    """torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU; a world of one without
-    torchrun), this rank's device, and whether it is a GPU."""
-    on_gpu = torch.cuda.is_available()
-    if not on_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # said up front, DeepSpeed does not warn
-    import deepspeed
-
-    quiet_deepspeed()
-    if on_gpu:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-        skip_deepspeed_cpu_shm_build()
-    if not dist.is_initialized():  # `python launch/pretrain.py` without torchrun: a world of one
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-            os.environ.setdefault(key, value)
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(find_free_port()))
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
-    return device, on_gpu
-
-
-def leave_distributed() -> None:
-    """Every rank leaves the process group together once the run is over: one that still holds it
-    at interpreter exit, after rank 0 (the rendezvous store's host) has gone, was seen to abort in a
-    C++ background thread ("terminate called without an active exception") under a loaded machine."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 class Trainer:
@@ -339,7 +94,7 @@ class Trainer:
             "zero_stage": cfg.parallel.zero_stage,
             "autoep": self.autoep,
         }
-        self.device, self.on_gpu = setup_distributed()
+        self.device, self.on_gpu = setup_distributed(cfg.parallel.untested_deepspeed)
         self.rank = dist.get_rank()
         self.is_main = self.rank == 0
         # before anything is written into run.dir: one run per directory (train/run_dir.py)
@@ -352,10 +107,20 @@ class Trainer:
         started = time.perf_counter()
         self._message_early(f"building the model and the DeepSpeed engine on {self.device} ...")
         self.resume_from, self.resume_universal = self._resume_source()
-        self.tp_groups = TensorParallelGroups(layout.tensor) if layout.tensor > 1 else None
-        self.dp_group = self.tp_groups.dp_group if self.tp_groups else None  # ranks with different tokens
-        self.model = self._build_model()
-        self.engine = self._build_engine()
+        init_from = cfg.checkpoint.init_from if self.resume_from is None else None
+        training = build_training(
+            cfg,
+            layout,
+            self.rank,
+            self.device,
+            init_from=Path(init_from) if init_from else None,
+            load_universal=self.resume_universal,
+        )
+        if init_from:
+            self._message_early(f"initial weights from {init_from}")
+        self.model, self.engine = training.model, training.engine
+        self.dp_group = training.dp_group  # the ranks holding different tokens
+        self.balancer, self.train_step = training.balancer, training.step
         params = sum(p.numel() for p in self.model.parameters())
         self._message_early(f"{params / 1e6:.1f}M parameters ready in {time.perf_counter() - started:.1f} s")
         self.loader = TokenLoader(
@@ -374,9 +139,6 @@ class Trainer:
             vocab_size=cfg.model.vocab_size,
             verify_sha256=cfg.data.verify_sha256,
         )
-        self.expert_biases = self._expert_biases()
-        self.objective = training_objective(cfg, self.dp_group, self.expert_biases)
-        self.mtp_depths = cfg.model.mtp_num_layers
         self.step = 0
         self.tokens_seen = 0
         self.step_clock = time.perf_counter()  # when the last step ended (reset as fit starts)
@@ -397,44 +159,10 @@ class Trainer:
             log_every=cfg.trainer.log_every,
             resume_step=self.step,
         )
-        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len, with_mtp=self.mtp_depths > 0)
+        with_mtp = cfg.model.mtp_num_layers > 0
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len, with_mtp=with_mtp)
 
     # -- set-up --------------------------------------------------------------------------------
-
-    def _build_model(self) -> Qwen3NextForCausalLM:
-        init_from = self.cfg.checkpoint.init_from if self.resume_from is None else None
-        model = build_model(
-            self.cfg,
-            self.layout,
-            self.rank,
-            self.device,
-            on_gpu=self.on_gpu,
-            autoep=self.autoep,
-            tp_groups=self.tp_groups,
-            init_from=Path(init_from) if init_from else None,
-        )
-        if init_from:
-            self._message_early(f"initial weights from {init_from}")
-        return model
-
-    def _build_engine(self):
-        return build_engine(
-            self.cfg,
-            self.layout,
-            self.model,
-            on_gpu=self.on_gpu,
-            autoep=self.autoep,
-            tp_groups=self.tp_groups,
-            load_universal=self.resume_universal,
-        )
-
-    def _expert_biases(self) -> list[torch.Tensor] | None:
-        """After initialize: the router recorder on AutoEP's routers, and the MoE layers' aux-loss-free
-        selection biases in fp32 (loss.expert_bias_rate > 0), in router call order."""
-        with_bias = self.cfg.loss.expert_bias_rate > 0
-        if self.autoep:
-            return attach_after_initialize(self.engine.module, selection_bias=with_bias)
-        return selection_biases(self.engine.module) if with_bias else None
 
     def _resume_source(self) -> tuple[Path | None, bool]:
         """The checkpoint to resume from, and whether it needs the universal form (saved partitioned
@@ -596,8 +324,8 @@ class Trainer:
                         )
                     continue
                 self.bad_in_row = 0
-                if self.expert_biases is not None and expert_tokens is not None:
-                    update_expert_biases(self.expert_biases, expert_tokens, cfg.loss.expert_bias_rate)
+                if self.balancer is not None:
+                    self.balancer.update(expert_tokens)
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     self.save()
                     self.step_clock = time.perf_counter()
@@ -631,30 +359,8 @@ class Trainer:
             min_lr_ratio=cfg.optim.min_lr_ratio,
             decay_fraction=cfg.optim.decay_fraction,
         )
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
-
-        tokens = global_target_counts(host_batches, self.mtp_depths, group=self.dp_group, device=self.device)
-        self.objective.begin_step(tokens)
-        skipped_before = self.engine.skipped_steps
-        grad_norm = None
-        for number, host_batch in enumerate(host_batches, start=1):
-            # checked and moved one at a time: from the second on, this host work overlaps the GPU's
-            # work on the micro-batch before, instead of leaving the GPU idle at the step's start
-            batch = self._to_device(host_batch)
-            out = self.engine(batch["input_ids"], labels=batch["labels"], documents=batch["documents"])
-            self.engine.backward(self.objective.micro_batch_loss(out))
-            if number == len(host_batches) and cfg.parallel.zero_stage == 0:
-                grad_norm = replicated_grad_norm(self.model)  # DeepSpeed reports none without ZeRO
-            self.engine.step()
-        losses = self.objective.end_step()
-        grad_norm = self._grad_norm() if grad_norm is None else grad_norm
-        bad = (
-            self.engine.skipped_steps > skipped_before
-            or getattr(self.engine.optimizer, "skipped", False)
-            or not math.isfinite(grad_norm)
-            or not math.isfinite(losses.loss)
-        )
+        result = self.train_step.run(host_batches, lr)
+        losses, bad = result.losses, result.bad
         now = time.perf_counter()
         elapsed, self.step_clock = now - self.step_clock, now
 
@@ -667,7 +373,7 @@ class Trainer:
             "step": self.step,
             **losses.as_metrics(),
             "lr": lr,
-            "grad_norm": grad_norm,
+            "grad_norm": result.grad_norm,
             "tokens": self.tokens_seen,
             "tokens_per_s": tokens_per_s,
             "tflops_per_gpu": self.flops_per_token * tokens_per_s / self.layout.world / 1e12,
@@ -734,31 +440,6 @@ class Trainer:
             self._profiler = None
             self.monitor.message(f"profile of steps {first}..{step} in {out}")
             self.step_clock = time.perf_counter()
-
-    def _grad_norm(self) -> float:
-        norm = self.engine.get_global_grad_norm()
-        if norm is None:
-            return float("nan")
-        return float(norm.item() if torch.is_tensor(norm) else norm)
-
-    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict:
-        """The model's inputs on the training device: for a GPU, ids and labels checked and the document
-        layout derived on the host first. On the GPU each of those would be a host sync that drains the
-        GPU's queue, several per micro-batch, so the model leaves the range checks to us there (on CPU
-        it makes them itself, in forward)."""
-        ids_bt, labels_bt = batch["input_ids"], batch["labels"]
-        if self.on_gpu:
-            self.model.check_input_ids(ids_bt)
-            check_labels_in_range(labels_bt.flatten(), self.cfg.model.vocab_size, IGNORE_INDEX)
-        # on the GPU always the packed form: one form for the compiled layers and fla's tuned kernels
-        documents = DocumentLayout.from_position_ids(
-            batch["position_ids"], *ids_bt.shape, ids_bt.device, always_packed=self.on_gpu
-        )
-        return {
-            "input_ids": copy_to_device(ids_bt, self.device),
-            "labels": copy_to_device(labels_bt, self.device),
-            "documents": documents.to(self.device),
-        }
 
     def _agreed_stop(self, signal_name: str | None) -> str | None:
         """Why to stop now, if any rank got a stop signal or sees run.dir/STOP (all ranks then stop at

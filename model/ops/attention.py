@@ -4,7 +4,8 @@ Unpacked batches take SDPA's `is_causal` fast path (flash / efficient kernels on
 (on the GPU the training loop passes even single-document rows packed) keep every document to itself:
 - on CUDA in bf16/fp16, torch's variable-length flash attention over the documents (`cu_seqlens`),
   which computes only the blocks inside documents (on an H100 a step on rows of 8 packed documents
-  ran as fast as one on single-document rows; `QWEN3NEXT_VARLEN=0` turns it off);
+  ran as fast as one on single-document rows; `use_varlen(False)`, the trainer's
+  `trainer.varlen_attention=false`, turns it off, and so does QWEN3NEXT_VARLEN=0 for tests);
 - elsewhere (CPU, fp32, or a torch without `torch.nn.attention.varlen`), SDPA with a block-diagonal
   causal mask built from segment ids, which computes every [t, t] score and masks it (on an H200 its
   masked backward took 3.4x the forward's time at 4 x 4096 tokens).
@@ -29,11 +30,29 @@ def document_causal_mask(segment_ids_bt: torch.Tensor) -> torch.Tensor:
     return (same_segment_btt & causal_tt)[:, None]
 
 
-@functools.cache
+def _test_override() -> bool | None:
+    override = os.environ.get("QWEN3NEXT_VARLEN")
+    return None if override is None else override != "0"
+
+
+_varlen_enabled = _test_override() is not False
+
+
+def use_varlen(enabled: bool) -> None:
+    """Whether packed documents on CUDA go through varlen flash attention (default True; the
+    environment's QWEN3NEXT_VARLEN, a test override, wins)."""
+    global _varlen_enabled
+    override = _test_override()
+    _varlen_enabled = enabled if override is None else override
+
+
 def _varlen_kernel() -> tuple[Callable, dict, bool] | None:
-    """torch's varlen flash attention, its causal keyword(s) and whether it takes GQA; None if absent."""
-    if os.environ.get("QWEN3NEXT_VARLEN", "1") == "0":
-        return None
+    """torch's varlen flash attention, its causal keyword(s) and whether it takes GQA; None if off."""
+    return _find_varlen_kernel() if _varlen_enabled else None
+
+
+@functools.cache
+def _find_varlen_kernel() -> tuple[Callable, dict, bool] | None:
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:

@@ -41,8 +41,9 @@ def trainer_settings(world: int, zero_stage: int) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from parallel.engine import deepspeed_config
+    from train.build import engine_settings
     from train.config import register_configs, validate_layout
-    from train.trainer import deepspeed_config
 
     register_configs()
     overrides = [
@@ -54,7 +55,9 @@ def trainer_settings(world: int, zero_stage: int) -> dict:
     ]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         cfg = OmegaConf.to_object(compose("pretrain", overrides=overrides))
-    return deepspeed_config(cfg, validate_layout(cfg, world), on_gpu=True)
+    return deepspeed_config(
+        engine_settings(cfg, validate_layout(cfg, world), on_gpu=True, load_universal=False)
+    )
 
 
 def gradients_at_the_step(rank: int, world: int, zero_stage: int):
@@ -64,11 +67,10 @@ def gradients_at_the_step(rank: int, world: int, zero_stage: int):
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
-    from train.precision import finish_bf16_setup
-    from train.trainer import quiet_deepspeed, skip_deepspeed_cpu_shm_build
+    from parallel.engine import finish_bf16_setup, quiet_deepspeed, skip_cpu_shm_build
 
     quiet_deepspeed()
-    skip_deepspeed_cpu_shm_build()
+    skip_cpu_shm_build()
     model = toy_model()
     plain = copy.deepcopy(model)
     micro_grads = []

@@ -49,7 +49,7 @@ class DeepSpeedLikeEngine:
     def __init__(self, full_on_rank: int | None = None):
         self.full_on_rank = full_on_rank
 
-    def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool) -> None:
+    def save_checkpoint(self, save_dir: str, tag: str) -> None:
         dist.barrier()
         directory, rank = Path(save_dir) / tag, dist.get_rank()
         torch.save({"partition": torch.full((1024,), float(rank))}, directory / f"optim_{rank}.pt")

@@ -58,10 +58,10 @@ def compose(overrides: dict) -> object:
 
 def start_deepspeed(rank: int, world: int) -> None:
     os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-    from train.trainer import quiet_deepspeed, skip_deepspeed_cpu_shm_build
+    from parallel.engine import quiet_deepspeed, skip_cpu_shm_build
 
     quiet_deepspeed()
-    skip_deepspeed_cpu_shm_build()
+    skip_cpu_shm_build()
 
 
 def shards_against_whole(rank: int, world: int, cases: list[tuple[str, dict, int | None]]) -> dict:
@@ -85,18 +85,15 @@ def rank_shard_against_whole(rank: int, world: int, overrides: dict, reference_s
     from model.qwen3_next import Qwen3NextForCausalLM
     from parallel.build import origins
     from parallel.expert import autoep_config, autoep_layers
-    from parallel.tensor import TensorParallelGroups, TensorParallelPosition, apply_tensor_parallel
+    from parallel.tensor import TensorParallelPosition, apply_tensor_parallel
+    from train.build import build_training
     from train.config import uses_autoep, validate_layout
-    from train.trainer import build_engine, build_model
 
     cfg = compose(overrides)
     layout = validate_layout(cfg, world)
     autoep = uses_autoep(cfg, layout)
-    tp_groups = TensorParallelGroups(layout.tensor) if layout.tensor > 1 else None
-    kwargs = {"on_gpu": False, "autoep": autoep, "tp_groups": tp_groups}
     init_from = Path(cfg.checkpoint.init_from) if cfg.checkpoint.init_from else None
-    model = build_model(cfg, layout, rank, torch.device("cpu"), **kwargs, init_from=init_from)
-    engine = build_engine(cfg, layout, model, **kwargs)
+    engine = build_training(cfg, layout, rank, torch.device("cpu"), init_from=init_from).engine
 
     whole = Qwen3NextForCausalLM(cfg.model)
     init_weights(whole, cfg.model, seed=cfg.trainer.seed if reference_seed is None else reference_seed)
@@ -219,8 +216,8 @@ def construction_memory(rank: int, world: int):
     fp32 bytes) of this rank's model under ep4, through the trainer's build_model."""
     start_deepspeed(rank, world)
     from model.qwen3_next import Qwen3NextForCausalLM
+    from train.build import build_model
     from train.config import validate_layout
-    from train.trainer import build_model
 
     cfg = compose({**{f"model.{k}": v for k, v in EXPERT_HEAVY.items()}, "parallel.expert": 4})
     layout = validate_layout(cfg, world)
@@ -228,7 +225,7 @@ def construction_memory(rank: int, world: int):
         whole_bytes = sum(p.numel() * 4 for p in Qwen3NextForCausalLM(cfg.model).parameters())
     Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from the current size
     before = status_kib("VmRSS")
-    model = build_model(cfg, layout, rank, torch.device("cpu"), on_gpu=False, autoep=True, tp_groups=None)
+    model = build_model(cfg, layout, rank, torch.device("cpu"), tp_groups=None)
     peak = status_kib("VmHWM")
     shard_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     assert all(p.device.type == "cpu" for p in model.parameters())

@@ -5,12 +5,8 @@ lengths across row boundaries; outputs and gradients within bf16 noise of the ex
 softmax in fp32. Skipped without CUDA or without `torch.nn.attention.varlen`.
 """
 
-import os
-
 import pytest
 import torch
-
-os.environ["QWEN3NEXT_VARLEN"] = "1"  # the path under test, whatever the environment says
 
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
@@ -21,7 +17,10 @@ from model.ops.attention import (
     causal_attention,
     causal_attention_reference,
     takes_varlen_path,
+    use_varlen,
 )
+
+use_varlen(True)  # the path under test, whatever the environment says
 
 if _varlen_kernel() is None:
     pytest.skip("this torch has no torch.nn.attention.varlen", allow_module_level=True)

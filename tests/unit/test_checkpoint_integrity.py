@@ -44,27 +44,27 @@ OPTIM_FILE = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
 
 
 class FakeEngine:
-    """What save_checkpoint and load_checkpoint use of a DeepSpeed engine: its files, in torch's
-    zip format, and a load that reads them through the checkpoint engine it is given."""
+    """What save_checkpoint and load_checkpoint use of the engine (parallel/engine.py's Engine): its
+    files, in torch's zip format, and a load that reads them through the reader it is given."""
 
     def __init__(self, fail_with: BaseException | None = None):
         self.fail_with = fail_with
 
-    def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool) -> None:
+    def save_checkpoint(self, save_dir: str, tag: str) -> None:
         directory = Path(save_dir) / tag
         torch.save({"module": {"w": torch.arange(4096.0)}}, directory / MODEL_FILE)
         if self.fail_with is not None:  # half written, as a full disk leaves it
             raise self.fail_with
         torch.save({"optimizer_state_dict": {"exp_avg": torch.ones(2048)}}, directory / OPTIM_FILE)
 
-    def load_checkpoint(self, load_dir: str, tag: str, **_):
+    def load_checkpoint(self, load_dir: str, tag: str, read) -> bool:
         directory = Path(load_dir) / tag
         model = directory / MODEL_FILE
         if not model.exists():
             raise AssertionError  # as DeepSpeed's SDLoader says it when it finds no module file
-        self.checkpoint_engine.load(str(model), map_location="cpu")
-        self.checkpoint_engine.load(str(directory / OPTIM_FILE), map_location="cpu")
-        return str(directory), {}
+        read(str(model), map_location="cpu")
+        read(str(directory / OPTIM_FILE), map_location="cpu")
+        return True
 
 
 def save(run_dir: Path, step: int, engine: FakeEngine | None = None, keep: int = 3, **kwargs) -> Path:

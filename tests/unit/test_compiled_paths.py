@@ -18,7 +18,7 @@ def loss_and_grads(model, ids, labels, pos):
     loss = losses(out)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads, len(out.router_logits)
+    return loss.detach(), grads, [s.counts_e.tolist() for s in out.router_stats]
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +40,25 @@ def test_compiled_model_computes_the_eager_model(monkeypatch, packed_batch, whol
         model.compile_layers()
     loss, grads, routers = loss_and_grads(model, ids, labels, pos)
 
-    assert routers == eager_routers  # the router hooks still fire inside compiled layers
+    assert routers == eager_routers  # the MoE blocks still record their routing inside compiled layers
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
     assert grads.keys() == eager_grads.keys()
     for name, grad in eager_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_compiled_layers_share_their_graphs_across_a_deep_stack(monkeypatch):
+    """One graph per layer kind, not per layer: with 12 MoE layers and more (the 80B has 48), a graph
+    that depended on a layer's position would pass dynamo's recompile limit (8), and the layers past
+    it would run eagerly. Traced only (backend "eager"), which is where the guards are decided."""
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    torch._dynamo.reset()
+    config = tiny_config(num_hidden_layers=12)
+    model = build(config)
+    for layer in list(model.model.layers) + list(model.mtp.layers):
+        layer.compile(backend="eager")
+    ids = torch.randint(0, config.vocab_size, (2, 10))
+    out = model(ids, labels=ids)
+    out.lm_loss_sum.backward()
+    assert len(out.router_stats) == 13
+    torch._dynamo.reset()

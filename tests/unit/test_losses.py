@@ -9,15 +9,11 @@ import pytest
 import torch
 
 from model.init import init_weights
+from model.moe import moe_blocks, route, router_stats
+from model.ops.experts import expert_token_counts
 from model.qwen3_next import IGNORE_INDEX, CausalLMOutput, Qwen3NextForCausalLM
 from tests.conftest import tiny_config
-from train.losses import (
-    StepTokens,
-    TrainingObjective,
-    count_targets,
-    expert_counts,
-    global_target_counts,
-)
+from train.losses import StepTokens, TrainingObjective, count_targets, global_target_counts
 
 # ---------------------------------------------------------------------------------------------
 # References: the definitions, computed on the whole global batch at once
@@ -44,12 +40,12 @@ def reference_z_loss(router_logits):
     return torch.stack([x.float().logsumexp(dim=-1).square().mean() for x in router_logits]).mean()
 
 
-def reference_objective(out, top_k, mtp_weight, lb_coef, z_coef):
+def reference_objective(out, router_logits, top_k, mtp_weight, lb_coef, z_coef):
     """The step's loss from ONE forward over the whole global batch (the model's own token counts)."""
     lm = out.lm_loss_sum / out.lm_tokens
     mtp = torch.stack([s / n for s, n in zip(out.mtp_loss_sums, out.mtp_tokens, strict=True)]).mean()
-    lb = reference_lbl(out.router_logits, top_k)
-    z = reference_z_loss(out.router_logits)
+    lb = reference_lbl(router_logits, top_k)
+    z = reference_z_loss(router_logits)
     loss = lm + mtp_weight * mtp + lb_coef * lb + z_coef * z
     return loss, {"lm_loss": lm, "mtp_loss": mtp, "lb_loss": lb, "z_loss": z, "loss": loss}
 
@@ -84,14 +80,34 @@ def build_model(seed=0, **overrides):
     return model
 
 
-def fake_output(lm_sum, lm_tokens, mtp_sums=(), mtp_tokens=(), router_logits=()):
+def forward_with_router_logits(model, batch):
+    """The model's output and every router's logits, caught by hooks on the gates."""
+    logits = []
+    hooks = [b.gate.register_forward_hook(lambda _m, _i, out: logits.append(out)) for b in moe_blocks(model)]
+    try:
+        return model(**batch), logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def routed_by_top_k(router_logits, top_k):
+    """RouterStats of routers that send each token to its top-k experts by softmax probability."""
+    stats = []
+    for logits_te in router_logits:
+        _, topk_idx_tk, probs_te = route(logits_te, top_k, renormalize=False)
+        stats.append(router_stats(logits_te, probs_te, expert_token_counts(topk_idx_tk, logits_te.shape[-1])))
+    return stats
+
+
+def fake_output(lm_sum, lm_tokens, mtp_sums=(), mtp_tokens=(), router_logits=(), top_k=2):
     as_tensor = lambda v: torch.as_tensor(v, dtype=torch.float32)
     return CausalLMOutput(
         lm_loss_sum=as_tensor(lm_sum),
         lm_tokens=torch.tensor(lm_tokens),
         mtp_loss_sums=[as_tensor(s) for s in mtp_sums],
         mtp_tokens=[torch.tensor(n) for n in mtp_tokens],
-        router_logits=list(router_logits),
+        router_stats=routed_by_top_k(router_logits, top_k),
     )
 
 
@@ -167,7 +183,7 @@ def test_lm_and_mtp_losses_are_token_weighted_over_micro_batches():
     # micro-batch 1: 10 tokens of mean loss 1; micro-batch 2: 30 tokens of mean loss 3
     outs = [fake_output(10.0, 10, [5.0], [5]), fake_output(90.0, 30, [60.0], [15])]
     tokens = StepTokens(lm=40, mtp=(20,), routed=64, micro_batches=2, dp_size=1)
-    objective = TrainingObjective(8, 2, mtp_weight=0.5, lb_coef=0.0)
+    objective = TrainingObjective(8, mtp_weight=0.5, lb_coef=0.0)
     objective.begin_step(tokens, grad_scale=1.0)
     micro_losses = [objective.micro_batch_loss(out) for out in outs]
     result = objective.end_step()
@@ -181,7 +197,7 @@ def test_lm_and_mtp_losses_are_token_weighted_over_micro_batches():
 def test_default_grad_scale_undoes_deepspeeds_average():
     out = fake_output(12.0, 6)
     tokens = StepTokens(lm=6, mtp=(), routed=8, micro_batches=2, dp_size=3)
-    objective = TrainingObjective(8, 2, mtp_weight=0.0, lb_coef=0.0)
+    objective = TrainingObjective(8, mtp_weight=0.0, lb_coef=0.0)
     objective.begin_step(tokens)
     assert float(objective.micro_batch_loss(out)) == pytest.approx(3 * 2 * 12.0 / 6)
 
@@ -190,15 +206,16 @@ def test_default_grad_scale_undoes_deepspeeds_average():
 # The global-batch load-balancing loss and the z-loss
 
 
-def run_step(objective, outs, **begin):
+def run_step(objective, outs):
     tokens = StepTokens(
         lm=sum(int(o.lm_tokens) for o in outs),
         mtp=(),
-        routed=sum(o.router_logits[0].shape[0] for o in outs),
+        # each token's probabilities sum to 1
+        routed=sum(round(float(o.router_stats[0].prob_sums_e.detach().sum())) for o in outs),
         micro_batches=len(outs),
         dp_size=1,
     )
-    objective.begin_step(tokens, grad_scale=1.0, **begin)
+    objective.begin_step(tokens, grad_scale=1.0)
     for out in outs:
         loss = objective.micro_batch_loss(out)
         if loss.requires_grad:
@@ -206,13 +223,11 @@ def run_step(objective, outs, **begin):
     return objective.end_step()
 
 
-@pytest.mark.parametrize("exact", [False, True])
-def test_lbl_over_micro_batches_is_the_whole_batch_value_not_the_per_micro_batch_one(exact):
+def test_lbl_over_micro_batches_is_the_whole_batch_value_not_the_per_micro_batch_one():
     groups = crafted_router_logits(num_groups=4, tokens=6)
     outs = [fake_output(1.0, 1, router_logits=g) for g in groups]
-    step_counts = sum(expert_counts(g, top_k=2) for g in groups) if exact else None
-    objective = TrainingObjective(8, 2, mtp_weight=0.0, lb_coef=1.0, z_coef=1.0)
-    result = run_step(objective, outs, step_expert_counts=step_counts)
+    objective = TrainingObjective(8, mtp_weight=0.0, lb_coef=1.0, z_coef=1.0)
+    result = run_step(objective, outs)
 
     whole = reference_lbl(concat_layers(groups), top_k=2)
     assert result.lb_loss == pytest.approx(float(whole), rel=1e-6, abs=1e-6)
@@ -225,21 +240,27 @@ def leaf_logits(groups):
     return [[x.clone().requires_grad_() for x in g] for g in groups]
 
 
-def test_exact_lbl_and_z_gradients_equal_the_whole_batch_gradients():
+def test_z_gradient_over_micro_batches_and_lbl_gradient_of_one_micro_batch_equal_the_whole_batchs():
+    """z has no batch-wide factor, so it is exact over any micro-batches; the LBL is exact for a step
+    of one micro-batch (the running scheme then knows the whole step's loads)."""
     groups = crafted_router_logits(num_groups=3, tokens=5, seed=1)
     groups[2] = [x[:2] for x in groups[2]]  # a smaller micro-batch: token weighting matters
-    leaves = leaf_logits(groups)
-    outs = [fake_output(1.0, 1, router_logits=g) for g in leaves]
-    step_counts = sum(expert_counts(g, top_k=3) for g in groups)
-    run_step(
-        TrainingObjective(8, 3, mtp_weight=0.0, lb_coef=0.7, z_coef=0.2), outs, step_expert_counts=step_counts
-    )
+    for coefs, micro_batches in (
+        (dict(lb_coef=0.0, z_coef=0.2), groups),
+        (dict(lb_coef=0.7, z_coef=0.2), None),
+    ):
+        micro_batches = micro_batches or [concat_layers(groups)]
+        leaves = leaf_logits(micro_batches)
+        outs = [fake_output(1.0, 1, router_logits=g, top_k=3) for g in leaves]
+        run_step(TrainingObjective(8, mtp_weight=0.0, **coefs), outs)
 
-    whole = [torch.cat(layer).requires_grad_() for layer in zip(*groups, strict=True)]
-    (0.7 * reference_lbl(whole, top_k=3) + 0.2 * reference_z_loss(whole)).backward()
-    for layer, ref in enumerate(whole):
-        got = torch.cat([g[layer].grad for g in leaves])
-        torch.testing.assert_close(got, ref.grad, rtol=1e-5, atol=1e-7)
+        whole = [torch.cat(layer).requires_grad_() for layer in zip(*groups, strict=True)]
+        (
+            coefs["lb_coef"] * reference_lbl(whole, top_k=3) + coefs["z_coef"] * reference_z_loss(whole)
+        ).backward()
+        for layer, ref in enumerate(whole):
+            got = torch.cat([g[layer].grad for g in leaves])
+            torch.testing.assert_close(got, ref.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_running_lbl_gradient_is_megatrons_running_counts_scheme():
@@ -248,7 +269,7 @@ def test_running_lbl_gradient_is_megatrons_running_counts_scheme():
     groups = crafted_router_logits(num_groups=3, tokens=5, seed=2)
     leaves = leaf_logits(groups)
     run_step(
-        TrainingObjective(8, 2, mtp_weight=0.0, lb_coef=1.0),
+        TrainingObjective(8, mtp_weight=0.0, lb_coef=1.0),
         [fake_output(1.0, 1, router_logits=g) for g in leaves],
     )
 
@@ -267,21 +288,18 @@ def test_running_lbl_gradient_is_megatrons_running_counts_scheme():
         for got, want in zip(leaves[m], ref, strict=True):
             torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-7)
 
-    exact = leaf_logits(groups)
-    step_counts = sum(expert_counts(g, top_k=2) for g in groups)
-    run_step(
-        TrainingObjective(8, 2, mtp_weight=0.0, lb_coef=1.0),
-        [fake_output(1.0, 1, router_logits=g) for g in exact],
-        step_expert_counts=step_counts,
-    )
-    assert not torch.allclose(leaves[0][0].grad, exact[0][0].grad, atol=1e-4)
-    torch.testing.assert_close(leaves[-1][0].grad, exact[-1][0].grad)
+    # against the exact gradient of the whole batch's LBL: the last micro-batch gets it, the first not
+    whole = [torch.cat(layer).requires_grad_() for layer in zip(*groups, strict=True)]
+    reference_lbl(whole, top_k=2).backward()
+    exact = [ref.grad.split(5) for ref in whole]
+    assert not torch.allclose(leaves[0][0].grad, exact[0][0], atol=1e-4)
+    torch.testing.assert_close(leaves[-1][0].grad, exact[0][-1])
 
 
 def test_expert_load_metrics():
     groups = crafted_router_logits(num_groups=2, tokens=7, seed=3)
     result = run_step(
-        TrainingObjective(8, 2, mtp_weight=0.0, lb_coef=0.0),
+        TrainingObjective(8, mtp_weight=0.0, lb_coef=0.0),
         [fake_output(1.0, 1, router_logits=g) for g in groups],
     )
     ratios = []
@@ -306,32 +324,35 @@ COEFS = dict(mtp_weight=0.5, lb_coef=0.1, z_coef=0.01)
 
 
 @pytest.mark.slow
-def test_model_step_over_micro_batches_equals_one_whole_batch_forward():
+@pytest.mark.parametrize("lb_coef", [0.0, 0.1])
+def test_model_step_over_micro_batches_equals_one_whole_batch_forward(lb_coef):
+    """Values always; gradients whenever the LBL's running scheme is not involved (lb_coef 0)."""
     model = build_model()
     batch = make_global_batch(rows=3, seq_len=16, seed=4)
     micro_batches = [rows(batch, 0, 1), rows(batch, 1, 3)]
     top_k = model.config.num_experts_per_tok
+    coefs = dict(COEFS, lb_coef=lb_coef)
 
-    with torch.no_grad():
-        step_counts = sum(expert_counts(model(**mb).router_logits, top_k) for mb in micro_batches)
-    objective = TrainingObjective(model.config.num_experts, top_k, **COEFS)
-    objective.begin_step(global_target_counts(micro_batches, mtp_depths=1), step_expert_counts=step_counts)
+    objective = TrainingObjective(model.config.num_experts, **coefs)
+    objective.begin_step(global_target_counts(micro_batches, mtp_depths=1))
     for mb in micro_batches:
         (objective.micro_batch_loss(model(**mb)) / len(micro_batches)).backward()  # DeepSpeed's 1/M
     result = objective.end_step()
     got = model_grads(model)
 
     model.zero_grad()
-    loss, values = reference_objective(model(**batch), top_k, **COEFS)
+    loss, values = reference_objective(*forward_with_router_logits(model, batch), top_k, **coefs)
     loss.backward()
     for name, value in values.items():
         assert getattr(result, name) == pytest.approx(value.item(), rel=1e-6), name
+    if lb_coef:
+        return
     for name, grad in model_grads(model).items():
         torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_dense_model_has_no_router_terms():
-    objective = TrainingObjective(0, 1, mtp_weight=0.0, lb_coef=0.01, z_coef=0.01)
+    objective = TrainingObjective(0, mtp_weight=0.0, lb_coef=0.01, z_coef=0.01)
     objective.begin_step(StepTokens(lm=4, mtp=(), routed=4, micro_batches=1, dp_size=1), grad_scale=1.0)
     assert float(objective.micro_batch_loss(fake_output(8.0, 4))) == pytest.approx(2.0)
     result = objective.end_step()
@@ -339,7 +360,7 @@ def test_dense_model_has_no_router_terms():
 
 
 def test_misuse_fails_with_a_message():
-    objective = TrainingObjective(8, 2, mtp_weight=0.3, lb_coef=0.01)
+    objective = TrainingObjective(8, mtp_weight=0.3, lb_coef=0.01)
     with pytest.raises(RuntimeError, match="begin_step"):
         objective.micro_batch_loss(fake_output(1.0, 1))
     objective.begin_step(StepTokens(lm=1, mtp=(1,), routed=1, micro_batches=1, dp_size=1))

@@ -5,6 +5,7 @@ import torch
 
 from model.documents import DocumentLayout
 from model.init import init_weights
+from model.moe import moe_blocks
 from model.ops.attention import causal_attention, causal_attention_reference
 from model.ops.conv import causal_conv1d_silu, causal_conv1d_silu_reference
 from model.qwen3_next import IGNORE_INDEX, Qwen3NextForCausalLM
@@ -179,13 +180,44 @@ def test_bad_input_ids_are_named():
         model(torch.zeros(1, 4, dtype=torch.long), position_ids=torch.zeros(1, 5, dtype=torch.long))
 
 
-def test_router_logits_reported_for_every_moe_layer():
+def test_router_stats_reported_for_every_moe_layer_against_its_logits():
+    """Each MoE layer's RouterStats against its gate's logits (caught by a hook): top-k counts, the
+    softmax sums, the squared logsumexp; in call order, with graphs."""
     config = tiny_config()
     model = build(config)
+    logits = []
+    for block in moe_blocks(model):
+        block.gate.register_forward_hook(lambda _m, _i, out: logits.append(out.detach()))
     out = model(torch.randint(0, 97, (2, 10)), labels=torch.randint(0, 97, (2, 10)))
-    assert len(out.router_logits) == config.num_hidden_layers + config.mtp_num_layers
-    assert all(r.shape == (20, config.num_experts) for r in out.router_logits)
-    assert out.router_logits[0].requires_grad
+    assert len(out.router_stats) == len(logits) == config.num_hidden_layers + config.mtp_num_layers
+    for stats, logits_te in zip(out.router_stats, logits, strict=True):
+        chosen = logits_te.softmax(-1).topk(config.num_experts_per_tok, dim=-1).indices
+        expected_e = torch.bincount(chosen.flatten(), minlength=config.num_experts)
+        assert stats.counts_e.tolist() == expected_e.tolist()
+        torch.testing.assert_close(stats.prob_sums_e, logits_te.softmax(-1).sum(0))
+        torch.testing.assert_close(stats.z_sum, logits_te.logsumexp(-1).square().sum())
+        assert stats.prob_sums_e.requires_grad and stats.z_sum.requires_grad
+
+
+def test_router_stats_and_their_gradients_are_the_same_under_activation_checkpointing():
+    config = tiny_config()
+    ids = torch.randint(0, 97, (2, 10))
+    results = []
+    for checkpointing in (False, True):
+        model = build(config)
+        model.model.activation_checkpointing = checkpointing
+        out = model(ids, labels=ids)
+        loss = out.lm_loss_sum + sum(s.z_sum + s.prob_sums_e[0] for s in out.router_stats)
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.router_stats, grads))
+    (plain, plain_grads), (recomputed, recomputed_grads) = results
+    assert len(recomputed) == config.num_hidden_layers + config.mtp_num_layers
+    for a, b in zip(plain, recomputed, strict=True):
+        assert torch.equal(a.counts_e, b.counts_e)
+        torch.testing.assert_close(a.z_sum, b.z_sum)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(recomputed_grads[name], grad, msg=name)
 
 
 def test_attention_op_matches_explicit_softmax():

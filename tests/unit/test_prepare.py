@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+from bench.prepare import bench_prepare
 from data import shards
-from data.bench_prepare import bench_prepare
 from data.shards import parse_size, prepare, tar_header, tar_header_by_tarfile
 from data.sources import InputError, SourceFile, demo_sources, discover_sources
 from data.tokenizer import npy_header

@@ -2,21 +2,30 @@
 
     torchrun --nproc_per_node 2 launch/bench.py layout --preset small --expert 2   # ep2
     torchrun --nproc_per_node 2 launch/bench.py layout --preset small --expert 1   # ep1 x dp2
+    python launch/bench.py layout --preset 80b_a3b-slice     # the 80B-A3B's layer width on one GPU
 
-The engine is built as the trainer builds it (`build_engine`: DeepSpeed, ZeRO, AutoEP, tensor
-parallel, the preset's activation checkpointing), with the same objective, on fixed random
-single-document rows that differ between data-parallel ranks (packed on GPUs, as the trainer
-passes them). The aux-loss-free expert biases are left out. No data loader and no checkpoints:
-this is the raw step of the layout. Reported on rank 0: tokens/s over the world, ms per step,
-TFLOP/s per GPU, peak memory, and from a profiled step the all-to-all time per MoE layer (forward
-and backward dispatch and combine together). On CPU the processes talk over gloo, which makes the
-numbers a functional check only.
+`--preset` takes a conf/ preset or a named slice (SLICES): `80b_a3b-slice` is 4 layers of the
+80B-A3B (3 Gated DeltaNet + 1 gated attention) and its MTP layer at full width, 128 experts of the
+80B's shape, top-10, 2 x 4096 tokens a GPU: 640 (token, slot) pairs an expert, what each GPU's
+experts see at 8-way expert parallelism with 1 x 4096 tokens a rank; the preset's own activation
+checkpointing. Everyone measuring "the 80B width on one GPU" measures this.
+
+Everything is built by the trainer's own set-up (train/build.py: model, DeepSpeed engine, ZeRO,
+AutoEP, tensor parallel, the preset's activation checkpointing, the objective) and each step is the
+trainer's `TrainStep.run`, on fixed random single-document rows that differ between data-parallel
+ranks. The aux-loss-free expert biases are left out. No data loader and no checkpoints: this is the
+raw step of the layout. Reported on rank 0: tokens/s over the world, ms per step, TFLOP/s per GPU
+(Megatron's counting: model FLOPs, recomputation not counted), peak memory, and from a profiled
+step the all-to-all time per MoE layer (forward and backward dispatch and combine together) and
+where the GPU time goes by op family (bench/op_families.py). On CPU the processes talk over gloo,
+which makes the numbers a functional check only.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -25,10 +34,17 @@ import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parent.parent
 
+# named slices: (conf preset, rows a GPU, tokens a row, overrides)
+SLICES = {
+    "80b_a3b-slice": ("80b_a3b", 2, 4096, ["model.num_hidden_layers=4", "model.num_experts=128"]),
+}
+
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="launch/bench.py layout", description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="small", help="conf/<preset>.yaml")
+    parser.add_argument(
+        "--preset", default="small", help=f"conf/<preset>.yaml, or one of {', '.join(SLICES)}"
+    )
     parser.add_argument("--expert", type=int, default=1, help="parallel.expert")
     parser.add_argument("--tensor", type=int, default=1, help="parallel.tensor")
     parser.add_argument("--zero-stage", type=int, default=1)
@@ -50,12 +66,15 @@ def compose_config(args: argparse.Namespace, world: int):
     from train.config import register_configs
 
     register_configs()
+    conf, slice_rows, slice_seq, slice_overrides = SLICES.get(args.preset, (args.preset, None, None, []))
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        preset = OmegaConf.to_object(compose("pretrain", [f"conf={args.preset}"]))
-        micro_batch = args.micro_batch or preset.trainer.micro_batch_size
+        preset = OmegaConf.to_object(compose("pretrain", [f"conf={conf}"]))
+        micro_batch = args.micro_batch or slice_rows or preset.trainer.micro_batch_size
+        seq = args.seq or slice_seq
         dp = world // args.tensor
         overrides = [
-            f"conf={args.preset}",
+            f"conf={conf}",
+            *slice_overrides,
             f"parallel.expert={args.expert}",
             f"parallel.tensor={args.tensor}",
             f"parallel.zero_stage={args.zero_stage}",
@@ -64,23 +83,20 @@ def compose_config(args: argparse.Namespace, world: int):
             f"data.streams={dp}",
             f"trainer.compile={not args.no_compile}",
             "loss.expert_bias_rate=0",  # the biases' update lives in the training loop
-            *([f"data.seq_len={args.seq}"] if args.seq else []),
+            *([f"data.seq_len={seq}"] if seq else []),
             *args.overrides,
         ]
         return OmegaConf.to_object(compose("pretrain", overrides))
 
 
-def random_batch(cfg, dp_rank: int, packed: bool) -> dict:
-    """Rows of random tokens, the same on the ranks of a tensor-parallel group; one document a row,
-    in the packed form when the trainer would use it (on GPUs)."""
-    from model.documents import DocumentLayout
-
+def random_batch(cfg, dp_rank: int) -> dict:
+    """Rows of random tokens as the data loader yields them, the same on the ranks of a tensor-parallel
+    group; one document a row."""
     gen = torch.Generator().manual_seed(1000 + dp_rank)
     rows, seq = cfg.trainer.micro_batch_size, cfg.data.seq_len
     ids = torch.randint(0, cfg.model.vocab_size, (rows, seq + 1), generator=gen)
     positions = torch.arange(seq).expand(rows, seq)
-    layout = DocumentLayout.from_position_ids(positions, rows, seq, torch.device("cpu"), always_packed=packed)
-    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "documents": layout}
+    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "position_ids": positions}
 
 
 def synchronize_all(on_gpu: bool) -> None:
@@ -113,46 +129,29 @@ def all_to_all_ms(profile, on_gpu: bool) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
+    from bench.op_families import format_table, op_families
     from model.accounting import flops_per_token
-    from parallel.expert import attach_after_initialize, autoep_layers
-    from parallel.tensor import TensorParallelGroups
+    from parallel.engine import setup_distributed
+    from parallel.expert import autoep_layers
+    from train.build import build_training
     from train.config import uses_autoep, validate_layout
     from train.dry_run import layout_memory
-    from train.losses import global_target_counts
-    from train.trainer import build_engine, build_model, setup_distributed, training_objective
 
-    device, on_gpu = setup_distributed()
-    world, rank = dist.get_world_size(), dist.get_rank()
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; the config needs it first
     cfg = compose_config(args, world)
+    device, on_gpu = setup_distributed(cfg.parallel.untested_deepspeed)
+    rank = dist.get_rank()
     layout = validate_layout(cfg, world)
-    autoep = uses_autoep(cfg, layout)
-    tp_groups = TensorParallelGroups(layout.tensor) if layout.tensor > 1 else None
 
     started = time.perf_counter()
-    model = build_model(cfg, layout, rank, device, on_gpu=on_gpu, autoep=autoep, tp_groups=tp_groups)
-    built = time.perf_counter()
-    engine = build_engine(cfg, layout, model, on_gpu=on_gpu, autoep=autoep, tp_groups=tp_groups)
+    training = build_training(cfg, layout, rank, device)
     synchronize_all(on_gpu)
     engine_ready = time.perf_counter()
-    moe_layers = len(autoep_layers(engine.module)) if autoep else 0
-    if autoep:
-        attach_after_initialize(engine.module, selection_bias=False)
-    dp_group = tp_groups.dp_group if tp_groups else None
-    objective = training_objective(cfg, dp_group)
-    host_batch = random_batch(cfg, rank // layout.tensor, packed=on_gpu)
-    batch = {
-        "input_ids": host_batch["input_ids"].to(device),
-        "labels": host_batch["labels"].to(device),
-        "documents": host_batch["documents"].to(device),
-    }
-    tokens = global_target_counts([host_batch], cfg.model.mtp_num_layers, group=dp_group, device=device)
+    moe_layers = len(autoep_layers(training.model)) if uses_autoep(cfg, layout) else 0
+    host_batch = random_batch(cfg, rank // layout.tensor)
 
     def step() -> None:
-        objective.begin_step(tokens)
-        out = engine(batch["input_ids"], labels=batch["labels"], documents=batch["documents"])
-        engine.backward(objective.micro_batch_loss(out))
-        engine.step()
-        objective.end_step()
+        training.step.run([host_batch], lr=cfg.optim.lr)
 
     def synchronize() -> None:
         synchronize_all(on_gpu)
@@ -175,10 +174,11 @@ def main(argv: list[str] | None = None) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:  # shapes: the GEMMs' families
         step()
         synchronize()
     a2a_ms = torch.tensor([all_to_all_ms(prof, on_gpu)], device=device)
+    families = op_families(prof, cfg.model.vocab_size) if on_gpu else []
     dist.all_reduce(a2a_ms, op=dist.ReduceOp.MAX)  # the slowest rank's
 
     global_tokens = cfg.trainer.global_batch_size * cfg.data.seq_len
@@ -203,14 +203,14 @@ def main(argv: list[str] | None = None) -> None:
         "peak_mem_all_gib": max(peak_all_gib, torch.cuda.max_memory_allocated() / 2**30) if on_gpu else None,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if on_gpu else None,
         "estimate_gib": layout_memory(cfg, layout).total / 2**30,
-        "parameters_per_rank": sum(p.numel() for p in model.parameters()),
+        "parameters_per_rank": sum(p.numel() for p in training.model.parameters()),
         "startup_s": engine_ready - process_started(),
-        "build_s": built - started,
-        "engine_s": engine_ready - built,
+        "build_s": engine_ready - started,
         "first_step_s": first_step_s,
         "moe_layers": moe_layers,
         "a2a_ms_per_step": float(a2a_ms),
         "a2a_ms_per_moe_layer": float(a2a_ms) / moe_layers if moe_layers else 0.0,
+        "op_families": families,
     }
     if rank == 0:
         print(
@@ -220,8 +220,8 @@ def main(argv: list[str] | None = None) -> None:
             f"ms per MoE layer a step"
         )
         print(
-            f"start-up {result['startup_s']:.1f} s from process start (model {result['build_s']:.1f} s, "
-            f"engine {result['engine_s']:.1f} s), first step {first_step_s:.1f} s; "
+            f"start-up {result['startup_s']:.1f} s from process start (model and engine "
+            f"{result['build_s']:.1f} s), first step {first_step_s:.1f} s; "
             + (
                 f"peak GPU memory {result['peak_mem_all_gib']:.1f} GiB against the dry run's estimate "
                 f"{result['estimate_gib']:.1f} GiB"
@@ -229,6 +229,8 @@ def main(argv: list[str] | None = None) -> None:
                 else ""
             )
         )
+        if families:
+            print(f"GPU time of a profiled step by op family (rank 0):\n{format_table(families)}")
         if args.out:
             args.out.write_text(json.dumps(result, indent=2))
     dist.barrier()

@@ -1,6 +1,6 @@
 """Loader throughput: tokens per second of packed micro-batches from local shards.
 
-    python -m data.bench_loader --path DIR [--seq-len 4096 --batch 8 --workers 1 --seconds 10]
+    python launch/bench.py loader --path DIR [--seq-len 4096 --batch 8 --workers 1 --seconds 10]
 
 Without --path a synthetic shard set is written to a temporary directory first: random token ids,
 document lengths log-normal around a few hundred tokens (mean ~660, like web text), in the
@@ -110,7 +110,7 @@ def bench_loader(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="launch/bench.py loader", description=__doc__.split("\n")[0])
     parser.add_argument("--path", help="shard directory (default: write a synthetic one)")
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=8)

@@ -1,7 +1,7 @@
 """Throughput of `prepare` (end to end) against the raw tokenizer on the same text and cores.
 
-    python -m data.bench_prepare                    # the demo corpus (stdlib sources), all cores
-    python -m data.bench_prepare --workers 2 --repeats 3 corpus/ more.jsonl
+    python launch/bench.py prepare   # the demo corpus (stdlib sources), all cores
+    python launch/bench.py prepare --workers 2 --repeats 3 corpus/ more.jsonl
 
 `bench_prepare(files, workers)` returns MB/s and tokens/s of:
   - prepare: `data.shards.prepare` writing shards to a temporary directory, timed as a whole
@@ -115,7 +115,9 @@ def format_report(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     formatter = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser = argparse.ArgumentParser(
+        prog="launch/bench.py prepare", description=__doc__, formatter_class=formatter
+    )
     parser.add_argument("inputs", nargs="*", help="files or dirs (default: the demo corpus)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     parser.add_argument("--repeats", type=int, default=5)

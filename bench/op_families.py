@@ -1,0 +1,126 @@
+"""Where a profiled training step's GPU time goes, by op family.
+
+torch.profiler attaches every GPU kernel to the CPU op that launched it. Each kernel is put into one
+family by that op and the kernel's name:
+- routed experts: `aten::_grouped_mm` (the experts' GEMMs);
+- LM head + CE: GEMMs with the vocabulary in a shape (the head's forward and both gradients);
+- dense GEMMs: the other GEMMs (DeltaNet and attention projections, router, shared expert, MTP fc);
+- DeltaNet: fla's Gated DeltaNet kernels and the short convolution;
+- attention: flash / varlen attention kernels;
+- routing, permute, combine: sorts, gathers, scatters, index ops (tokens to experts and back);
+- norms / elementwise: Triton kernels torch.compile generated (fused norms, gates, SwiGLU, RoPE,
+  casts, residual adds, the CE's softmax) and eager elementwise and reduction kernels;
+- optimizer: everything under the optimizer step (parallel/engine.py marks it for the profiler);
+- communication: NCCL; copies: memcpy and memset; other: the rest, listed by name in the table.
+What the CE's softmax costs therefore lands in norms / elementwise, not in LM head + CE.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from parallel.engine import OPTIMIZER_STEP
+
+GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"}
+
+KERNEL_FAMILIES = [  # (family, pattern on the kernel's name), first match wins
+    ("communication", re.compile(r"nccl", re.I)),
+    ("copies", re.compile(r"memcpy|memset", re.I)),
+    (
+        "DeltaNet",
+        re.compile(
+            r"chunk_|solve_tril|wy_|_w_u|kkt|l2norm|fused_recurrent|gated_delta|delta_rule|causal_conv"
+            r"|merge_16x16|chunk_local_cumsum",
+            re.I,
+        ),
+    ),
+    ("attention", re.compile(r"flash|fmha|attention|varlen", re.I)),
+    ("routing, permute, combine", re.compile(r"sort|scatter|gather|index|cumsum|topk|bincount", re.I)),
+    ("norms / elementwise", re.compile(r"^triton_|elementwise|reduce_kernel|vectorized|unrolled", re.I)),
+]
+FAMILY_ORDER = [
+    "routed experts",
+    "dense GEMMs",
+    "LM head + CE",
+    "DeltaNet",
+    "attention",
+    "routing, permute, combine",
+    "norms / elementwise",
+    "optimizer",
+    "communication",
+    "copies",
+    "other",
+]
+
+
+@dataclass
+class Family:
+    name: str
+    us: float = 0.0
+    kernels: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    def add(self, kernel: str, us: float) -> None:
+        self.us += us
+        self.kernels[kernel] += us
+
+    def top(self, n: int = 3) -> list[tuple[str, float]]:
+        return sorted(self.kernels.items(), key=lambda item: -item[1])[:n]
+
+
+def family_of(op_name: str, shapes, kernel_name: str, under_optimizer: bool, vocab_size: int) -> str:
+    if under_optimizer:
+        return "optimizer"
+    if op_name == "aten::_grouped_mm":
+        return "routed experts"
+    if op_name in GEMM_OPS:
+        flat = {d for shape in shapes or [] if isinstance(shape, list | tuple) for d in shape}
+        return "LM head + CE" if vocab_size in flat else "dense GEMMs"
+    for family, pattern in KERNEL_FAMILIES:
+        if pattern.search(kernel_name):
+            return family
+    return "other"
+
+
+def _under(event, range_name: str) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name == range_name:
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def op_families(profile, vocab_size: int, steps: int = 1) -> list[dict]:
+    """Per family: ms a step, its share of all kernel time, and its three largest kernels, from a
+    `torch.profiler.profile(record_shapes=True)` over `steps` steps; largest first in FAMILY_ORDER."""
+    families = {name: Family(name) for name in FAMILY_ORDER}
+    for event in profile.events():
+        if not event.kernels:
+            continue
+        optimizer = _under(event, OPTIMIZER_STEP) or event.name == OPTIMIZER_STEP
+        for kernel in event.kernels:
+            name = family_of(event.name, event.input_shapes, kernel.name, optimizer, vocab_size)
+            families[name].add(kernel.name, kernel.duration)
+    total = sum(f.us for f in families.values()) or 1.0
+    return [
+        {
+            "family": f.name,
+            "ms": f.us / 1e3 / steps,
+            "share": f.us / total,
+            "top_kernels": [(name[:90], us / 1e3 / steps) for name, us in f.top()],
+        }
+        for f in families.values()
+        if f.us > 0
+    ]
+
+
+def format_table(rows: list[dict]) -> str:
+    total = sum(r["ms"] for r in rows)
+    lines = [f"{'op family':<28}{'ms/step':>10}{'share':>8}   largest kernels (ms)"]
+    for row in rows:
+        top = "; ".join(f"{name[:48]} {ms:.2f}" for name, ms in row["top_kernels"])
+        lines.append(f"{row['family']:<28}{row['ms']:>10.2f}{row['share']:>8.1%}   {top}")
+    lines.append(f"{'GPU kernel time':<28}{total:>10.2f}")
+    return "\n".join(lines)
