@@ -54,21 +54,29 @@ class Qwen3NextModel(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.rotary_dim, config.rope_theta)
-        self.activation_checkpointing = False  # recompute each layer in backward (set by the trainer)
+        # recompute layers in backward instead of keeping their activations (set by the trainer): every
+        # layer, or with `recompute_layers` = N the first N only (the MTP layers never)
+        self.activation_checkpointing = False
+        self.recompute_layers: int | None = None
 
     def forward(
         self, embeds_btd: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], layout: DocumentLayout
     ) -> tuple[torch.Tensor, list[RouterStats]]:
         """The final-normed hidden states and the MoE layers' RouterStats, in call order."""
         x_btd, router_stats = embeds_btd, []
-        for layer in self.layers:
-            if self.activation_checkpointing and torch.is_grad_enabled():
+        for index, layer in enumerate(self.layers):
+            if self.recomputes(index) and torch.is_grad_enabled():
                 x_btd, stats = checkpoint(layer, x_btd, rope, layout, use_reentrant=False)
             else:
                 x_btd, stats = layer(x_btd, rope, layout)
             if stats is not None:
                 router_stats.append(stats)
         return self.norm(x_btd), router_stats
+
+    def recomputes(self, index: int) -> bool:
+        if not self.activation_checkpointing:
+            return False
+        return self.recompute_layers is None or index < self.recompute_layers
 
 
 class LMHead(nn.Linear):

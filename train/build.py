@@ -117,6 +117,7 @@ def build_model(
         tp_groups=tp_groups,
     )
     model.model.activation_checkpointing = cfg.trainer.activation_checkpointing
+    model.model.recompute_layers = cfg.trainer.recompute_layers
     if on_gpu and cfg.trainer.compile:
         model.compile_layers()
     return model

@@ -75,6 +75,9 @@ class TrainerConfig:
     dry_run_rank: int | None = None  # with dry_run: build and initialise this rank's shard on the CPU
     gpu_memory_gb: float = 80.0
     activation_checkpointing: bool = False
+    # with activation_checkpointing: recompute only the first N decoder layers in backward and keep the
+    # others' activations (None: all of them); the dry run says the fewest that fit gpu_memory_gb
+    recompute_layers: int | None = None
     compile: bool = True  # torch.compile the decoder layers on GPU (ignored on CPU)
     # torch.compile the small elementwise chains (norms, RoPE, SwiGLU, ...) on GPU where they run
     # outside a compiled layer: with trainer.compile=false, or in the LM head's CE (model/ops/fusion.py)
@@ -177,6 +180,7 @@ def between(low: float, high: float, *, high_open: bool = False) -> Range:
 # each numeric setting's allowed range (None, where a key allows it, means "the default")
 VALUE_RANGES = {
     "trainer.max_steps": at_least(0),  # 0: a checkpoint of the initial weights
+    "trainer.recompute_layers": at_least(0),
     "trainer.global_batch_size": at_least(1),
     "trainer.micro_batch_size": at_least(1),
     "trainer.seed": at_least(0),

@@ -13,6 +13,7 @@ held and cost next to the estimate: a check that a rank of the real run can star
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -35,8 +36,27 @@ def layout_memory(cfg: PretrainConfig, layout: Layout):
         zero_stage=cfg.parallel.zero_stage,
         micro_batch_size=cfg.trainer.micro_batch_size,
         seq_len=cfg.data.seq_len,
-        activation_checkpointing=cfg.trainer.activation_checkpointing,
+        recomputed_layers=recomputed_layers(cfg),
     )
+
+
+def recomputed_layers(cfg: PretrainConfig) -> int:
+    """How many decoder layers the run recomputes in backward (trainer.activation_checkpointing,
+    trainer.recompute_layers)."""
+    if not cfg.trainer.activation_checkpointing:
+        return 0
+    layers = cfg.model.num_hidden_layers
+    return layers if cfg.trainer.recompute_layers is None else min(cfg.trainer.recompute_layers, layers)
+
+
+def fewest_recomputed_layers(cfg: PretrainConfig, layout: Layout) -> int | None:
+    """The fewest decoder layers to recompute for the layout to fit trainer.gpu_memory_gb."""
+    for count in range(cfg.model.num_hidden_layers + 1):
+        trainer = dataclasses.replace(cfg.trainer, activation_checkpointing=True, recompute_layers=count)
+        trial = dataclasses.replace(cfg, trainer=trainer)
+        if fits(trial, layout):
+            return count
+    return None
 
 
 def fits(cfg: PretrainConfig, layout: Layout) -> bool:
@@ -121,6 +141,7 @@ def dry_run_report(cfg: PretrainConfig, layout: Layout) -> tuple[str, bool]:
         f"parameters {memory.parameters / GIB:.1f} GiB, gradients {memory.gradients / GIB:.1f} GiB, "
         f"optimizer {memory.optimizer / GIB:.1f} GiB, activations {memory.activations / GIB:.1f} GiB; "
         f"total {memory.total / GIB:.1f} GiB",
+        *recompute_lines(cfg, layout),
         (
             "no GPU memory limit (trainer.gpu_memory_gb=0)"
             if budget <= 0
@@ -128,6 +149,20 @@ def dry_run_report(cfg: PretrainConfig, layout: Layout) -> tuple[str, bool]:
         ),
     ]
     return "\n".join(lines), layout_fits
+
+
+def recompute_lines(cfg: PretrainConfig, layout: Layout) -> list[str]:
+    """What the run recomputes, and the least recomputation that would fit the GPU (nothing to say
+    without recomputation and without a memory limit)."""
+    done = recomputed_layers(cfg)
+    line = f"recomputes {done} of {cfg.model.num_hidden_layers} decoder layers in backward"
+    if cfg.trainer.gpu_memory_gb <= 0:
+        return [line] if done else []
+    fewest = fewest_recomputed_layers(cfg, layout)
+    if fewest is None:
+        return [f"{line}; no amount of recomputation fits trainer.gpu_memory_gb"]
+    hint = "trainer.activation_checkpointing=false" if fewest == 0 else f"trainer.recompute_layers={fewest}"
+    return [f"{line}; the fewest that fit trainer.gpu_memory_gb: {fewest} ({hint})"]
 
 
 def format_parameters(count: float) -> str:

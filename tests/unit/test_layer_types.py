@@ -100,7 +100,7 @@ def test_accounting_and_memory_estimate_follow_the_pattern(layer_types):
     assert count_parameters(config).total + count_parameters(config).mtp == built
     memory = estimate_memory(
         config, world=1, tensor=1, expert=1, zero_stage=0, micro_batch_size=1, seq_len=64,
-        activation_checkpointing=False,
+        recomputed_layers=0,
     )  # fmt: skip
     assert memory.parameters == pytest.approx(2 * built)
 

@@ -239,3 +239,24 @@ def test_conv_op_matches_nn_conv1d_and_restarts_at_boundaries():
     got = causal_conv1d_silu(x, w, seg_pos)
     torch.testing.assert_close(got[0, 5:], causal_conv1d_silu_reference(x[:1, 5:], w)[0])
     torch.testing.assert_close(got[0, :5], causal_conv1d_silu_reference(x[:1, :5], w)[0])
+
+
+def test_recompute_layers_recomputes_exactly_the_first_n_layers():
+    """trainer.recompute_layers=N: in backward the first N decoder layers run their forward again and
+    no other does; the gradients are the ones without recomputation."""
+    config = tiny_config()
+    ids = torch.randint(0, 97, (2, 10))
+    plain = build(config)
+    plain(ids, labels=ids).lm_loss_sum.backward()
+    for count in (0, 1, 3):
+        model = build(config)
+        model.model.activation_checkpointing, model.model.recompute_layers = True, count
+        calls = []
+        for index, layer in enumerate(model.model.layers):
+            layer.register_forward_pre_hook(lambda _m, _a, index=index, calls=calls: calls.append(index))
+        model(ids, labels=ids).lm_loss_sum.backward()
+        forward_calls = len(model.model.layers)
+        assert calls[forward_calls:] == list(reversed(range(count)))  # backward recomputes last-first
+        for name, param in plain.named_parameters():
+            if param.grad is not None:
+                torch.testing.assert_close(dict(model.named_parameters())[name].grad, param.grad, msg=name)

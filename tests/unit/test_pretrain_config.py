@@ -1,5 +1,6 @@
 """launch/pretrain.py's configuration: typed Hydra configs, layout validation, the dry run."""
 
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -72,7 +73,7 @@ def test_memory_estimate_of_the_plain_layout_counts_every_built_parameter():
         numel = sum(p.numel() for p in Qwen3NextForCausalLM(config).parameters())
     memory = estimate_memory(
         config, world=1, tensor=1, expert=1, zero_stage=0, micro_batch_size=1, seq_len=128,
-        activation_checkpointing=False,
+        recomputed_layers=0,
     )  # fmt: skip
     assert memory.parameters == pytest.approx(2 * numel)
     assert memory.gradients == pytest.approx(2 * numel)
@@ -81,7 +82,7 @@ def test_memory_estimate_of_the_plain_layout_counts_every_built_parameter():
 
 def test_zero_and_expert_parallelism_shard_what_they_should():
     config = load_model_config("small")
-    kwargs = dict(micro_batch_size=1, seq_len=128, activation_checkpointing=False)
+    kwargs = dict(micro_batch_size=1, seq_len=128, recomputed_layers=0)
     plain = estimate_memory(config, world=4, tensor=1, expert=1, zero_stage=0, **kwargs)
     zero1 = estimate_memory(config, world=4, tensor=1, expert=1, zero_stage=1, **kwargs)
     ep4 = estimate_memory(config, world=4, tensor=1, expert=4, zero_stage=0, **kwargs)
@@ -101,9 +102,9 @@ def test_80b_a3b_without_gpus_stops_at_once_saying_what_it_needs():
     result = pretrain("conf=80b_a3b")
     assert result.returncode != 0
     message = result.stderr
-    assert "no CUDA GPU here" in message and "needs at least 32 GPU(s)" in message, message
-    # the number is the smallest layout the dry run says fits: 32 does, 16 does not
-    for world, verdict in ((32, "fits"), (16, "does NOT fit")):
+    assert "no CUDA GPU here" in message and "needs at least 64 GPU(s)" in message, message
+    # the number is the smallest layout the dry run says fits: 64 does, 32 does not
+    for world, verdict in ((64, "fits"), (32, "does NOT fit")):
         plan = pretrain("conf=80b_a3b", "trainer.dry_run=true", f"trainer.dry_run_world_size={world}")
         assert f"{verdict} trainer.gpu_memory_gb" in plan.stdout
 
@@ -128,3 +129,33 @@ def test_tensor_with_expert_parallel_refuses_what_folding_cannot_do(overrides, n
     result = pretrain("conf=tiny", "trainer.dry_run=true", "trainer.dry_run_world_size=4", *overrides)
     assert result.returncode != 0
     assert named in result.stderr
+
+
+def test_the_dry_run_names_the_fewest_recomputed_layers_that_fit():
+    """At the documented 64 GPUs the 80B fits recomputing only some layers: the dry run's count fits
+    trainer.gpu_memory_gb and one layer fewer does not; more recomputation never costs memory."""
+    import dataclasses
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from train.config import register_configs, validate_layout
+    from train.dry_run import dry_run_report, fewest_recomputed_layers, layout_memory
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = OmegaConf.to_object(compose("pretrain", ["conf=80b_a3b"]))
+    layout = validate_layout(cfg, 64)
+
+    def total_gib(recomputed: int) -> float:
+        trainer = dataclasses.replace(cfg.trainer, activation_checkpointing=True, recompute_layers=recomputed)
+        return layout_memory(dataclasses.replace(cfg, trainer=trainer), layout).total / 2**30
+
+    fewest = fewest_recomputed_layers(cfg, layout)
+    assert 0 < fewest < cfg.model.num_hidden_layers
+    assert total_gib(fewest) <= cfg.trainer.gpu_memory_gb < total_gib(fewest - 1)
+    totals = [total_gib(n) for n in range(cfg.model.num_hidden_layers + 1)]
+    assert all(a >= b for a, b in itertools.pairwise(totals))
+    assert total_gib(cfg.trainer.recompute_layers) <= cfg.trainer.gpu_memory_gb  # the preset fits
+    report, fits = dry_run_report(cfg, layout)
+    assert fits and f"the fewest that fit trainer.gpu_memory_gb: {fewest}" in report
