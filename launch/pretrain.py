@@ -114,6 +114,13 @@ def main(raw: DictConfig) -> None:
                 index=cfg.data.index,
                 vocab_size=cfg.model.vocab_size,
             )
+            if cfg.data.eval_path and cfg.trainer.eval_every:
+                check_dataset(
+                    cfg.data.eval_path,
+                    streams=cfg.data.streams,
+                    dp_size=layout.data,
+                    vocab_size=cfg.model.vocab_size,
+                )
     except ValueError as error:
         fail(str(error))
     if cfg.trainer.dry_run:

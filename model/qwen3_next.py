@@ -39,6 +39,8 @@ class CausalLMOutput:
     mtp_loss_sums: list[torch.Tensor] = field(default_factory=list)  # one per MTP depth
     mtp_tokens: list[torch.Tensor] = field(default_factory=list)
     router_stats: list[RouterStats] = field(default_factory=list)  # per MoE layer, in call order
+    # with mtp_accept=True: (positions whose MTP depth-1 argmax is its target, positions with a target)
+    mtp_accept: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class Qwen3NextModel(nn.Module):
@@ -122,6 +124,7 @@ class Qwen3NextForCausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         documents: DocumentLayout | None = None,
+        mtp_accept: bool = False,
     ) -> CausalLMOutput:
         self.check_input_ids(input_ids)
         batch, seq_len = input_ids.shape
@@ -145,7 +148,10 @@ class Qwen3NextForCausalLM(nn.Module):
             h_btd, stats = self.mtp(depth, h_btd, shift_left(embeds_btd, depth, 0.0), rope, layout)
             if stats is not None:
                 out.router_stats.append(stats)
-            loss_sum, tokens = self.cross_entropy(h_btd, mtp_targets(labels, depth, layout))
+            targets_bt = mtp_targets(labels, depth, layout)
+            loss_sum, tokens = self.cross_entropy(h_btd, targets_bt)
+            if mtp_accept and depth == 1:
+                out.mtp_accept = self.argmax_hits(h_btd, targets_bt)
             out.mtp_loss_sums.append(loss_sum)
             out.mtp_tokens.append(tokens)
         return out
@@ -154,6 +160,20 @@ class Qwen3NextForCausalLM(nn.Module):
         self, h_btd: torch.Tensor, targets_bt: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lm_head.cross_entropy(h_btd.flatten(0, 1), targets_bt.flatten(), IGNORE_INDEX)
+
+    @torch.no_grad()
+    def argmax_hits(
+        self, h_btd: torch.Tensor, targets_bt: torch.Tensor, chunk: int = 2048
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions whose most likely token under the LM head is the target, positions with a
+        target): a draft head's acceptance, given the true tokens before it. Logits a chunk of rows
+        at a time (a vocabulary-parallel head gathers them whole)."""
+        h_nd, targets_n = h_btd.flatten(0, 1), targets_bt.flatten()
+        hits = torch.zeros((), dtype=torch.long, device=h_nd.device)
+        for start in range(0, h_nd.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            hits += (self.lm_head(h_nd[rows]).argmax(dim=-1) == targets_n[rows]).sum()
+        return hits, (targets_n != IGNORE_INDEX).sum()
 
     def check_input_ids(self, input_ids: torch.Tensor) -> None:
         """Shape and length always; the id range on CPU only: on CUDA it would cost a host sync, and

@@ -160,5 +160,6 @@ def training_objective(cfg: PretrainConfig, dp_group) -> TrainingObjective:
         mtp_weight=cfg.loss.mtp_weight,
         lb_coef=cfg.loss.lb_coef,
         z_coef=cfg.loss.z_coef,
+        lb_scope=cfg.loss.lb_scope,
         group=dp_group,
     )

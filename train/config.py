@@ -47,6 +47,8 @@ class DataConfig:
     shuffle_buffer: int = 0
     skip_corrupt: bool = False
     verify_sha256: bool = True
+    # held-out shards (the same format) for trainer.eval_every; their index.json beside them
+    eval_path: str | None = None
 
 
 @dataclass
@@ -89,12 +91,17 @@ class TrainerConfig:
     profile_step: int = 0  # > 0: torch.profiler over this step and the next profile_steps - 1
     profile_steps: int = 2
     max_bad_steps: int = 3
+    eval_every: int = 0  # > 0: evaluate on data.eval_path every this many steps (and at the last)
+    eval_batches: int = 4  # global batches of trainer.global_batch_size sequences an evaluation reads
 
 
 @dataclass
 class LossConfig:
     mtp_weight: float = 0.3
     lb_coef: float = 1e-3
+    # the load-balancing loss over the global batch (Qiu et al. 2025), or each micro-batch of each rank
+    # balanced on its own, as most frameworks do (train/losses.py)
+    lb_scope: str = "global"
     z_coef: float = 0.0
     expert_bias_rate: float = 0.0  # > 0: aux-loss-free balancing (DeepSeek-V3 used 1e-3), the bias step
 
@@ -189,6 +196,8 @@ VALUE_RANGES = {
     "trainer.profile_step": at_least(0),
     "trainer.profile_steps": at_least(1),
     "trainer.max_bad_steps": at_least(1),
+    "trainer.eval_every": at_least(0),
+    "trainer.eval_batches": at_least(1),
     "trainer.dry_run_world_size": at_least(1),
     "optim.lr": above(0),
     "optim.min_lr_ratio": between(0, 1),
@@ -306,6 +315,14 @@ def validate_layout(cfg: PretrainConfig, world: int) -> Layout:
         (
             cfg.optim.schedule in ("cosine", "wsd"),
             f"optim.schedule must be cosine or wsd, got {cfg.optim.schedule!r}",
+        ),
+        (
+            t.eval_every == 0 or d.eval_path is not None,
+            f"trainer.eval_every={t.eval_every} needs data.eval_path (held-out shards)",
+        ),
+        (
+            cfg.loss.lb_scope in ("global", "micro_batch"),
+            f"loss.lb_scope must be global or micro_batch, got {cfg.loss.lb_scope!r}",
         ),
         (
             cfg.logging.wandb.mode in ("auto", "offline", "online", "disabled"),

@@ -43,6 +43,12 @@ sum_{m<M} (E / (L N)) sum_{l,i} (f^(<=m) - f)_li grad S_li^(m).
 The *reported* lb_loss is the exact value: each rank keeps its counts and detached
 S summed over its micro-batches, and `end_step` all-reduces them (2 L E numbers).
 
+`lb_scope="micro_batch"` is the LBL most frameworks compute instead, the baseline the global one is
+measured against: each micro-batch of each rank is balanced on its own,
+    lb_loss = mean over (r, m) of (1/L) sum_l E sum_i f_li^(r,m) P_li^(r,m),
+with f and P the micro-batch's own expert shares and mean probabilities (no collective). Its
+gradient is exact by construction; the reported value is that mean.
+
 Expert load (for the logs): `expert_tokens[l, i]` = C_li over the global batch, and
 `expert_load_max_over_mean` = max_i C_li / mean_i C_li averaged over layers (1 = perfectly balanced):
 with expert parallelism each layer waits for its busiest expert and every layer carries the same mean
@@ -71,6 +77,8 @@ import torch.distributed as dist
 from model.documents import DocumentLayout
 from model.moe import RouterStats
 from model.qwen3_next import IGNORE_INDEX, CausalLMOutput, mtp_targets
+
+LB_SCOPES = ("global", "micro_batch")
 
 # ---------------------------------------------------------------------------------------------
 # Collectives that fall back to one process when torch.distributed is not initialised
@@ -181,6 +189,15 @@ def load_balancing_loss(counts_le: torch.Tensor, prob_sums_le: torch.Tensor, tok
     return per_layer.mean()
 
 
+def micro_batch_load_balancing_loss(counts_le: torch.Tensor, prob_sums_le: torch.Tensor) -> torch.Tensor:
+    """(1/L) sum_l E sum_i f_li P_li of one micro-batch alone: f its own expert shares, P its mean
+    probabilities (S over its token count, which is S's total: each token's probabilities sum to 1)."""
+    tokens_l1 = prob_sums_le.detach().sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    num_experts = counts_le.shape[-1]
+    f_le = counts_le.double() / counts_le.sum(dim=-1, keepdim=True).clamp_min(1)
+    return (num_experts * (f_le.to(prob_sums_le.dtype) * prob_sums_le / tokens_l1).sum(dim=-1)).mean()
+
+
 def load_max_over_mean(counts_le: torch.Tensor) -> torch.Tensor:
     """[L]: max over experts / mean over experts of each layer's counts (1 = balanced)."""
     counts_le = counts_le.double()
@@ -239,9 +256,10 @@ class _StepSums:
     z: torch.Tensor  # [L]
     prob: torch.Tensor  # [L, E]
     counts: torch.Tensor  # [L, E]
+    lb_micro: torch.Tensor  # []: the micro-batch-scope LBL values (0 in the global scope)
 
     @classmethod
-    def of_micro_batch(cls, out: CausalLMOutput, stats: _RouterStats) -> _StepSums:
+    def of_micro_batch(cls, out: CausalLMOutput, stats: _RouterStats, lb_micro: torch.Tensor) -> _StepSums:
         mtp = [s.detach() for s in out.mtp_loss_sums]
         return cls(
             lm=out.lm_loss_sum.detach().double(),
@@ -249,6 +267,7 @@ class _StepSums:
             z=stats.z.detach().double(),
             prob=stats.prob.detach().double(),
             counts=stats.counts.double(),
+            lb_micro=lb_micro.detach().double().reshape(()),
         )
 
     def add_(self, other: _StepSums) -> None:
@@ -256,7 +275,7 @@ class _StepSums:
             mine.add_(theirs)
 
     def parts(self) -> tuple[torch.Tensor, ...]:
-        return self.lm, self.mtp, self.z, self.prob, self.counts
+        return self.lm, self.mtp, self.z, self.prob, self.counts, self.lb_micro
 
     def pack(self) -> torch.Tensor:
         return torch.cat([t.flatten() for t in self.parts()])
@@ -281,8 +300,12 @@ class TrainingObjective:
         mtp_weight: float,
         lb_coef: float,
         z_coef: float = 0.0,
+        lb_scope: str = "global",
         group=None,
     ):
+        if lb_scope not in LB_SCOPES:
+            raise ValueError(f"loss.lb_scope must be one of {', '.join(LB_SCOPES)}, got {lb_scope!r}")
+        self.lb_scope = lb_scope
         self.num_experts = num_experts
         self.mtp_weight = mtp_weight
         self.lb_coef = lb_coef
@@ -321,12 +344,17 @@ class TrainingObjective:
         loss = out.lm_loss_sum / max(tokens.lm, 1)
         if tokens.mtp:
             loss = loss + self.mtp_weight * self._mtp_term(out.mtp_loss_sums, tokens.mtp)
-        if self.lb_coef and out.router_stats:
+        lb_micro = stats.prob.new_zeros(())
+        if out.router_stats and self.lb_scope == "micro_batch":
+            lb_micro = micro_batch_load_balancing_loss(stats.counts, stats.prob)
+            if self.lb_coef:  # this micro-batch's share of the mean over the step's (rank, micro-batch)s
+                loss = loss + self.lb_coef * lb_micro / tokens.deepspeed_grad_scale
+        elif self.lb_coef and out.router_stats:
             f_counts = self._counts_for_gradient(stats.counts)
             loss = loss + self.lb_coef * load_balancing_loss(f_counts, stats.prob, tokens.routed)
         if self.z_coef and out.router_stats:
             loss = loss + self.z_coef * stats.z.mean() / tokens.routed
-        self._accumulate(_StepSums.of_micro_batch(out, stats))
+        self._accumulate(_StepSums.of_micro_batch(out, stats, lb_micro))
         return self._grad_scale * loss
 
     def end_step(self) -> StepLosses:
@@ -342,7 +370,10 @@ class TrainingObjective:
         mtp_losses = [float(s) / max(n, 1) for s, n in zip(sums.mtp, tokens.mtp, strict=True)]
         mtp_loss = sum(mtp_losses) / len(mtp_losses) if mtp_losses else 0.0
         if sums.counts.shape[0]:
-            lb_loss = float(load_balancing_loss(sums.counts, sums.prob, tokens.routed))
+            if self.lb_scope == "micro_batch":
+                lb_loss = float(sums.lb_micro) / tokens.deepspeed_grad_scale
+            else:
+                lb_loss = float(load_balancing_loss(sums.counts, sums.prob, tokens.routed))
             z_loss = float(sums.z.mean()) / tokens.routed
             load = load_max_over_mean(sums.counts)
             load_mean, load_worst = float(load.mean()), float(load.max())

@@ -65,7 +65,8 @@ LOG_FILE = "train.log"
 WANDB_ID_FILE = "wandb_id.txt"
 WANDB_MODES = ("auto", "offline", "online", "disabled")
 ETA_WINDOW = 20  # steps whose mean duration predicts the rest: recent enough to forget compile time
-PLOTTED = ("loss", "lm_loss", "mtp_loss", "lb_loss", "z_loss", "lr")  # at most; see plotted_metrics
+# at most; see plotted_metrics. The eval_* points exist at evaluation steps only
+PLOTTED = ("loss", "lm_loss", "mtp_loss", "lb_loss", "z_loss", "lr", "eval_lm_loss", "eval_mtp_loss")
 PLOT_WAIT_S = 30.0  # the longest close() waits for one render (about a second normally) before giving up
 
 

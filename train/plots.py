@@ -113,6 +113,10 @@ def loss_figure(series: Series) -> Figure:
         steps, values = finite_series(series, key)
         if len(steps):
             top.plot(steps, values, style, label=key, linewidth=1)
+    for key, marker in (("eval_lm_loss", "o"), ("eval_mtp_loss", "s")):  # held-out, at evaluation steps
+        steps, values = finite_series(series, key)
+        if len(steps):
+            top.plot(steps, values, marker + ":", label=key, markersize=4, linewidth=1)
     top.set_ylabel("loss")
     top.set_title("training loss")
     if top.get_legend_handles_labels()[0]:

@@ -51,6 +51,7 @@ from train.checkpoint import (
     sweep_leftovers,
 )
 from train.config import Layout, PretrainConfig, uses_autoep
+from train.evaluate import Evaluator
 from train.losses import all_reduce_sum
 from train.monitor import RunMonitor
 from train.optim import lr_at
@@ -75,6 +76,13 @@ def stop_signal_flag() -> dict:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, handler)
     return flag
+
+
+def evaluation_line(step: int, metrics: dict[str, float]) -> str:
+    line = f"eval at step {step}: lm {metrics['eval_lm_loss']:.4f} (ppl {metrics['eval_ppl']:.1f})"
+    if "eval_mtp_loss" in metrics:
+        line += f", mtp {metrics['eval_mtp_loss']:.4f}, mtp accept {metrics['eval_mtp_accept']:.3f}"
+    return line
 
 
 class Trainer:
@@ -121,6 +129,9 @@ class Trainer:
         self.model, self.engine = training.model, training.engine
         self.dp_group = training.dp_group  # the ranks holding different tokens
         self.balancer, self.train_step = training.balancer, training.step
+        self.evaluator = (
+            Evaluator(cfg, layout, self.rank, self.train_step) if cfg.trainer.eval_every else None
+        )
         params = sum(p.numel() for p in self.model.parameters())
         self._message_early(f"{params / 1e6:.1f}M parameters ready in {time.perf_counter() - started:.1f} s")
         self.loader = TokenLoader(
@@ -312,7 +323,10 @@ class Trainer:
                     break
                 with self._profiler_at(self.step + 1):
                     metrics, expert_tokens = self._train_step(batches)
-                self.monitor.log_step(metrics, expert_tokens)
+                evaluated = self._evaluate() if self._evaluation_due() else {}
+                self.monitor.log_step({**metrics, **evaluated}, expert_tokens)
+                if evaluated:
+                    self.monitor.message(evaluation_line(self.step, evaluated))
                 if metrics["bad_step"]:
                     self.bad_in_row += 1
                     if self.bad_in_row >= cfg.trainer.max_bad_steps:
@@ -385,6 +399,18 @@ class Trainer:
         if self.layout.expert > 1:
             metrics.update(self._all_to_all_volume(losses.local_expert_tokens))
         return metrics, losses.expert_tokens if losses.expert_tokens.numel() else None
+
+    def _evaluation_due(self) -> bool:
+        every = self.cfg.trainer.eval_every
+        return self.evaluator is not None and (
+            self.step % every == 0 or self.step == self.cfg.trainer.max_steps
+        )
+
+    def _evaluate(self) -> dict[str, float]:
+        """The held-out metrics after this step (train/evaluate.py); its time is not the next step's."""
+        metrics = self.evaluator.run(self.model)
+        self.step_clock = time.perf_counter()
+        return metrics
 
     def _data_metrics(self) -> dict[str, int]:
         """The loader's counters, skipped shards summed over the data-parallel ranks (each skips the

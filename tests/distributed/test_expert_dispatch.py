@@ -91,7 +91,7 @@ def dispatch_on_ranks(rank, world, ep, seed):
     return out_ep.detach(), out_ref.detach(), x_ep.grad, x_ref.grad, used
 
 
-@pytest.mark.parametrize(("world", "ep", "seed"), [(2, 2, 0), (4, 4, 1), (4, 2, 2), (4, 4, 3)])
+@pytest.mark.parametrize(("world", "ep", "seed"), [(2, 2, 0), (4, 4, 1), (4, 2, 2)])
 def test_every_slot_reaches_its_expert_and_returns(tmp_path, world, ep, seed):
     results = run_on_ranks(dispatch_on_ranks, world, tmp_path, ep, seed, timeout=180)
     used = results[0][4]

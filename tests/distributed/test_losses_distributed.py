@@ -50,11 +50,16 @@ def fake_micro_batch(router_logits):
 def lbl_on_rank(rank, world_size):
     groups = crafted_router_logits(num_groups=world_size * MICRO_BATCHES, tokens=TOKENS_PER_MICRO_BATCH)
     mine = [fake_micro_batch(g) for g in groups[rank * MICRO_BATCHES : (rank + 1) * MICRO_BATCHES]]
-    objective = TrainingObjective(8, mtp_weight=0.0, lb_coef=1.0, z_coef=1.0, group=dist.group.WORLD)
-    objective.begin_step(global_target_counts([b for b, _ in mine], 0))
-    for _, out in mine:
-        objective.micro_batch_loss(out)
-    return objective.end_step()
+    results = {}
+    for scope in ("global", "micro_batch"):
+        objective = TrainingObjective(
+            8, mtp_weight=0.0, lb_coef=1.0, z_coef=1.0, lb_scope=scope, group=dist.group.WORLD
+        )
+        objective.begin_step(global_target_counts([b for b, _ in mine], 0))
+        for _, out in mine:
+            objective.micro_batch_loss(out)
+        results[scope] = objective.end_step()
+    return results
 
 
 def test_global_batch_lbl_on_two_ranks_equals_one_process_one_micro_batch(tmp_path):
@@ -69,7 +74,11 @@ def test_global_batch_lbl_on_two_ranks_equals_one_process_one_micro_batch(tmp_pa
     assert one_process.lb_loss == pytest.approx(expected_lbl, rel=1e-6, abs=1e-6)
     assert reference_per_micro_batch_lbl(groups, TOP_K).item() > expected_lbl + 0.5  # tells them apart
 
-    for result in run_on_ranks(lbl_on_rank, WORLD, tmp_path):
+    per_micro_batch = reference_per_micro_batch_lbl(groups, TOP_K).item()
+    for results in run_on_ranks(lbl_on_rank, WORLD, tmp_path):
+        # loss.lb_scope=micro_batch: the mean over every rank's micro-batches of their own LBLs
+        assert results["micro_batch"].lb_loss == pytest.approx(per_micro_batch, rel=1e-6)
+        result = results["global"]
         assert result.lb_loss == pytest.approx(one_process.lb_loss, rel=1e-6, abs=1e-6)
         assert result.z_loss == pytest.approx(reference_z_loss(whole).item(), rel=1e-6, abs=1e-6)
         assert torch.equal(result.expert_tokens, one_process.expert_tokens)

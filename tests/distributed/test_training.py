@@ -57,10 +57,10 @@ DESIGN_METRICS = {
 }
 
 
-def write_corpus(directory: Path, shards: int = 8, documents: int = 12) -> Path:
+def write_corpus(directory: Path, shards: int = 8, documents: int = 12, seed: int = 0) -> Path:
     """Documents that count up from a random start with a random stride (mod EOS): learnable."""
     directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     entries = []
     for number in range(shards):
         docs = []
@@ -77,6 +77,16 @@ def write_corpus(directory: Path, shards: int = 8, documents: int = 12) -> Path:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def eval_corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("eval_corpus"), shards=4, seed=1)
+
+
+def with_evaluation(eval_corpus: Path) -> dict:
+    """Held-out metrics after steps 2, 4 and 6 (and the last), two global batches each."""
+    return {"data.eval_path": eval_corpus, "trainer.eval_every": 2, "trainer.eval_batches": 2}
 
 
 def overrides(corpus: Path, run_dir: Path, **extra) -> list[str]:
@@ -141,10 +151,10 @@ def losses(run_dir: Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def straight_run(corpus, tmp_path_factory) -> Path:
-    """6 uninterrupted steps on 2 processes."""
+def straight_run(corpus, eval_corpus, tmp_path_factory) -> Path:
+    """6 uninterrupted steps on 2 processes, evaluated every 2."""
     run_dir = tmp_path_factory.mktemp("straight")
-    pretrain(2, overrides(corpus, run_dir))
+    pretrain(2, overrides(corpus, run_dir, **with_evaluation(eval_corpus)))
     return run_dir
 
 
@@ -185,10 +195,23 @@ def test_rerun_and_resume_repeat_the_losses_bitwise(corpus, straight_run, tmp_pa
     assert zipfile.is_zipfile(saved_after_resume), "saved in torch's zip format (memory-mappable)"
 
 
-def test_one_process_gives_the_losses_of_two(corpus, straight_run, tmp_path):
+def test_one_process_gives_the_losses_of_two(corpus, eval_corpus, straight_run, tmp_path):
+    """The training losses, and the held-out metrics of the same weights (after step 2), which
+    read the same eval sequences split over 2 ranks or not."""
     run_dir = tmp_path / "one"
-    pretrain(1, overrides(corpus, run_dir, **{"trainer.max_steps": 3}))
+    pretrain(1, overrides(corpus, run_dir, **with_evaluation(eval_corpus), **{"trainer.max_steps": 3}))
     np.testing.assert_allclose(losses(run_dir), losses(straight_run)[:3], rtol=1e-5)
+    evaluations = [
+        {row["step"]: {k: v for k, v in row.items() if k.startswith("eval_")} for row in read_metrics(run)}
+        for run in (run_dir, straight_run)
+    ]
+    one, two = evaluations
+    assert [step for step, values in two.items() if values] == [2, 4, 6]
+    assert [step for step, values in one.items() if values] == [2, 3]  # every 2 steps, and the last
+    assert one[2].keys() == {"eval_lm_loss", "eval_ppl", "eval_mtp_loss", "eval_mtp_accept"}
+    for key, value in one[2].items():
+        assert two[2][key] == pytest.approx(value, rel=1e-5), key
+    assert two[6]["eval_lm_loss"] < two[2]["eval_lm_loss"], "the held-out loss falls on a learnable corpus"
 
 
 def test_skipped_shards_are_counted_over_all_ranks(corpus, tmp_path):

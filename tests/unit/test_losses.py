@@ -370,3 +370,28 @@ def test_misuse_fails_with_a_message():
         objective.micro_batch_loss(fake_output(1.0, 1))
     with pytest.raises(ValueError, match="labels"):
         objective.micro_batch_loss(CausalLMOutput(logits=torch.zeros(1, 1, 8)))
+
+
+def test_micro_batch_scope_lbl_is_each_micro_batch_balanced_on_its_own():
+    """loss.lb_scope=micro_batch: the mean over micro-batches of each one's own LBL, value and
+    gradient (each micro-batch's term from its own loads), against the reference written here."""
+    groups = crafted_router_logits(num_groups=3, tokens=5, seed=4)
+    groups[2] = [x[:3] for x in groups[2]]  # a smaller micro-batch: its own mean still counts once
+    leaves = leaf_logits(groups)
+    objective = TrainingObjective(8, mtp_weight=0.0, lb_coef=1.0, lb_scope="micro_batch")
+    result = run_step(objective, [fake_output(1.0, 1, router_logits=g) for g in leaves])
+    per_micro_batch = reference_per_micro_batch_lbl(groups, top_k=2)
+    assert result.lb_loss == pytest.approx(float(per_micro_batch), rel=1e-6)
+    assert result.lb_loss > float(reference_lbl(concat_layers(groups), top_k=2)) + 0.5
+
+    reference = leaf_logits(groups)
+    # run_step's grad_scale 1: the micro-batches' shares add up to the mean over them
+    reference_per_micro_batch_lbl(reference, top_k=2).backward()
+    for got_layers, want_layers in zip(leaves, reference, strict=True):
+        for got, want in zip(got_layers, want_layers, strict=True):
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_an_unknown_lb_scope_is_refused():
+    with pytest.raises(ValueError, match=r"loss\.lb_scope"):
+        TrainingObjective(8, mtp_weight=0.0, lb_coef=1.0, lb_scope="batch")

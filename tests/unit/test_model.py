@@ -260,3 +260,24 @@ def test_recompute_layers_recomputes_exactly_the_first_n_layers():
         for name, param in plain.named_parameters():
             if param.grad is not None:
                 torch.testing.assert_close(dict(model.named_parameters())[name].grad, param.grad, msg=name)
+
+
+def test_mtp_accept_counts_the_positions_whose_draft_argmax_is_the_target():
+    """mtp_accept=True: MTP depth 1's argmax over the vocabulary (from its hidden states through the
+    LM head, caught by a hook) against the depth-1 targets, counted by hand."""
+    config = tiny_config()
+    model = build(config)
+    ids = torch.randint(0, 97, (2, 12))
+    pos = torch.cat([torch.arange(5), torch.arange(7)]).expand(2, 12)  # two documents a row
+    hidden = []
+    model.mtp.norm.register_forward_hook(lambda _m, _i, out: hidden.append(out))
+    with torch.no_grad():
+        out = model(ids, position_ids=pos, labels=ids, mtp_accept=True)
+    from model.documents import DocumentLayout
+    from model.qwen3_next import mtp_targets
+
+    targets = mtp_targets(ids, 1, DocumentLayout.from_position_ids(pos, 2, 12, ids.device))
+    drafts = (hidden[0] @ model.lm_head.weight.T).argmax(dim=-1)
+    kept = targets != -100
+    assert int(out.mtp_accept[1]) == int(kept.sum()) < 24  # no target across a document end
+    assert int(out.mtp_accept[0]) == int(((drafts == targets) & kept).sum())

@@ -615,3 +615,13 @@ def test_wandb_gets_the_scalars_at_their_step_and_a_resumed_run_keeps_its_id(tmp
     assert fake.inits[1]["id"] == run_id  # same W&B run continues
     make_monitor(tmp_path, wandb_mode="offline", resume_step=0).close()
     assert fake.inits[2]["id"] != run_id  # a fresh start is a new W&B run
+
+
+def test_the_loss_figure_marks_the_held_out_losses_at_their_steps():
+    steps = np.arange(1, 11, dtype=np.float64)
+    series = {key: np.column_stack([steps, np.full(10, 2.0)]) for key in ("loss", "lm_loss", "lr")}
+    series["eval_lm_loss"] = np.array([[5.0, 1.5], [10.0, 1.25]])
+    top = loss_figure(series).axes[0]
+    lines = {line.get_label(): line for line in top.get_lines()}
+    assert list(lines["eval_lm_loss"].get_xdata()) == [5.0, 10.0]
+    assert list(lines["eval_lm_loss"].get_ydata()) == [1.5, 1.25]

@@ -159,3 +159,20 @@ def test_the_dry_run_names_the_fewest_recomputed_layers_that_fit():
     assert total_gib(cfg.trainer.recompute_layers) <= cfg.trainer.gpu_memory_gb  # the preset fits
     report, fits = dry_run_report(cfg, layout)
     assert fits and f"the fewest that fit trainer.gpu_memory_gb: {fewest}" in report
+
+
+def test_evaluation_without_held_out_shards_and_an_unknown_lb_scope_are_refused():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from train.config import register_configs, validate_layout
+
+    register_configs()
+    for override, named in (
+        ("trainer.eval_every=10", "data.eval_path"),
+        ("loss.lb_scope=batch", "loss.lb_scope"),
+    ):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+            cfg = OmegaConf.to_object(compose("pretrain", ["conf=tiny", override]))
+        with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+            validate_layout(cfg, 1)
