@@ -32,7 +32,11 @@ common settings:
   data.path=DIR data.seq_len=N    token shards (launch/prepare_data.py) and the packed row length
   optim.lr=3e-4                   peak learning rate (optim.schedule=cosine|wsd, optim.warmup_steps)
   parallel.expert=N parallel.tensor=N parallel.zero_stage=1|2
-  loss.mtp_weight loss.lb_coef loss.z_coef loss.lb_scope
+  loss.mtp_weight loss.lb_coef loss.z_coef loss.lb_scope=global|micro_batch
+  data.eval_path=DIR trainer.eval_every=N
+                                  held-out eval_lm_loss, eval_ppl, eval_mtp_accept every N steps
+  trainer.activation_checkpointing=true [trainer.recompute_layers=N]
+                                  recompute every layer (or the first N) in backward to save memory
   checkpoint.every=N checkpoint.resume=auto|none|PATH checkpoint.init_from=HF_OR_FROM_HF_DIR
   logging.wandb.mode=auto|offline|online|disabled
   trainer.dry_run=true [trainer.dry_run_world_size=N] [trainer.dry_run_rank=R]
