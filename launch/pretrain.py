@@ -121,7 +121,7 @@ def main(raw: DictConfig) -> None:
             if cfg.data.eval_path and cfg.trainer.eval_every:
                 check_dataset(
                     cfg.data.eval_path,
-                    streams=cfg.data.streams,
+                    streams=cfg.data.eval_streams or cfg.data.streams,
                     dp_size=layout.data,
                     vocab_size=cfg.model.vocab_size,
                 )

@@ -115,6 +115,10 @@ class Qwen3NextForCausalLM(nn.Module):
         turn dynamic after their first change instead of recompiling for every count.
         """
         layers = list(self.model.layers) + (list(self.mtp.layers) if self.mtp is not None else [])
+        # one forward code object serves every layer: a cache entry per layer kind x grad mode
+        # (training, evaluation) x static or dynamic document counts; past dynamo's default limit of 8
+        # the rest would run uncompiled without a word
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         for layer in layers:
             layer.compile(dynamic=None)
 

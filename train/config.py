@@ -49,6 +49,8 @@ class DataConfig:
     verify_sha256: bool = True
     # held-out shards (the same format) for trainer.eval_every; their index.json beside them
     eval_path: str | None = None
+    # streams the held-out shards are read in (None: data.streams); a small held-out set needs fewer
+    eval_streams: int | None = None
 
 
 @dataclass
@@ -198,6 +200,7 @@ VALUE_RANGES = {
     "trainer.max_bad_steps": at_least(1),
     "trainer.eval_every": at_least(0),
     "trainer.eval_batches": at_least(1),
+    "data.eval_streams": at_least(1),
     "trainer.dry_run_world_size": at_least(1),
     "optim.lr": above(0),
     "optim.min_lr_ratio": between(0, 1),

@@ -10,7 +10,10 @@ are the whole eval set's token-weighted means, the same on 1 or N processes:
     eval_mtp_loss     each MTP depth's token-weighted cross-entropy, averaged over depths
     eval_mtp_accept   MTP depth 1's draft acceptance: the fraction of positions t whose argmax for
                       token t+2, given the true token t+1, is token t+2
-No gradients, no optimizer; the model's weights are read as they are after the step.
+No gradients, no optimizer; the model's weights are read as they are after the step. A held-out set
+smaller than eval_batches global batches is read again from its start (as the training loader
+starts a new epoch), so size eval_batches to the set; `data.eval_streams` reads a small set in
+fewer streams than training uses (any count the data-parallel size divides).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class Evaluator:
             dp_rank=self.rank // self.layout.tensor,
             dp_size=self.layout.data,
             seed=cfg.trainer.seed,
-            streams=cfg.data.streams,
+            streams=cfg.data.eval_streams or cfg.data.streams,
             num_workers=0,  # a few batches: workers would cost more to start than they save
             shuffle_buffer=cfg.data.shuffle_buffer,
             vocab_size=cfg.model.vocab_size,

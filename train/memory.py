@@ -7,14 +7,17 @@ stack, world / expert for the routed experts). Tensor parallelism splits the mix
 expert parallelism the experts; embedding, LM head and the rest are replicated.
 
 Activations are an estimate of what autograd keeps for one micro-batch (bf16), per layer:
-T * 2 bytes * (10 H + 2 * mixer width / tp + top_k * (3 I + 2 H)), where T = micro_batch * seq_len
-(each (token, slot) pair keeps its gathered input, its gate/up and SwiGLU rows and its output). A
+T * 2 bytes * (10 H + 2 * mixer width / tp + top_k * (3 I + 3 H)), where T = micro_batch * seq_len
+(each (token, slot) pair keeps its gathered input, its gate/up and SwiGLU rows, its output and its
+weighted output: the measured peaks grow by 3 H a slot per layer kept whole). A
 recomputed layer (activation checkpointing) keeps only its input (T * H * 2), plus one layer's worth
 while it is recomputed; `recomputed_layers` of the decoder layers are (the first ones; MTP layers
 never), and backward frees the others before it recomputes them. The LM-head cross-entropy adds one
-chunk of logits (2048 x vocab x 6 bytes). Measured on an H200 at the 80B width (4 layers + MTP,
-2 x 4096 tokens, bench/RESULTS.md): 52.7 GiB peak with every layer recomputed against 50.6
-estimated, 59.9 with none against 56.5.
+chunk of logits (2048 x vocab x 6 bytes) and the head's fp32 weight gradient per head (main and
+MTP: 4 x vocab x H / tp each), which it computes in forward. Measured on an H200 at the 80B width
+(4 layers + MTP, 2 x 4096 tokens, bench/RESULTS.md), peak against estimate: every layer recomputed
+52.7 GiB against 53.3, the first 2 of 4 56.0 against 56.7, none 59.9 against
+60.4.
 """
 
 from __future__ import annotations
@@ -104,7 +107,7 @@ def activation_bytes(
         "linear_attention": 2 * key_dim + 2 * value_dim,
         "full_attention": 2 * c.num_attention_heads * c.head_dim + 2 * c.num_key_value_heads * c.head_dim,
     }
-    moe = c.num_experts_per_tok * (3 * c.moe_intermediate_size + 2 * h)
+    moe = c.num_experts_per_tok * (3 * c.moe_intermediate_size + 3 * h)
     per_layer = {t: tokens * 2 * (10 * h + 2 * w / tensor + moe) for t, w in widths.items()}
     recomputed = c.layer_types[:recomputed_layers]
     mtp_layers = ["full_attention"] * c.mtp_num_layers  # MTP layers are attention, never recomputed
@@ -112,4 +115,7 @@ def activation_bytes(
     # backward frees the layers kept whole (the last ones, and MTP) before it recomputes the first
     # ones, one at a time: the peak is the larger of the two moments
     whole = max(sum(per_layer[t] for t in kept_whole), max((per_layer[t] for t in recomputed), default=0))
-    return len(recomputed) * tokens * h * 2 + whole + CE_CHUNK * c.vocab_size * 6
+    # the LM head's cross-entropy: one chunk of logits, and the head's fp32 weight gradient that it
+    # computes in forward and keeps for backward, once for the main head and once per MTP depth
+    head = CE_CHUNK * c.vocab_size * 6 + (1 + c.mtp_num_layers) * 4 * c.vocab_size * h / tensor
+    return len(recomputed) * tokens * h * 2 + whole + head

@@ -85,8 +85,14 @@ def eval_corpus(tmp_path_factory) -> Path:
 
 
 def with_evaluation(eval_corpus: Path) -> dict:
-    """Held-out metrics after steps 2, 4 and 6 (and the last), two global batches each."""
-    return {"data.eval_path": eval_corpus, "trainer.eval_every": 2, "trainer.eval_batches": 2}
+    """Held-out metrics after steps 2, 4 and 6 (and the last), two global batches each, read in two
+    streams (training reads four)."""
+    return {
+        "data.eval_path": eval_corpus,
+        "data.eval_streams": 2,
+        "trainer.eval_every": 2,
+        "trainer.eval_batches": 2,
+    }
 
 
 def overrides(corpus: Path, run_dir: Path, **extra) -> list[str]:
