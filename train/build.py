@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from data.loader import TokenLoader
 from model.ops.attention import use_varlen
 from model.ops.fusion import compile_fusions
 from model.qwen3_next import Qwen3NextForCausalLM
@@ -92,6 +93,37 @@ def build_training(
         dp_group=dp_group,
     )
     return Training(engine.module, engine, balancer, step, dp_group)
+
+
+def rank_loader(
+    cfg: PretrainConfig,
+    layout: Layout,
+    rank: int,
+    path: str,
+    *,
+    streams: int,
+    num_workers: int,
+    skip_corrupt: bool = False,
+    index: str | None = None,
+) -> TokenLoader:
+    """This rank's share of the global batches of the shards at `path`, in the run's order: the
+    training data (data.path) or the held-out set (data.eval_path)."""
+    return TokenLoader(
+        path,
+        seq_len=cfg.data.seq_len,
+        global_batch_size=cfg.trainer.global_batch_size,
+        micro_batch_size=cfg.trainer.micro_batch_size,
+        dp_rank=rank // layout.tensor,
+        dp_size=layout.data,
+        seed=cfg.trainer.seed,
+        streams=streams,
+        num_workers=num_workers,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        skip_corrupt=skip_corrupt,
+        index=index,
+        vocab_size=cfg.model.vocab_size,
+        verify_sha256=cfg.data.verify_sha256,
+    )
 
 
 def build_model(

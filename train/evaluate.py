@@ -23,6 +23,7 @@ import math
 import torch
 
 from data.loader import TokenLoader
+from train.build import rank_loader
 from train.config import Layout, PretrainConfig
 from train.losses import all_reduce_sum
 from train.step import TrainStep
@@ -35,19 +36,13 @@ class Evaluator:
 
     def _loader(self) -> TokenLoader:
         cfg = self.cfg
-        return TokenLoader(
+        return rank_loader(
+            cfg,
+            self.layout,
+            self.rank,
             cfg.data.eval_path,
-            seq_len=cfg.data.seq_len,
-            global_batch_size=cfg.trainer.global_batch_size,
-            micro_batch_size=cfg.trainer.micro_batch_size,
-            dp_rank=self.rank // self.layout.tensor,
-            dp_size=self.layout.data,
-            seed=cfg.trainer.seed,
             streams=cfg.data.eval_streams or cfg.data.streams,
             num_workers=0,  # a few batches: workers would cost more to start than they save
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            vocab_size=cfg.model.vocab_size,
-            verify_sha256=cfg.data.verify_sha256,
         )
 
     @torch.no_grad()

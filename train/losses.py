@@ -177,8 +177,11 @@ def global_target_counts(
 # The load-balancing terms over [L, E] router statistics
 
 
-def load_balancing_loss(counts_le: torch.Tensor, prob_sums_le: torch.Tensor, tokens: int) -> torch.Tensor:
-    """(1/L) sum_l E sum_i f_li S_li / tokens, with f the per-layer shares of `counts` (a constant).
+def load_balancing_loss(
+    counts_le: torch.Tensor, prob_sums_le: torch.Tensor, tokens: int | torch.Tensor
+) -> torch.Tensor:
+    """(1/L) sum_l E sum_i f_li S_li / tokens, with f the per-layer shares of `counts` (a constant);
+    `tokens` one count, or one per layer [L].
 
     With the step's global counts and S summed over the global batch this is the global-batch LBL;
     with S of one micro-batch it is that micro-batch's share of it (the LBL is linear in S).
@@ -192,10 +195,8 @@ def load_balancing_loss(counts_le: torch.Tensor, prob_sums_le: torch.Tensor, tok
 def micro_batch_load_balancing_loss(counts_le: torch.Tensor, prob_sums_le: torch.Tensor) -> torch.Tensor:
     """(1/L) sum_l E sum_i f_li P_li of one micro-batch alone: f its own expert shares, P its mean
     probabilities (S over its token count, which is S's total: each token's probabilities sum to 1)."""
-    tokens_l1 = prob_sums_le.detach().sum(dim=-1, keepdim=True).clamp_min(1e-12)
-    num_experts = counts_le.shape[-1]
-    f_le = counts_le.double() / counts_le.sum(dim=-1, keepdim=True).clamp_min(1)
-    return (num_experts * (f_le.to(prob_sums_le.dtype) * prob_sums_le / tokens_l1).sum(dim=-1)).mean()
+    tokens_l = prob_sums_le.detach().sum(dim=-1).clamp_min(1e-12)
+    return load_balancing_loss(counts_le, prob_sums_le, tokens_l)
 
 
 def load_max_over_mean(counts_le: torch.Tensor) -> torch.Tensor:

@@ -28,10 +28,10 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from data.loader import TokenLoader, merge_states
+from data.loader import merge_states
 from model.accounting import count_parameters, flops_per_token
 from parallel.engine import setup_distributed
-from train.build import build_training
+from train.build import build_training, rank_loader
 from train.checkpoint import (
     CheckpointError,
     CheckpointLoadError,
@@ -134,21 +134,15 @@ class Trainer:
         )
         params = sum(p.numel() for p in self.model.parameters())
         self._message_early(f"{params / 1e6:.1f}M parameters ready in {time.perf_counter() - started:.1f} s")
-        self.loader = TokenLoader(
+        self.loader = rank_loader(
+            cfg,
+            layout,
+            self.rank,
             cfg.data.path,
-            seq_len=cfg.data.seq_len,
-            global_batch_size=cfg.trainer.global_batch_size,
-            micro_batch_size=cfg.trainer.micro_batch_size,
-            dp_rank=self.rank // layout.tensor,
-            dp_size=layout.data,
-            seed=cfg.trainer.seed,
             streams=cfg.data.streams,
             num_workers=cfg.data.num_workers,
-            shuffle_buffer=cfg.data.shuffle_buffer,
             skip_corrupt=cfg.data.skip_corrupt,
             index=cfg.data.index,
-            vocab_size=cfg.model.vocab_size,
-            verify_sha256=cfg.data.verify_sha256,
         )
         self.step = 0
         self.tokens_seen = 0
