@@ -361,6 +361,15 @@ def uses_autoep(cfg: PretrainConfig, layout: Layout) -> bool:
     return cfg.parallel.autoep if cfg.parallel.autoep is not None else layout.expert > 1
 
 
+def recomputed_layers(cfg: PretrainConfig) -> int:
+    """How many decoder layers the run recomputes in backward (trainer.activation_checkpointing,
+    trainer.recompute_layers)."""
+    if not cfg.trainer.activation_checkpointing:
+        return 0
+    layers = cfg.model.num_hidden_layers
+    return layers if cfg.trainer.recompute_layers is None else min(cfg.trainer.recompute_layers, layers)
+
+
 # command-line arguments that select a config group (`conf=small`, `model=tiny`) rather than set a key
 CONFIG_GROUPS = ("conf", "model", "parallel", "data", "optim", "trainer", "loss", "checkpoint", "logging")
 

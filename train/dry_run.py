@@ -23,7 +23,7 @@ import torch
 from model.accounting import count_parameters, flops_per_token
 from model.config import LINEAR_ATTENTION, attention_layers
 from model.qwen3_next import Qwen3NextForCausalLM
-from train.config import Layout, PretrainConfig, uses_autoep, validate_layout
+from train.config import Layout, PretrainConfig, recomputed_layers, uses_autoep, validate_layout
 from train.memory import GIB, estimate_memory, rank_parameters
 
 
@@ -38,15 +38,6 @@ def layout_memory(cfg: PretrainConfig, layout: Layout):
         seq_len=cfg.data.seq_len,
         recomputed_layers=recomputed_layers(cfg),
     )
-
-
-def recomputed_layers(cfg: PretrainConfig) -> int:
-    """How many decoder layers the run recomputes in backward (trainer.activation_checkpointing,
-    trainer.recompute_layers)."""
-    if not cfg.trainer.activation_checkpointing:
-        return 0
-    layers = cfg.model.num_hidden_layers
-    return layers if cfg.trainer.recompute_layers is None else min(cfg.trainer.recompute_layers, layers)
 
 
 def fewest_recomputed_layers(cfg: PretrainConfig, layout: Layout) -> int | None:

@@ -18,6 +18,7 @@ all-reduced.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import time
@@ -50,7 +51,7 @@ from train.checkpoint import (
     set_rng_state,
     sweep_leftovers,
 )
-from train.config import Layout, PretrainConfig, uses_autoep
+from train.config import Layout, PretrainConfig, recomputed_layers, uses_autoep
 from train.evaluate import Evaluator
 from train.losses import all_reduce_sum
 from train.monitor import RunMonitor
@@ -419,19 +420,27 @@ class Trainer:
         """Expert-parallel traffic of the step, over all ranks: the (token, slot) pairs routed to an
         expert on another rank of the EP group (AutoEP: rank r holds the experts of slice r % ep),
         and the bytes they move: hidden-size activations out and back (dispatch, combine), forward
-        and backward, plus one more forward under activation checkpointing."""
+        and backward, plus one more forward in each layer recomputed in backward."""
         ep, experts = self.layout.expert, local_counts_le.shape[1]
         local_slice = slice((self.rank % ep) * experts // ep, (self.rank % ep + 1) * experts // ep)
-        remote = local_counts_le.sum() - local_counts_le[:, local_slice].sum()
-        total = torch.tensor([float(remote)], device=self.device)
+        remote_l = (local_counts_le.sum(dim=1) - local_counts_le[:, local_slice].sum(dim=1)).double()
+        passes_l = remote_l.new_tensor([3 if recomputed else 2 for recomputed in self._moe_layers_recomputed])
+        total = torch.stack([remote_l.sum(), (remote_l * passes_l).sum()]).to(self.device)
         dist.all_reduce(total)
         # tensor-parallel peers route the same tokens and (folded) each dispatches a 1/tp share of
         # them; their counts against their own slices, averaged, estimate what moves
-        total /= self.layout.tensor
-        passes = 3 if self.cfg.trainer.activation_checkpointing else 2
+        slots, slot_passes = (float(x) / self.layout.tensor for x in total)
         element_bytes = 2 if self.on_gpu else 4
-        moved = float(total) * 2 * passes * self.cfg.model.hidden_size * element_bytes
-        return {"a2a_remote_slots": float(total), "a2a_gib": moved / 2**30}
+        moved = slot_passes * 2 * self.cfg.model.hidden_size * element_bytes
+        return {"a2a_remote_slots": slots, "a2a_gib": moved / 2**30}
+
+    @functools.cached_property
+    def _moe_layers_recomputed(self) -> list[bool]:
+        """Per MoE layer in the order of the expert counts (main stack, then MTP, never recomputed):
+        whether backward recomputes its forward (trainer.activation_checkpointing, recompute_layers)."""
+        model, recomputed = self.cfg.model, recomputed_layers(self.cfg)
+        main = [layer < recomputed for layer in range(model.num_hidden_layers) if model.is_moe_layer(layer)]
+        return main + [False] * model.mtp_num_layers
 
     @contextlib.contextmanager
     def _profiler_at(self, step: int):
