@@ -55,6 +55,7 @@ import torch
 from webdataset.shardlists import expand_urls
 
 from data.packing import windows_to_batch
+from data.sources import DOMAIN_PATTERN
 from data.streams import InProcessRunner, ShardInfo, StreamConfig, WorkerPool, initial_state, split_shards
 
 logger = logging.getLogger(__name__)
@@ -130,6 +131,22 @@ def check_index_fields(index: dict, source: str) -> None:
         ):
             if not check(shard.get(field)):
                 fail(f"shards[{number}].{field}", expected, shard.get(field))
+        domain = shard.get("domain")
+        if "domain" in shard and not (isinstance(domain, str) and DOMAIN_PATTERN.fullmatch(domain)):
+            fail(f"shards[{number}].domain", "a domain name (letters, digits, _.-+)", shard["domain"])
+
+
+def index_domains(index: dict) -> list[str]:
+    """The domains index.json's shards are tagged with, in the order they first appear ([] untagged)."""
+    return list(dict.fromkeys(shard["domain"] for shard in index["shards"] if "domain" in shard))
+
+
+def shards_of_domain(shards: list[ShardInfo], domain: str, index_path: str) -> list[ShardInfo]:
+    chosen = [shard for shard in shards if shard.domain == domain]
+    if not chosen:
+        known = sorted({shard.domain for shard in shards if shard.domain is not None})
+        raise ValueError(f"{index_path}: no shard of domain {domain!r} (its domains: {known or 'none'})")
+    return chosen
 
 
 def check_index(
@@ -225,7 +242,14 @@ def match_shards(urls: list[str], index: dict, index_path: str) -> list[ShardInf
             raise ValueError(f"data.path: shard {entry['file']} is listed twice")
         seen.add(entry["file"])
         shards.append(
-            ShardInfo(url, entry["file"], entry["documents"], entry["tokens"], entry["sha256"].lower())
+            ShardInfo(
+                url,
+                entry["file"],
+                entry["documents"],
+                entry["tokens"],
+                entry["sha256"].lower(),
+                entry.get("domain"),
+            )
         )
     return shards
 
@@ -350,7 +374,8 @@ class TokenLoader:
     (num_workers >= 1) run the rank's streams in processes; the batches are the same for any number
     of workers. With verify_sha256 a shard is hashed before any of its documents is used (one extra
     read of the shard). vocab_size / eos_id are the model's: index.json is checked against them, and
-    token ids must lie below vocab_size (index.json's vocab_size when it is None).
+    token ids must lie below vocab_size (index.json's vocab_size when it is None). `domain` reads only
+    the shards index.json tags with that domain (data/shards.py), in the same way.
     """
 
     def __init__(
@@ -371,6 +396,7 @@ class TokenLoader:
         vocab_size: int | None = None,
         eos_id: int | None = None,
         verify_sha256: bool = True,
+        domain: str | None = None,
         prefetch: int = 4,
         timeout: float = 600.0,
         mp_context: str | None = None,
@@ -397,6 +423,8 @@ class TokenLoader:
 
         self.index_path, self.index, shards = resolve_shards(path, index)
         check_index(self.index, vocab_size, eos_id, source=self.index_path)
+        if domain is not None:
+            shards = shards_of_domain(shards, domain, self.index_path)
         check_enough_documents(shards, streams, dp_size, self.index_path)
         self._config = StreamConfig(
             parts=split_shards(shards, streams),

@@ -16,7 +16,8 @@ index.json:
      "complete": true,            # false while a run is in progress or after it failed
      "documents": D, "tokens": T, # totals over the listed shards
      "shards": [{"file": "shard-000000.tar", "documents": d, "tokens": t, "sha256": "<hex>",
-                 "first_key": "000000-0000000001", "last_key": "000000-0000000412"}, ...],
+                 "first_key": "000000-0000000001", "last_key": "000000-0000000412",
+                 "domain": "python"}, ...],  # "domain": only for tagged inputs (below)
      "build": {...}}              # what produced the shards: settings + input fingerprint
 
 `vocab_size` is the tokenizer's (every id is below it); the model pads its embedding to 151936,
@@ -24,7 +25,13 @@ and the loader checks `vocab_size <= model vocab size` (data/ knows nothing of t
 
 Which document lands in which shard depends only on the documents: they are taken in input
 order and a shard is closed as soon as its tokens reach `shard_size_bytes` (4 bytes a token),
-so the output is the same for any number of workers. The tar members carry fixed metadata
+so the output is the same for any number of workers.
+
+Domains (optional): inputs tagged with a domain (`prepare_data.py --domains`, `--demo-mixed`) give
+shards of one domain each (a shard is also closed where the domain changes), and each such shard's
+entry carries `"domain": "<name>"`. The loader can then read one domain's shards alone, which is
+how evaluation reports held-out loss and expert routing per domain (train/evaluate.py). Shards
+of untagged inputs have no `domain` field. The tar members carry fixed metadata
 (mtime 0, uid/gid 0, fixed user and group names, mode 0444), so the bytes are the same on
 every run.
 
@@ -118,6 +125,7 @@ class ShardEntry:
     sha256: str
     first_key: str
     last_key: str
+    domain: str | None = None  # the tag of all its documents, when the inputs were tagged
 
 
 @dataclass
@@ -190,9 +198,17 @@ def index_document(shards: list[ShardEntry], build: dict, complete: bool) -> dic
         "complete": complete,
         "documents": sum(s.documents for s in shards),
         "tokens": sum(s.tokens for s in shards),
-        "shards": [asdict(s) for s in shards],
+        "shards": [shard_fields(s) for s in shards],
         "build": build,
     }
+
+
+def shard_fields(shard: ShardEntry) -> dict:
+    """A shard's index.json entry; `domain` only where there is one (untagged data sets read as before)."""
+    fields = asdict(shard)
+    if fields["domain"] is None:
+        del fields["domain"]
+    return fields
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -320,6 +336,7 @@ class ShardWriter:
         self.documents = 0
         self.tokens = 0
         self.first_key = self.last_key = ""
+        self.domain: str | None = None
 
     def write(self, data) -> None:
         self.file.write(data)
@@ -340,7 +357,9 @@ class ShardWriter:
         self.file.close()
         os.replace(self.partial, self.path)
         digest = self.file.digest.hexdigest()
-        return ShardEntry(self.path.name, self.documents, self.tokens, digest, self.first_key, self.last_key)
+        return ShardEntry(
+            self.path.name, self.documents, self.tokens, digest, self.first_key, self.last_key, self.domain
+        )
 
     def abort(self) -> None:
         self.file.close()
@@ -543,8 +562,9 @@ class TokenizedStream:
     """The tokenized documents in order, moved into shards a run of documents at a time; a
     batch that straddles a shard's end is split there."""
 
-    def __init__(self, batches: Iterator[TokenizedBatch]):
+    def __init__(self, batches: Iterator[TokenizedBatch], file_domains: list[str | None]):
         self.batches = batches
+        self.file_domains = file_domains  # the domain of each input file, by its number
         self.batch: TokenizedBatch | None = None
         self.next_document = 0  # in self.batch
         self.next_byte = 0
@@ -560,7 +580,8 @@ class TokenizedStream:
 
     def fill(self, writer: ShardWriter, target: int, count: int | None) -> None:
         """Move documents into `writer`: exactly `count` of them when rebuilding a listed
-        shard, else until its tokens reach `target` bytes or the documents run out."""
+        shard, else until its tokens reach `target` bytes, the documents run out or the next
+        document is of another domain (a shard holds one domain's documents)."""
         full = False
         while not full:
             if self.exhausted():
@@ -568,6 +589,12 @@ class TokenizedStream:
             start = end = self.next_document
             nbytes = tokens = 0
             while end < len(self.batch.keys) and not full:
+                domain = self.file_domains[location_of(self.batch.keys[end]).file]
+                if writer.documents == 0 and end == start:
+                    writer.domain = domain
+                elif domain != writer.domain:
+                    full = True
+                    break
                 nbytes += self.batch.sizes[end]
                 tokens += self.batch.tokens[end]
                 end += 1
@@ -656,7 +683,8 @@ def prepare(
     writer = None
     try:
         tasks = make_tasks(sources, text_key, ReusedRanges(reused))
-        tokenized = TokenizedStream(tokenize_in_order(tasks, text_key, errors, executor, workers, bar))
+        batches = tokenize_in_order(tasks, text_key, errors, executor, workers, bar)
+        tokenized = TokenizedStream(batches, [source.domain for source in sources])
         number = 0
         while True:
             if number < len(entries) and entries[number] is not None:

@@ -46,7 +46,7 @@ import re
 import sysconfig
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
@@ -56,6 +56,7 @@ ERROR_MODES = ("strict", "replace", "skip")
 DEMO_EXCLUDED_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 )
+DOMAIN_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 EXAMPLES_KEPT = 5
 NEWLINE = b"\n"
@@ -75,6 +76,7 @@ class SourceFile:
     path: Path
     format: str
     compression: str | None = None
+    domain: str | None = None  # the tag its documents carry into the shards (data/shards.py)
 
 
 class Location(NamedTuple):
@@ -157,6 +159,34 @@ def discover_sources(paths: Iterable[str | Path]) -> list[SourceFile]:
     return sources
 
 
+def discover_tagged_sources(paths: Iterable[str | Path]) -> list[SourceFile]:
+    """`discover_sources`, each input's documents tagged with a domain named after it: a directory's
+    name, a file's name without its extensions (`wiki.jsonl.zst` -> `wiki`)."""
+    tagged, named_by = [], {}
+    for given in paths:
+        domain = domain_of_input(Path(given))
+        if domain in named_by:
+            raise InputError(f"{given}: its domain name {domain!r} is already that of {named_by[domain]}")
+        named_by[domain] = given
+        tagged += [replace(source, domain=domain) for source in discover_sources([given])]
+    return tagged
+
+
+def domain_of_input(path: Path) -> str:
+    name = path.resolve().name if path.is_dir() else path.name.split(".")[0]
+    return check_domain(name, str(path))
+
+
+def check_domain(name: str, where: str) -> str:
+    """A domain tag: letters, digits and `_.-+`, as metric names and file names can carry it."""
+    if not DOMAIN_PATTERN.fullmatch(name):
+        raise InputError(
+            f"{where}: {name!r} is not a usable domain name (letters, digits and _.-+, starting with a "
+            "letter or digit, at most 64 characters); rename the input"
+        )
+    return name
+
+
 def supported_names() -> str:
     return ", ".join(f".{f}" for f in FORMATS) + ", optionally + " + ", ".join(f".{c}" for c in COMPRESSIONS)
 
@@ -188,6 +218,8 @@ def source_fingerprint(sources: list[SourceFile]) -> str:
             raise InputError(f"{source.path}: cannot read: {exc.strerror}") from exc
         path = os.path.abspath(source.path)  # not resolve(): a syscall per path component
         fields = (path, source.format, source.compression, stat.st_size, stat.st_mtime_ns)
+        if source.domain is not None:  # untagged inputs keep the fingerprints they always had
+            fields += (source.domain,)
         digest.update(("\t".join(map(str, fields)) + "\n").encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 

@@ -82,6 +82,7 @@ class ShardInfo:
     documents: int
     tokens: int  # sum of the documents' lengths, EOS included
     sha256: str
+    domain: str | None = None  # index.json's tag of its documents, if any
 
     def describe(self) -> str:
         plain_path = self.url.endswith(self.file) and ":" not in self.url

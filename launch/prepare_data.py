@@ -3,13 +3,20 @@
     python launch/prepare_data.py --input corpus/ more.jsonl.zst --output data/my_corpus
     python launch/prepare_data.py --input wiki.parquet --text-key content --shard-size 64MiB --workers 8
     python launch/prepare_data.py --demo                      # stdlib sources -> data/demo
+    python launch/prepare_data.py --domains --input code/ web.jsonl --output data/tagged
+    python launch/prepare_data.py --demo-mixed                # 4 domains -> data/mixed/{train,eval}
 
 Inputs: `.txt` (a document per file), `.jsonl` / `.parquet` (a document per line / row, the
 string under `--text-key`), each optionally `.gz` or `.zst`, and directories (recursive,
 sorted). `--errors` says what invalid UTF-8 does (strict: fatal; replace: U+FFFD, counted;
 skip: the document is dropped, counted); malformed JSONL is always fatal (data/sources.py).
-Rerunning into the same `--output` reuses the complete shards and rebuilds the rest,
-byte-identical; an `--output` built from other inputs or settings needs `--overwrite`.
+`--domains` tags each input's documents with a domain named after it (a folder's name, a file's name
+without extensions); shards then hold one domain each and index.json names it, so evaluation can
+report loss and expert routing per domain. `--demo-mixed` builds a tagged training set and held-out
+set from text a Debian machine with Python has (Python, C headers, manual pages, package docs:
+data/mixed_demo.py), about 12M training tokens.
+Rerunning into the same `--output` reuses the complete shards and rebuilds the rest, byte-identical;
+an `--output` built from other inputs or settings needs `--overwrite`.
 The default shard size suits any corpus: one smaller than a shard makes a single shard, which the
 loader splits by document among its `data.streams` streams (data/streams.py); only a corpus with
 fewer documents than `data.streams` needs that setting lowered (the training run says to what).
@@ -25,14 +32,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from data.mixed_demo import mixed_demo_sources
 from data.shards import DEFAULT_SHARD_SIZE, PrepareResult, default_workers, parse_size, prepare
-from data.sources import ERROR_MODES, InputError, ReadStats, demo_sources, discover_sources
+from data.sources import (
+    ERROR_MODES,
+    InputError,
+    ReadStats,
+    SourceFile,
+    demo_sources,
+    discover_sources,
+    discover_tagged_sources,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_OUTPUT = REPO_ROOT / "data" / "demo"
 # The demo corpus is ~12 MB of stdlib sources, ~3M tokens (Python 3.11): 400 kB (100k-token)
 # shards make ~30 of them, so the demo exercises multi-shard reading and loader workers.
 DEMO_SHARD_SIZE = 400_000
+MIXED_OUTPUT = REPO_ROOT / "data" / "mixed"
 
 
 def shard_size(text: str) -> int:
@@ -47,8 +64,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--input", nargs="+", action="extend", default=[], metavar="PATH", help="files, dirs")
-    parser.add_argument("--output", type=Path, help=f"output directory (--demo: {DEMO_OUTPUT})")
+    parser.add_argument(
+        "--output", type=Path, help=f"output directory (--demo: {DEMO_OUTPUT}; --demo-mixed: {MIXED_OUTPUT})"
+    )
     parser.add_argument("--demo", action="store_true", help="the Python standard library's sources as corpus")
+    parser.add_argument(
+        "--demo-mixed",
+        action="store_true",
+        help="4 tagged domains of local text -> OUTPUT/train and OUTPUT/eval (held out)",
+    )
+    parser.add_argument("--domains", action="store_true", help="tag each --input's documents with its name")
     parser.add_argument("--text-key", default="text", help="JSONL key / parquet column of the text")
     parser.add_argument(
         "--shard-size",
@@ -69,10 +94,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--overwrite", action="store_true", help="replace shards in --output built from other inputs/settings"
     )
     args = parser.parse_args(argv)
-    if args.demo == bool(args.input):
-        parser.error("give --input PATH... or --demo (not both)")
-    if not args.demo and args.output is None:
+    if args.demo + args.demo_mixed + bool(args.input) != 1:
+        parser.error("give one of --input PATH..., --demo or --demo-mixed")
+    if args.input and args.output is None:
         parser.error("--output is required with --input")
+    if args.domains and not args.input:
+        parser.error("--domains tags --input paths (--demo-mixed tags its own)")
     if args.workers < 0:
         parser.error("--workers must be >= 0 (0: tokenize in this process)")
     return args
@@ -106,38 +133,49 @@ def report_stats(stats: ReadStats) -> None:
 
 
 def is_demo_output(args: argparse.Namespace, output: Path) -> bool:
-    """`--demo` into data/demo: a generated artifact, rebuilt when the Python (its corpus) changes."""
-    return args.demo and Path(output).resolve() == DEMO_OUTPUT.resolve()
+    """`--demo` into data/demo (`--demo-mixed` into data/mixed): a generated artifact, rebuilt when
+    its corpus (the machine's files) changes."""
+    generated = DEMO_OUTPUT if args.demo else MIXED_OUTPUT if args.demo_mixed else None
+    output = Path(output).resolve()
+    return generated is not None and generated.resolve() in (output, output.parent)
+
+
+def data_sets(args: argparse.Namespace) -> list[tuple[list[SourceFile], Path, int]]:
+    """(sources, output directory, shard size) of each data set the command writes."""
+    if args.demo:
+        return [(demo_sources(), args.output or DEMO_OUTPUT, args.shard_size or DEMO_SHARD_SIZE)]
+    if args.demo_mixed:
+        mixed = mixed_demo_sources()
+        if mixed.missing:
+            print(f"prepare_data: --demo-mixed: not on this machine, left out: {', '.join(mixed.missing)}")
+        output = args.output or MIXED_OUTPUT
+        shard_size = args.shard_size or DEMO_SHARD_SIZE
+        return [(mixed.train, output / "train", shard_size), (mixed.eval, output / "eval", shard_size)]
+    sources = discover_tagged_sources(args.input) if args.domains else discover_sources(args.input)
+    return [(sources, args.output, args.shard_size or DEFAULT_SHARD_SIZE)]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        if args.demo:
-            sources = demo_sources()
-            output = args.output or DEMO_OUTPUT
-            shard_size = args.shard_size or DEMO_SHARD_SIZE
-        else:
-            sources = discover_sources(args.input)
-            output = args.output
-            shard_size = args.shard_size or DEFAULT_SHARD_SIZE
-        result = prepare(
-            sources,
-            output,
-            shard_size_bytes=shard_size,
-            text_key=args.text_key,
-            errors=args.errors,
-            workers=args.workers,
-            progress=not args.no_progress,
-            overwrite=args.overwrite or is_demo_output(args, output),
-        )
+        for sources, output, shard_size in data_sets(args):
+            result = prepare(
+                sources,
+                output,
+                shard_size_bytes=shard_size,
+                text_key=args.text_key,
+                errors=args.errors,
+                workers=args.workers,
+                progress=not args.no_progress,
+                overwrite=args.overwrite or is_demo_output(args, output),
+            )
+            report(result)
     except InputError as exc:
         print(f"prepare_data: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("prepare_data: interrupted; complete shards are kept, rerun to resume", file=sys.stderr)
         return 130
-    report(result)
     return 0
 
 

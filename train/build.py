@@ -105,9 +105,10 @@ def rank_loader(
     num_workers: int,
     skip_corrupt: bool = False,
     index: str | None = None,
+    domain: str | None = None,
 ) -> TokenLoader:
-    """This rank's share of the global batches of the shards at `path`, in the run's order: the
-    training data (data.path) or the held-out set (data.eval_path)."""
+    """This rank's share of the global batches of the shards at `path` (those of one domain, if
+    given), in the run's order: the training data (data.path) or the held-out set (data.eval_path)."""
     return TokenLoader(
         path,
         seq_len=cfg.data.seq_len,
@@ -123,6 +124,7 @@ def rank_loader(
         index=index,
         vocab_size=cfg.model.vocab_size,
         verify_sha256=cfg.data.verify_sha256,
+        domain=domain,
     )
 
 

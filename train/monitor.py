@@ -1,5 +1,7 @@
 """What the user sees of a training run: the console, `train.log`, `metrics.jsonl`, the loss and
-expert-load plots and Weights & Biases, all under the run directory.
+expert-load plots and Weights & Biases, all under the run directory; with held-out shards tagged by
+domain also `domain_routing.jsonl` (per evaluation: step, domains, tokens, layer labels and the
+expert counts [domain][layer][expert]) and its plot `domain_routing.png`.
 
 Only the main rank does anything; on every other rank `RunMonitor` is a no-op (no files, no W&B, no
 printing), so the trainer can call it unconditionally.
@@ -54,13 +56,23 @@ import numpy as np
 
 from data.shards import write_atomically
 from train.disk_space import OutOfSpaceError, out_of_space_kind, out_of_space_message
-from train.plots import EXPERT_LOAD_PLOT, PlotJob, expert_row_labels, render_plots
+from train.plots import (
+    DOMAIN_ROUTING_PLOT,
+    EXPERT_LOAD_PLOT,
+    DomainRoutingPlot,
+    PlotJob,
+    expert_row_labels,
+    render_plots,
+)
 from train.plots import LOSS_PLOT as LOSS_PLOT  # the run directory's file names are importable here
 
 if TYPE_CHECKING:
     import torch
 
+    from train.evaluate import DomainRouting
+
 METRICS_FILE = "metrics.jsonl"
+DOMAIN_ROUTING_FILE = "domain_routing.jsonl"  # one line per evaluation by domain: expert counts
 LOG_FILE = "train.log"
 WANDB_ID_FILE = "wandb_id.txt"
 WANDB_MODES = ("auto", "offline", "online", "disabled")
@@ -381,12 +393,17 @@ class RunMonitor:
         self.plots_in_process = False  # the worker failed: render here, stalling the step
         self.plotted_step: int | None = None  # the step the plots on disk show (all drawn without error)
         self.heatmap_for_wandb = False  # a new expert_load.png that W&B has not had yet
+        self.domain_routing: DomainRoutingPlot | None = None  # the last evaluation's, for its plot
+        self.routing_plotted_step: int | None = None  # the evaluation domain_routing.png shows
+        self.routing_for_wandb = False  # a new domain_routing.png that W&B has not had yet
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log_file = open(self.run_dir / LOG_FILE, "a", buffering=1)  # noqa: SIM115 (kept open)
         self._write_log(f"==== {'resuming after step ' + str(resume_step) if resume_step else 'new run'}")
         self._prepare_metrics_file(resume_step)
+        self._prepare_metrics_file(resume_step, DOMAIN_ROUTING_FILE)
         self.metrics_file = open(self.run_dir / METRICS_FILE, "a")  # noqa: SIM115 (kept open)
+        self.routing_file = None  # domain_routing.jsonl, opened at the first evaluation by domain
         mode = resolve_wandb_mode(wandb_mode)
         if mode != "disabled":
             self._init_wandb(mode, wandb_project, wandb_entity, wandb_name, config, resume_step)
@@ -420,6 +437,28 @@ class RunMonitor:
         if self.wandb_run is not None:
             self._log_wandb(step, metrics)
 
+    def log_domain_routing(self, routing: DomainRouting) -> None:
+        """One evaluation's expert counts per held-out domain (train/evaluate.py): a line of
+        domain_routing.jsonl now, domain_routing.png with the next plot refresh (or close)."""
+        if not self.active:
+            return
+        rows = expert_row_labels(self.model_config, routing.counts_dle.shape[1])
+        if self.routing_file is None:
+            self.routing_file = open(self.run_dir / DOMAIN_ROUTING_FILE, "a")  # noqa: SIM115 (kept open)
+        record = {
+            "step": routing.step,
+            "domains": list(routing.domains),
+            "tokens": list(routing.tokens_d),
+            "layers": list(rows),
+            "counts": np.asarray(routing.counts_dle).tolist(),  # [domain][layer][expert]
+        }
+        self.routing_file.write(json.dumps(record) + "\n")
+        self.routing_file.flush()
+        counts = np.asarray(routing.counts_dle, dtype=np.float64)
+        self.domain_routing = DomainRoutingPlot(routing.step, tuple(routing.domains), counts, rows)
+        if self.plot_every > 0:
+            self._refresh_plots()
+
     def message(self, text: str) -> None:
         """A line on the console (main rank only), also kept in run_dir/train.log."""
         if not self.active:
@@ -445,7 +484,8 @@ class RunMonitor:
             return
         try:
             self._final_plots()
-            if self.wandb_run is not None and self.heatmap_for_wandb and self.last_step is not None:
+            new_images = self.heatmap_for_wandb or self.routing_for_wandb
+            if self.wandb_run is not None and new_images and self.last_step is not None:
                 self._log_wandb(self.last_step, {})  # the final heatmap, with the last step's metrics
         finally:
             self.closed = True
@@ -455,20 +495,23 @@ class RunMonitor:
                     self.wandb_run.finish(exit_code=exit_code)
                 self.wandb_run = None
             self.metrics_file.close()
+            if self.routing_file is not None:
+                self.routing_file.close()
             self.log_file.close()
 
     def _write_log(self, text: str) -> None:
         stamp = datetime.now().isoformat(sep=" ", timespec="seconds")
         self.log_file.write(f"{stamp}  {text}\n")
 
-    def _prepare_metrics_file(self, resume_step: int) -> None:
-        path = self.run_dir / METRICS_FILE
+    def _prepare_metrics_file(self, resume_step: int, name: str = METRICS_FILE) -> None:
+        """Make `name` (metrics.jsonl or domain_routing.jsonl) hold this run's lines up to resume_step."""
+        path = self.run_dir / name
         if not path.exists():
             return
         if resume_step <= 0:
             # a fresh run in a used directory: never mix two runs' steps in one file
-            os.replace(path, path.with_name(METRICS_FILE + ".old"))
-            self.message(f"moved the previous {METRICS_FILE} aside to {METRICS_FILE}.old")
+            os.replace(path, path.with_name(name + ".old"))
+            self.message(f"moved the previous {name} aside to {name}.old")
             return
         try:
             kept, dropped = truncate_metrics(path, resume_step)
@@ -478,10 +521,11 @@ class RunMonitor:
             doing = f"cutting {path} back to step {resume_step}"
             message = out_of_space_message(path.parent, doing, path.stat().st_size)
             raise OutOfSpaceError(f"{message}: free some space, then rerun") from None
-        for record in kept:
-            self._remember(record)
+        if name == METRICS_FILE:
+            for record in kept:
+                self._remember(record)
         if dropped:
-            self.message(f"{METRICS_FILE}: dropped {dropped} line(s) logged after step {resume_step}")
+            self.message(f"{name}: dropped {dropped} line(s) logged after step {resume_step}")
 
     def _remember(self, metrics: dict[str, Any]) -> None:
         step = int(metrics["step"])
@@ -498,18 +542,21 @@ class RunMonitor:
 
     def _plot_job(self) -> PlotJob | None:
         """The plots as of now, as plain arrays; None when there is nothing to plot."""
-        if not self.history["loss"] and not self.recent_expert_tokens:
+        if not self.history["loss"] and not self.recent_expert_tokens and self.domain_routing is None:
             return None
         # the last step logged, or before any (a resumed run closed at once) the last one loaded
         step = self.last_step if self.last_step is not None else int(self.history["loss"][-2])
         series = {key: np.array(flat, dtype=np.float64).reshape(-1, 2) for key, flat in self.history.items()}
         run_dir = str(self.run_dir.absolute())  # the worker's working directory is the one at its start
+        routing = self.domain_routing
+        if routing is not None and routing.step == self.routing_plotted_step:
+            routing = None  # drawn already
         if not self.recent_expert_tokens:
-            return PlotJob(run_dir, step, series)
+            return PlotJob(run_dir, step, series, domain_routing=routing)
         steps = [s for s, _ in self.recent_expert_tokens]
         counts = sum(c for _, c in self.recent_expert_tokens)
         rows = expert_row_labels(self.model_config, len(counts))
-        return PlotJob(run_dir, step, series, counts, (steps[0], steps[-1]), rows)
+        return PlotJob(run_dir, step, series, counts, (steps[0], steps[-1]), rows, routing)
 
     def _refresh_plots(self) -> None:
         """Hand the current plots to the worker, unless it is still busy with earlier ones: then this
@@ -586,6 +633,9 @@ class RunMonitor:
         self.plotted_step = None if failures else job.step
         if job.expert_counts is not None and not failures.keys() & {"expert-load plot", "plot rendering"}:
             self.heatmap_for_wandb = True
+        if job.domain_routing is not None and not failures.keys() & {"domain-routing plot", "plot rendering"}:
+            self.routing_plotted_step = job.domain_routing.step
+            self.routing_for_wandb = True
 
     def _final_plots(self) -> None:
         """Bring the plots on disk up to the last step before close() returns (the trainer prints
@@ -593,7 +643,7 @@ class RunMonitor:
         if not self._wait_for_plots():
             return  # the worker hung: leave the plots as they are rather than risk hanging here too
         job = self._plot_job()
-        if job is None or job.step == self.plotted_step:
+        if job is None or (job.step == self.plotted_step and job.domain_routing is None):
             return  # nothing to plot, or the last job drew exactly this
         if self.plot_pool is None:
             self._render_here(job)
@@ -680,6 +730,10 @@ class RunMonitor:
         if self.heatmap_for_wandb and heatmap.exists():
             data["expert_load"] = self.wandb.Image(str(heatmap))
         self.heatmap_for_wandb = False
+        routing = self.run_dir / DOMAIN_ROUTING_PLOT
+        if self.routing_for_wandb and routing.exists():
+            data["domain_routing"] = self.wandb.Image(str(routing))
+        self.routing_for_wandb = False
         if data:
             with self._guard("wandb.log"):
                 self.wandb_run.log(data, step=step)

@@ -1,4 +1,4 @@
-"""The run's plots, `loss.png` and `expert_load.png`, from plain numpy arrays.
+"""The run's plots, `loss.png`, `expert_load.png` and `domain_routing.png`, from plain numpy arrays.
 
 `RunMonitor` (train/monitor.py) hands a `PlotJob` to `render_plots` in a separate process, because a
 refresh costs about as much CPU time as a training step. So this module imports only numpy and
@@ -25,12 +25,23 @@ if TYPE_CHECKING:
 
 LOSS_PLOT = "loss.png"
 EXPERT_LOAD_PLOT = "expert_load.png"
+DOMAIN_ROUTING_PLOT = "domain_routing.png"
 MAX_PLOT_POINTS = 2000  # per curve; plotting 100k raw points takes seconds and shows nothing more
 EXPERT_LOAD_MIN_WIDTH = 6.0  # inches: the heatmap's two-line title, beside its colorbar, fits in this
 MAX_ROW_LABELS = 48  # y tick labels of the heatmap; on 10 inches more would overlap
 
 # A series is an (n, 2) array of (step, value) rows (or anything np.asarray turns into one)
 Series = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class DomainRoutingPlot:
+    """One evaluation's expert counts per held-out domain (train/evaluate.py's DomainRouting)."""
+
+    step: int
+    domains: tuple[str, ...]
+    counts_dle: np.ndarray  # float64 [domains, MoE layers (then MTP depths), experts]
+    rows: tuple[str, ...] = ()  # layer labels, as expert_load.png's
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,7 @@ class PlotJob:
     expert_counts: np.ndarray | None = None  # layers x experts, routed tokens summed over expert_steps
     expert_steps: tuple[int, int] = (0, 0)  # first and last step of those counts
     expert_rows: tuple[str, ...] = ()  # row labels: MoE layer numbers, then "MTP 1", ...; () = 0, 1, ...
+    domain_routing: DomainRoutingPlot | None = None  # a new evaluation by domain to draw
 
 
 def render_plots(job: PlotJob) -> dict[str, str]:
@@ -62,6 +74,11 @@ def render_plots(job: PlotJob) -> dict[str, str]:
             plot_expert_load(job.expert_counts, *job.expert_steps, path, job.expert_rows)
         except Exception as e:
             failures["expert-load plot"] = f"{type(e).__name__}: {e}"
+    if job.domain_routing is not None:
+        try:
+            save_figure_atomically(domain_routing_figure(job.domain_routing), run_dir / DOMAIN_ROUTING_PLOT)
+        except Exception as e:
+            failures["domain-routing plot"] = f"{type(e).__name__}: {e}"
     return failures
 
 
@@ -186,6 +203,50 @@ def expert_load_figure(
         f"worst {row_max[worst]:.2f} ({row_name(labels[worst])})",
         fontsize="medium",
     )
+    return fig
+
+
+def domain_load_ratios(counts_dle: np.ndarray) -> np.ndarray:
+    """[D, L, E]: each domain's share of a layer's (token, slot) pairs per expert over the pooled share;
+    1 where the domain uses an expert as all domains together do (and where the pool never uses it)."""
+    counts = np.asarray(counts_dle, dtype=np.float64)
+    share = counts / np.maximum(counts.sum(axis=-1, keepdims=True), 1.0)
+    pooled = counts.sum(axis=0)
+    pooled_share = pooled / np.maximum(pooled.sum(axis=-1, keepdims=True), 1.0)
+    return np.divide(share, pooled_share, out=np.ones_like(share), where=pooled_share > 0)
+
+
+def domain_routing_figure(routing: DomainRoutingPlot) -> Figure:
+    """One panel per domain (rows = MoE layers, then MTP; columns = experts): the domain's share of
+    each expert over all domains' share, on a log scale, white = routed like the pool, red = the
+    domain's expert, blue = one it avoids; each panel's title gives its mean KL to the pool."""
+    from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure
+
+    ratios = domain_load_ratios(routing.counts_dle)
+    domains, layers, experts = ratios.shape
+    counts = np.asarray(routing.counts_dle, dtype=np.float64)
+    share = counts / np.maximum(counts.sum(axis=-1, keepdims=True), 1.0)
+    kl_dl = (share * np.log(np.where(share > 0, ratios, 1.0))).sum(axis=-1)
+    labels = list(routing.rows) if len(routing.rows) == layers else [str(row) for row in range(layers)]
+    width = min(max(4 + experts * 0.08, EXPERT_LOAD_MIN_WIDTH), 16)
+    panel_height = min(1.0 + layers * 0.2, 6)
+    fig = Figure(figsize=(width, 1.0 + domains * panel_height), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(domains, 1, sharex=True))
+    norm = LogNorm(vmin=0.125, vmax=8.0)
+    image = None
+    for ax, name, ratio, kl_l in zip(axes, routing.domains, ratios, kl_dl, strict=True):
+        clipped = np.clip(ratio, 0.125, 8.0)
+        image = ax.imshow(clipped, aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest")
+        ax.set_title(f"{name}: KL to all domains {kl_l.mean():.3f} nats (layer mean)", fontsize="medium")
+        ax.set_ylabel("layer")
+        label_rows(ax, labels)
+    axes[-1].set_xlabel("expert")
+    ticks = [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
+    bar = fig.colorbar(image, ax=list(axes), label="domain share / all domains' share")
+    bar.set_ticks(ticks, labels=["1/8", "1/4", "1/2", "1", "2", "4", "8"])
+    bar.minorticks_off()
+    fig.suptitle(f"expert routing by domain, held-out data at step {routing.step}", fontsize="medium")
     return fig
 
 

@@ -52,7 +52,7 @@ from train.checkpoint import (
     sweep_leftovers,
 )
 from train.config import Layout, PretrainConfig, recomputed_layers, uses_autoep
-from train.evaluate import Evaluator
+from train.evaluate import Evaluation, Evaluator
 from train.losses import all_reduce_sum
 from train.monitor import RunMonitor
 from train.optim import lr_at
@@ -83,6 +83,12 @@ def evaluation_line(step: int, metrics: dict[str, float]) -> str:
     line = f"eval at step {step}: lm {metrics['eval_lm_loss']:.4f} (ppl {metrics['eval_ppl']:.1f})"
     if "eval_mtp_loss" in metrics:
         line += f", mtp {metrics['eval_mtp_loss']:.4f}, mtp accept {metrics['eval_mtp_accept']:.3f}"
+    prefix = "eval_lm_loss/"
+    by_domain = [f"{k.removeprefix(prefix)} {v:.4f}" for k, v in metrics.items() if k.startswith(prefix)]
+    if by_domain:
+        line += "; lm by domain: " + ", ".join(by_domain)
+    if "eval_routing_kl" in metrics:
+        line += f"; routing KL {metrics['eval_routing_kl']:.4f}"
     return line
 
 
@@ -318,7 +324,10 @@ class Trainer:
                     break
                 with self._profiler_at(self.step + 1):
                     metrics, expert_tokens = self._train_step(batches)
-                evaluated = self._evaluate() if self._evaluation_due() else {}
+                evaluation = self._evaluate() if self._evaluation_due() else None
+                if evaluation is not None and evaluation.routing is not None:
+                    self.monitor.log_domain_routing(evaluation.routing)
+                evaluated = evaluation.metrics if evaluation is not None else {}
                 self.monitor.log_step({**metrics, **evaluated}, expert_tokens)
                 if evaluated:
                     self.monitor.message(evaluation_line(self.step, evaluated))
@@ -401,11 +410,11 @@ class Trainer:
             self.step % every == 0 or self.step == self.cfg.trainer.max_steps
         )
 
-    def _evaluate(self) -> dict[str, float]:
+    def _evaluate(self) -> Evaluation:
         """The held-out metrics after this step (train/evaluate.py); its time is not the next step's."""
-        metrics = self.evaluator.run(self.model)
+        evaluation = self.evaluator.run(self.model, self.step)
         self.step_clock = time.perf_counter()
-        return metrics
+        return evaluation
 
     def _data_metrics(self) -> dict[str, int]:
         """The loader's counters, skipped shards summed over the data-parallel ranks (each skips the

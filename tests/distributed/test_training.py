@@ -57,18 +57,24 @@ DESIGN_METRICS = {
 }
 
 
-def write_corpus(directory: Path, shards: int = 8, documents: int = 12, seed: int = 0) -> Path:
-    """Documents that count up from a random start with a random stride (mod EOS): learnable."""
+def write_corpus(
+    directory: Path, shards: int = 8, documents: int = 12, seed: int = 0, domains: tuple[str, ...] = ()
+) -> Path:
+    """Documents that count up from a random start with a random stride (mod EOS): learnable. With
+    `domains` (one per shard: "up" or "down") the shards are tagged, and "down" counts down."""
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     entries = []
     for number in range(shards):
         docs = []
+        sign = -1 if domains and domains[number] == "down" else 1
         for _ in range(documents):
             start, stride, length = rng.integers(0, EOS), rng.integers(1, 4), rng.integers(5, 60)
-            tokens = (start + stride * np.arange(length)) % EOS
+            tokens = (start + sign * stride * np.arange(length)) % EOS
             docs.append(np.append(tokens, EOS).astype(np.uint32))
         entries.append(write_shard(directory / f"shard-{number:06d}.tar", f"s{number}", docs))
+        if domains:
+            entries[-1]["domain"] = domains[number]
     index = {"tokenizer": "synthetic", "vocab_size": VOCAB, "eos_id": EOS, "shards": entries}
     (directory / "index.json").write_text(json.dumps(index))
     return directory
@@ -81,12 +87,15 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def eval_corpus(tmp_path_factory) -> Path:
-    return write_corpus(tmp_path_factory.mktemp("eval_corpus"), shards=4, seed=1)
+    """Held-out shards of two domains, for the evaluation by domain."""
+    return write_corpus(
+        tmp_path_factory.mktemp("eval_corpus"), shards=4, seed=1, domains=("up", "up", "down", "down")
+    )
 
 
 def with_evaluation(eval_corpus: Path) -> dict:
-    """Held-out metrics after steps 2, 4 and 6 (and the last), two global batches each, read in two
-    streams (training reads four)."""
+    """Held-out metrics after steps 2, 4 and 6 (and the last), two global batches of each domain,
+    read in two streams (training reads four)."""
     return {
         "data.eval_path": eval_corpus,
         "data.eval_streams": 2,
@@ -140,8 +149,12 @@ def pretrain(nproc: int, args: list[str], timeout: float = 240) -> str:
     return output
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(run_dir / "metrics.jsonl")
 
 
 def saved_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -214,10 +227,38 @@ def test_one_process_gives_the_losses_of_two(corpus, eval_corpus, straight_run, 
     one, two = evaluations
     assert [step for step, values in two.items() if values] == [2, 4, 6]
     assert [step for step, values in one.items() if values] == [2, 3]  # every 2 steps, and the last
-    assert one[2].keys() == {"eval_lm_loss", "eval_ppl", "eval_mtp_loss", "eval_mtp_accept"}
+    by_domain = {f"eval_{name}/{domain}" for name in ("lm_loss", "routing_kl") for domain in ("up", "down")}
+    assert (
+        one[2].keys()
+        == {"eval_lm_loss", "eval_ppl", "eval_mtp_loss", "eval_mtp_accept", "eval_routing_kl"} | by_domain
+    )
     for key, value in one[2].items():
-        assert two[2][key] == pytest.approx(value, rel=1e-5), key
+        if "routing" not in key:
+            assert two[2][key] == pytest.approx(value, rel=1e-5), key
     assert two[6]["eval_lm_loss"] < two[2]["eval_lm_loss"], "the held-out loss falls on a learnable corpus"
+    # the held-out loss is a mean of the domains' (weighted by their targets)
+    domain_losses = [one[2]["eval_lm_loss/up"], one[2]["eval_lm_loss/down"]]
+    assert min(domain_losses) < one[2]["eval_lm_loss"] < max(domain_losses)
+
+    routing_one, routing_two = (read_jsonl(run / "domain_routing.jsonl") for run in (run_dir, straight_run))
+    assert [r["step"] for r in routing_one] == [2, 3] and [r["step"] for r in routing_two] == [2, 4, 6]
+    first = routing_one[0]
+    assert first["domains"] == ["up", "down"]
+    counts = np.array(first["counts"])  # [domain, layer, expert]
+    # The weights after step 2 differ in the last float bits between 1 and 2 processes (the losses agree
+    # to 1e-5, not bitwise), and a near-tie in a router's top-k can flip with them: the counts agree
+    # up to a few flipped (token, slot) pairs, the KL to about as much.
+    moved = np.abs(counts - np.array(routing_two[0]["counts"])).sum() / 2
+    print(f"routing: {moved:.0f} of {counts.sum()} (token, slot) pairs went elsewhere on 2 processes")
+    assert moved <= 0.01 * counts.sum()
+    assert two[2]["eval_routing_kl"] == pytest.approx(one[2]["eval_routing_kl"], abs=2e-4)
+    assert first["tokens"] == [2 * 8 * 32] * 2  # two global batches of 8 x 32 tokens a domain
+    main_layers = [row for row, label in enumerate(first["layers"]) if not label.startswith("MTP")]
+    expected = np.array(first["tokens"])[:, None] * MODEL["num_experts_per_tok"]
+    np.testing.assert_array_equal(
+        counts[:, main_layers].sum(axis=-1), np.broadcast_to(expected, (2, len(main_layers)))
+    )
+    assert (straight_run / "domain_routing.png").stat().st_size > 0
 
 
 def test_skipped_shards_are_counted_over_all_ranks(corpus, tmp_path):
