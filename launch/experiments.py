@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # train.plots for the report
 ARMS = {
     "base": [],
     "micro_batch_lbl": ["loss.lb_scope=micro_batch"],
@@ -161,12 +162,36 @@ def plot_panels(path: Path, title: str, panels: list[tuple[str, dict[str, tuple[
     fig.savefig(path, dpi=100)
 
 
+def plot_last_routing(run_dir: Path, path: Path) -> bool:
+    """The arm's last evaluation by domain as train/plots.py draws it (domain_routing.png)."""
+    import numpy as np
+
+    from train.plots import DomainRoutingPlot, domain_routing_figure
+
+    source = run_dir / "domain_routing.jsonl"
+    if not source.exists():
+        return False
+    last = json.loads(source.read_text().splitlines()[-1])
+    counts = np.array(last["counts"], dtype=np.float64)
+    figure = domain_routing_figure(
+        DomainRoutingPlot(last["step"], tuple(last["domains"]), counts, tuple(last["layers"]))
+    )
+    figure.savefig(path, dpi=100)
+    return True
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def report(runs: Path, throughput: Path, out: Path) -> int:
+COMMANDS = """    python launch/prepare_data.py --demo-mixed
+    python launch/experiments.py run
+    python launch/experiments.py throughput
+    python launch/experiments.py report"""
+
+
+def report(runs: Path, throughput: Path, out: Path, note: str = "") -> int:
     metrics = {arm: read_metrics(runs / arm) for arm in ARMS}
     missing = [arm for arm, rows in metrics.items() if not rows]
     if missing:
@@ -201,7 +226,13 @@ def report(runs: Path, throughput: Path, out: Path) -> int:
         "routing KL",
         "train load max/mean",
     ]
-    sections.append("## (a) lb_scope=global vs micro_batch\n\n![](lbl_scope.png)\n\n" + table(header, rows))
+    routing = [
+        f"![](routing_{arm}.png)" for arm in arms if plot_last_routing(runs / arm, out / f"routing_{arm}.png")
+    ]
+    text = "## (a) lb_scope=global vs micro_batch\n\n![](lbl_scope.png)\n\n" + table(header, rows)
+    sections.append(
+        text + "\n\nExpert routing by held-out domain at the last evaluation:\n\n" + "\n".join(routing)
+    )
 
     # (b) hybrid vs all-attention
     arms = ("base", "all_attention")
@@ -210,19 +241,15 @@ def report(runs: Path, throughput: Path, out: Path) -> int:
     speed = json.loads(throughput.read_text()) if throughput.exists() else {}
     rows = []
     for arm in arms:
-        m = metrics[arm]
         rates = [speed.get(f"{arm}@{seq}", {}).get("tokens_per_s", math.nan) for seq in THROUGHPUT]
-        rows.append([arm, f"{final(m, 'eval_lm_loss'):.4f}", f"{mean_of_last(m, 'tokens_per_s'):,.0f}",
-                     *(f"{rate:,.0f}" for rate in rates)])  # fmt: skip
-    header = [
-        "arm",
-        "eval lm loss",
-        "training tokens/s",
-        *(f"tokens/s at {seq // 1024}k (bench)" for seq in THROUGHPUT),
-    ]
-    sections.append("## (b) hybrid vs all-attention\n\n![](hybrid.png)\n\n" + table(header, rows))
+        rows.append([arm, f"{final(metrics[arm], 'eval_lm_loss'):.4f}", *(f"{rate:,.0f}" for rate in rates)])
+    shapes = [f"tokens/s, {rows_} x {seq} a step (bench)" for seq, rows_ in THROUGHPUT.items()]
+    sections.append(
+        "## (b) hybrid vs all-attention\n\n![](hybrid.png)\n\n"
+        + table(["arm", "eval lm loss", *shapes], rows)
+    )
 
-    # (c) MTP on vs off
+    # (c) MTP on vs off, compared at the last evaluation both arms reached
     arms = ("mtp", "base")
     plot_panels(
         out / "mtp.png",
@@ -232,19 +259,26 @@ def report(runs: Path, throughput: Path, out: Path) -> int:
             ("MTP draft acceptance", eval_curves(("mtp",), "eval_mtp_accept")),
         ],
     )
-    rows = [
-        [arm, f"{final(metrics[arm], 'eval_lm_loss'):.4f}", f"{final(metrics[arm], 'eval_mtp_accept'):.3f}"]
-        for arm in arms
-    ]
-    sections.append(
-        "## (c) MTP on vs off\n\n![](mtp.png)\n\n" + table(["arm", "eval lm loss", "eval MTP accept"], rows)
-    )
+    evaluated = [set(series(metrics[arm], "eval_lm_loss")[0]) for arm in arms]
+    step = max(set.intersection(*evaluated), default=0)
+    rows = []
+    for arm in arms:
+        at_step = {row["step"]: row for row in metrics[arm]}.get(step, {})
+        accept = at_step.get("eval_mtp_accept", math.nan)
+        rows.append([arm, str(step), f"{at_step.get('eval_lm_loss', math.nan):.4f}", f"{accept:.3f}"])
+    header = ["arm", "step", "eval lm loss", "eval MTP accept"]
+    sections.append("## (c) MTP on vs off\n\n![](mtp.png)\n\n" + table(header, rows))
 
     steps = {arm: (rows[-1]["step"] if rows else 0) for arm, rows in metrics.items()}
     tokens = {arm: (rows[-1].get("tokens", 0) if rows else 0) for arm, rows in metrics.items()}
-    head = "# Experiment results (generated by `launch/experiments.py report`)\n\n" + table(
-        ["arm", "overrides", "steps", "training tokens"],
-        [[arm, " ".join(ARMS[arm]) or "-", str(steps[arm]), f"{tokens[arm]:,}"] for arm in ARMS],
+    intro = f"Reproduce with\n\n{COMMANDS}\n\n{note}\n\n" if note else f"Reproduce with\n\n{COMMANDS}\n\n"
+    head = (
+        "# Experiment results (generated by `launch/experiments.py report`)\n\n"
+        + intro
+        + table(
+            ["arm", "overrides", "steps", "training tokens"],
+            [[arm, " ".join(ARMS[arm]) or "-", str(steps[arm]), f"{tokens[arm]:,}"] for arm in ARMS],
+        )
     )
     (out / "results.md").write_text("\n\n".join([head, *sections]) + "\n")
     print(f"wrote {out / 'results.md'} and the plots beside it")
@@ -263,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     speed = sub.add_parser("throughput", help="tokens/s of hybrid and all-attention at 4k and 32k")
     rep = sub.add_parser("report", help="plots and tables from the arms' metrics")
     rep.add_argument("--out", type=Path, default=REPO / "docs" / "experiments")
+    rep.add_argument("--note", default="", help="a paragraph under the title: the GPU, the date, ...")
     for command in (run, speed, rep):
         command.add_argument("--runs", type=Path, default=REPO / "runs" / "experiments")
     args, extra = parser.parse_known_args(argv)
@@ -270,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_arms(args.arms, args.runs, args.parallel, args.time_limit, extra)
     if args.command == "throughput":
         return measure_throughput(args.runs / "throughput.json", extra)
-    return report(args.runs, args.runs / "throughput.json", args.out)
+    return report(args.runs, args.runs / "throughput.json", args.out, args.note)
 
 
 if __name__ == "__main__":
