@@ -106,6 +106,7 @@ def rank_loader(
     skip_corrupt: bool = False,
     index: str | None = None,
     domain: str | None = None,
+    verify_sha256: bool | None = None,
 ) -> TokenLoader:
     """This rank's share of the global batches of the shards at `path` (those of one domain, if
     given), in the run's order: the training data (data.path) or the held-out set (data.eval_path)."""
@@ -123,7 +124,7 @@ def rank_loader(
         skip_corrupt=skip_corrupt,
         index=index,
         vocab_size=cfg.model.vocab_size,
-        verify_sha256=cfg.data.verify_sha256,
+        verify_sha256=cfg.data.verify_sha256 if verify_sha256 is None else verify_sha256,
         domain=domain,
     )
 

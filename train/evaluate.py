@@ -78,6 +78,9 @@ class Evaluator:
         self.micro_batches = cfg.trainer.eval_batches * layout.grad_accum  # this rank's
         _, index, _ = resolve_shards(cfg.data.eval_path)
         self.domains: tuple[str, ...] = tuple(index_domains(index))
+        # data.verify_sha256 hashes the held-out shards at the first evaluation; reading them again at
+        # every later one would cost a full read per domain for nothing (the counts are still checked)
+        self.verified = False
 
     def _loader(self, domain: str | None) -> TokenLoader:
         cfg = self.cfg
@@ -89,11 +92,13 @@ class Evaluator:
             streams=cfg.data.eval_streams or cfg.data.streams,
             num_workers=0,  # a few batches: workers would cost more to start than they save
             domain=domain,
+            verify_sha256=cfg.data.verify_sha256 and not self.verified,
         )
 
     @torch.no_grad()
     def run(self, model, step: int) -> Evaluation:
         passes = [self._read(model, domain) for domain in (self.domains or (None,))]
+        self.verified = True
         sums = torch.stack([sums for sums, _ in passes])  # [passes, sums]
         counts = [counts for _, counts in passes]
         moe = counts[0] is not None

@@ -325,12 +325,12 @@ class Trainer:
                 with self._profiler_at(self.step + 1):
                     metrics, expert_tokens = self._train_step(batches)
                 evaluation = self._evaluate() if self._evaluation_due() else None
-                if evaluation is not None and evaluation.routing is not None:
-                    self.monitor.log_domain_routing(evaluation.routing)
                 evaluated = evaluation.metrics if evaluation is not None else {}
                 self.monitor.log_step({**metrics, **evaluated}, expert_tokens)
                 if evaluated:
                     self.monitor.message(evaluation_line(self.step, evaluated))
+                if evaluation is not None and evaluation.routing is not None:
+                    self.monitor.log_domain_routing(evaluation.routing)
                 if metrics["bad_step"]:
                     self.bad_in_row += 1
                     if self.bad_in_row >= cfg.trainer.max_bad_steps:

@@ -625,3 +625,28 @@ def test_the_loss_figure_marks_the_held_out_losses_at_their_steps():
     lines = {line.get_label(): line for line in top.get_lines()}
     assert list(lines["eval_lm_loss"].get_xdata()) == [5.0, 10.0]
     assert list(lines["eval_lm_loss"].get_ydata()) == [1.5, 1.25]
+
+
+def test_domain_routing_lines_resume_like_the_metrics_and_the_plot_is_drawn(tmp_path):
+    """domain_routing.jsonl keeps the evaluations up to the resumed step (a rerun logs the later ones
+    again), and close() leaves domain_routing.png of the last evaluation."""
+    from train.evaluate import DomainRouting
+
+    def routing(step: int) -> DomainRouting:
+        counts = np.arange(2 * 3 * 4).reshape(2, 3, 4) + step
+        return DomainRouting(step, ("code", "prose"), (100, 120), counts)
+
+    config = {"model": {"num_experts": 4, "num_hidden_layers": 2, "mtp_num_layers": 1}}
+    first = make_monitor(tmp_path, config=config)
+    for step in (2, 4, 6):
+        first.log_step(fake_metrics(step))
+        first.log_domain_routing(routing(step))
+    first.close()
+    resumed = make_monitor(tmp_path, resume_step=4, config=config)
+    resumed.log_step(fake_metrics(5))
+    resumed.close()
+    lines = read_metrics(tmp_path / "domain_routing.jsonl")
+    assert [line["step"] for line in lines] == [2, 4]
+    assert lines[1]["domains"] == ["code", "prose"] and lines[1]["layers"] == ["0", "1", "MTP 1"]
+    np.testing.assert_array_equal(lines[1]["counts"], routing(4).counts_dle)
+    assert (tmp_path / "domain_routing.png").stat().st_size > 0
