@@ -41,6 +41,7 @@ from torch import nn
 
 from model.moe import moe_blocks, router_stats
 from parallel.expert import autoep_config, autoep_layers
+from parallel.expert_overlap import overlap_expert_exchanges
 
 DEEPSPEED_CHECKED_ON = ("0.19.8",)
 OPTIMIZER_STEP = "optimizer step"  # the profiler range around the engine's step (bench/op_families.py)
@@ -161,6 +162,7 @@ class EngineSettings:
     zero_stage: int
     on_gpu: bool
     autoep: bool  # the MoE layers are AutoEP's (parallel/expert.py), any expert size
+    expert_chunks: int = 1  # > 1: the all-to-alls overlapped with the experts (parallel/expert_overlap.py)
     load_universal: bool = False  # the engine will load a universal checkpoint
 
     @property
@@ -322,6 +324,7 @@ def build_engine(
         _check_expert_ranks(ds_engine.module)
         _open_autoep_bias_slots(ds_engine.module)
         _return_autoep_router_stats(ds_engine.module)
+        overlap_expert_exchanges(autoep_layers(ds_engine.module), settings.expert_chunks)
     if settings.folded:
         _after_folded_initialize(ds_engine.module, settings.tensor)
     finish_bf16_setup(ds_engine, settings.world)

@@ -172,6 +172,7 @@ def engine_settings(
         zero_stage=cfg.parallel.zero_stage,
         on_gpu=on_gpu,
         autoep=uses_autoep(cfg, layout),
+        expert_chunks=cfg.parallel.expert_chunks,
         load_universal=load_universal,
     )
 

@@ -33,6 +33,9 @@ class ParallelConfig:
     # DeepSpeed AutoEP for the MoE: None = when expert > 1. On at expert 1 too, the checkpoints keep
     # AutoEP's parameter names, so that they reshard to any expert-parallel size (and back).
     autoep: bool | None = None
+    # with expert > 1: cut each MoE layer's tokens into this many chunks whose all-to-alls overlap
+    # the experts' compute (parallel/expert_overlap.py); 1: AutoEP's own all-to-all, then experts
+    expert_chunks: int = 1
     # run on a DeepSpeed version parallel/engine.py's changes were not checked on (it refuses one)
     untested_deepspeed: bool = False
 
@@ -199,6 +202,7 @@ VALUE_RANGES = {
     "trainer.profile_steps": at_least(1),
     "trainer.max_bad_steps": at_least(1),
     "trainer.eval_every": at_least(0),
+    "parallel.expert_chunks": at_least(1),
     "trainer.eval_batches": at_least(1),
     "data.eval_streams": at_least(1),
     "trainer.dry_run_world_size": at_least(1),
@@ -286,6 +290,12 @@ def validate_layout(cfg: PretrainConfig, world: int) -> Layout:
             p.expert == 1 or p.zero_stage >= 1,
             f"parallel.expert={p.expert} needs parallel.zero_stage 1 or 2 (got 0): without ZeRO, DeepSpeed "
             "clips expert-parallel gradients by an average of the ranks' norms, not the global norm",
+        ),
+        (
+            p.expert_chunks == 1 or (p.expert > 1 and p.tensor == 1),
+            f"parallel.expert_chunks={p.expert_chunks} overlaps the all-to-alls of expert parallelism "
+            f"without tensor parallelism: it needs parallel.expert > 1 and parallel.tensor=1 (got expert="
+            f"{p.expert}, tensor={p.tensor}); use parallel.expert_chunks=1",
         ),
         (
             p.zero_stage != 3,

@@ -2,7 +2,8 @@
 and checkpoints move between layouts.
 
 The toy model and corpus of test_training.py, trained 3 steps by `torchrun launch/pretrain.py` at
-world 1 and at dp4, dp4 x ep2, dp4 x ep4 (DeepSpeed AutoEP, ZeRO 1): the same global batch each
+world 1 and at dp4, dp4 x ep2, dp4 x ep4 (DeepSpeed AutoEP, ZeRO 1; and dp4 x ep4 with the
+all-to-alls overlapped, parallel/expert_overlap.py): the same global batch each
 step, so the losses and the parameters after the 3 steps must agree (fp32). The AutoEP checkpoints
 are read back into our model's names and fused expert layout (`saved_weights`).
 """
@@ -62,10 +63,17 @@ def final_weights(run_dir):
     return saved_weights(run_dir / "checkpoints" / f"step_{STEPS}")
 
 
-@pytest.mark.parametrize("expert", [1, 2, 4], ids=["dp4", "dp4-ep2", "dp4-ep4"])
-def test_four_process_layouts_train_like_one_process(corpus, single, tmp_path, expert):
+@pytest.mark.parametrize(
+    ("expert", "chunks"),
+    [(1, 1), (2, 1), (4, 1), (4, 3)],
+    ids=["dp4", "dp4-ep2", "dp4-ep4", "dp4-ep4-chunks3"],
+)
+def test_four_process_layouts_train_like_one_process(corpus, single, tmp_path, expert, chunks):
+    """chunks > 1: the all-to-alls of 3 token chunks overlapped with the experts (uneven chunks of the
+    2 x 32 tokens), the same numbers as AutoEP's sequential path and the 1-process run."""
     run_dir = tmp_path / "run"
-    output = pretrain(4, overrides(corpus, run_dir, **COMMON, **{"parallel.expert": expert}), timeout=300)
+    layout = {"parallel.expert": expert, "parallel.expert_chunks": chunks}
+    output = pretrain(4, overrides(corpus, run_dir, **COMMON, **layout), timeout=300)
     assert "4 CPU process(es)" in output
     np.testing.assert_allclose(losses(run_dir), losses(single), rtol=1e-5)
     if expert > 1:  # traffic: slots routed off-rank, about (ep - 1) / ep of all 256 tokens x 3 x 5 routers

@@ -161,7 +161,7 @@ def test_the_dry_run_names_the_fewest_recomputed_layers_that_fit():
     assert fits and f"the fewest that fit trainer.gpu_memory_gb: {fewest}" in report
 
 
-def test_evaluation_without_held_out_shards_and_an_unknown_lb_scope_are_refused():
+def test_evaluation_without_held_out_shards_an_unknown_lb_scope_and_chunks_without_ep_are_refused():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -171,6 +171,7 @@ def test_evaluation_without_held_out_shards_and_an_unknown_lb_scope_are_refused(
     for override, named in (
         ("trainer.eval_every=10", "data.eval_path"),
         ("loss.lb_scope=batch", "loss.lb_scope"),
+        ("parallel.expert_chunks=2", "parallel.expert_chunks"),  # at expert 1: nothing to overlap
     ):
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
             cfg = OmegaConf.to_object(compose("pretrain", ["conf=tiny", override]))
