@@ -16,7 +16,8 @@ trainer's `TrainStep.run`, on fixed random single-document rows that differ betw
 ranks. The aux-loss-free expert biases are left out. No data loader and no checkpoints: this is the
 raw step of the layout. Reported on rank 0: tokens/s over the world, ms per step, TFLOP/s per GPU
 (Megatron's counting: model FLOPs, recomputation not counted), peak memory, and from a profiled
-step the all-to-all time per MoE layer (forward and backward dispatch and combine together) and
+step the all-to-all time per MoE layer (forward and backward dispatch and combine together), the
+part of it that no compute kernel overlaps (`parallel.expert_chunks` hides the rest), and
 where the GPU time goes by op family (bench/op_families.py). On CPU the processes talk over gloo,
 which makes the numbers a functional check only.
 """
@@ -127,6 +128,49 @@ def all_to_all_ms(profile, on_gpu: bool) -> float:
     return total_us / 1e3
 
 
+def merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of [start, end) intervals as disjoint, sorted intervals."""
+    union: list[tuple[float, float]] = []
+    for start, end in sorted(i for i in intervals if i[1] > i[0]):
+        if union and start <= union[-1][1]:
+            union[-1] = (union[-1][0], max(union[-1][1], end))
+        else:
+            union.append((start, end))
+    return union
+
+
+def exposed_time(communication: list[tuple[float, float]], compute: list[tuple[float, float]]) -> float:
+    """How long communication runs while no compute does: |union(communication) - union(compute)|."""
+    busy = merged(compute)
+    exposed, k = 0.0, 0
+    for start, end in merged(communication):
+        while k < len(busy) and busy[k][1] <= start:
+            k += 1
+        cursor, j = start, k
+        while j < len(busy) and busy[j][0] < end:
+            exposed += max(0.0, busy[j][0] - cursor)
+            cursor = max(cursor, busy[j][1])
+            j += 1
+        exposed += max(0.0, end - cursor)
+    return exposed
+
+
+def exposed_all_to_all_ms(profile) -> float:
+    """GPU time of the profiled step in which an all-to-all kernel runs and no compute kernel does
+    (on any stream): the communication that overlapping has not hidden."""
+    communication, compute = [], []
+    for event in profile.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name, span = event.name.lower(), (event.time_range.start, event.time_range.end)
+        if "nccl" in name:
+            if "sendrecv" in name or "alltoall" in name:
+                communication.append(span)
+        elif not name.startswith(("memcpy", "memset")):
+            compute.append(span)
+    return exposed_time(communication, compute) / 1e3
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     from bench.op_families import format_table, op_families
@@ -177,9 +221,11 @@ def main(argv: list[str] | None = None) -> None:
     with profile(activities=activities, record_shapes=True) as prof:  # shapes: the GEMMs' families
         step()
         synchronize()
-    a2a_ms = torch.tensor([all_to_all_ms(prof, on_gpu)], device=device)
+    exposed = exposed_all_to_all_ms(prof) if on_gpu else all_to_all_ms(prof, on_gpu)  # gloo: all of it
+    a2a_ms = torch.tensor([all_to_all_ms(prof, on_gpu), exposed], device=device)
     families = op_families(prof, cfg.model.vocab_size) if on_gpu else []
     dist.all_reduce(a2a_ms, op=dist.ReduceOp.MAX)  # the slowest rank's
+    a2a_ms, exposed_ms = a2a_ms.tolist()
 
     global_tokens = cfg.trainer.global_batch_size * cfg.data.seq_len
     tokens_per_s = global_tokens * args.steps / elapsed
@@ -210,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
         "moe_layers": moe_layers,
         "a2a_ms_per_step": float(a2a_ms),
         "a2a_ms_per_moe_layer": float(a2a_ms) / moe_layers if moe_layers else 0.0,
+        # the part of it no compute kernel overlaps (GPU; on CPU all of it)
+        "a2a_exposed_ms_per_moe_layer": exposed_ms / moe_layers if moe_layers else 0.0,
         "op_families": families,
     }
     if rank == 0:
@@ -217,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
             f"layout tp{layout.tensor} x dp{layout.data}, ep{layout.expert} on {world} x {result['device']}: "
             f"{tokens_per_s:,.0f} tok/s  {result['ms_per_step']:.1f} ms/step  "
             f"{result['tflops_per_gpu']:.1f} TFLOP/s/gpu  all-to-all {result['a2a_ms_per_moe_layer']:.2f} "
-            f"ms per MoE layer a step"
+            f"ms per MoE layer a step ({result['a2a_exposed_ms_per_moe_layer']:.2f} not overlapped)"
         )
         print(
             f"start-up {result['startup_s']:.1f} s from process start (model and engine "
