@@ -109,7 +109,7 @@ def chunk_bounds(tokens: int, chunks: int) -> list[tuple[int, int]]:
     return list(itertools.pairwise(tokens * c // chunks for c in range(chunks + 1)))
 
 
-def _route_chunk(layer, x: torch.Tensor, top_scores: torch.Tensor, experts: torch.Tensor):
+def _route_chunk(layer, x: torch.Tensor, experts: torch.Tensor):
     """A chunk's (token, slot) rows in expert order, their order, and its all-to-all plan."""
     from deepspeed.module_inject.auto_ep_layer import compute_split_plan
     from deepspeed.moe.ep_count import count_tokens_per_expert
@@ -166,14 +166,14 @@ def chunked_forward(layer, chunks: int, hidden_states: torch.Tensor):
         layer.tokens_per_expert.add_(ro.num_tokens_per_expert)
 
     bounds = chunk_bounds(x.shape[0], chunks)
-    routed, dispatches = [], []
-    for start, stop in bounds:  # every dispatch queued before any expert runs
-        rows, order, plan = _route_chunk(
-            layer, x[start:stop], ro.top_scores[start:stop], ro.selected_experts[start:stop]
-        )
+    # every chunk's plan first: each is a blocking exchange of expert counts (and a host sync), which
+    # behind a dispatch in flight would wait for it
+    routed = [_route_chunk(layer, x[a:b], ro.selected_experts[a:b]) for a, b in bounds]
+    dispatches = []
+    for c, (rows, order, plan) in enumerate(routed):  # every dispatch queued before any expert runs
         exchange = _Exchange(layer.ep_group, plan.input_splits, plan.output_splits)
         dispatches.append((_StartExchange.apply(rows, exchange), exchange))
-        routed.append((order, plan))
+        routed[c] = (order, plan)  # the exchange holds the rows until they are sent
     pending = []
     for (received, exchange), (order, plan) in zip(dispatches, routed, strict=True):
         rows = _WaitExchange.apply(received, exchange)
