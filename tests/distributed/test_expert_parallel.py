@@ -2,8 +2,8 @@
 and checkpoints move between layouts.
 
 The toy model and corpus of test_training.py, trained 3 steps by `torchrun launch/pretrain.py` at
-world 1 and at dp4, dp4 x ep2, dp4 x ep4 (DeepSpeed AutoEP, ZeRO 1; and dp4 x ep4 with the
-all-to-alls overlapped, parallel/expert_overlap.py): the same global batch each
+world 1 and at dp4 and dp4 x ep4 (DeepSpeed AutoEP, ZeRO 1), and dp4 x ep2 and dp4 x ep4 with the
+all-to-alls in overlapped chunks (parallel/expert_overlap.py): the same global batch each
 step, so the losses and the parameters after the 3 steps must agree (fp32). The AutoEP checkpoints
 are read back into our model's names and fused expert layout (`saved_weights`).
 """
@@ -65,12 +65,13 @@ def final_weights(run_dir):
 
 @pytest.mark.parametrize(
     ("expert", "chunks"),
-    [(1, 1), (2, 1), (4, 1), (4, 3)],
-    ids=["dp4", "dp4-ep2", "dp4-ep4", "dp4-ep4-chunks3"],
+    [(1, 1), (2, 2), (4, 1), (4, 3)],
+    ids=["dp4", "dp4-ep2-chunks2", "dp4-ep4", "dp4-ep4-chunks3"],
 )
 def test_four_process_layouts_train_like_one_process(corpus, single, tmp_path, expert, chunks):
-    """chunks > 1: the all-to-alls of 3 token chunks overlapped with the experts (uneven chunks of the
-    2 x 32 tokens), the same numbers as AutoEP's sequential path and the 1-process run."""
+    """chunks > 1: the all-to-alls of token chunks overlapped with the experts (3: uneven chunks of the
+    2 x 32 tokens), the same numbers as AutoEP's sequential path and the 1-process run. AutoEP's own
+    path at ep2 is covered by test_checkpoints_reshard_across_layouts' dp2 x ep2 leg."""
     run_dir = tmp_path / "run"
     layout = {"parallel.expert": expert, "parallel.expert_chunks": chunks}
     output = pretrain(4, overrides(corpus, run_dir, **COMMON, **layout), timeout=300)
