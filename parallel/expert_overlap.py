@@ -150,6 +150,9 @@ def _combine_chunk(
     )
 
 
+# Run eagerly inside a compiled decoder layer: the order of the collectives and the experts is the
+# point, and dynamo cannot trace work handles held across autograd Functions anyway.
+@torch.compiler.disable
 def chunked_forward(layer, chunks: int, hidden_states: torch.Tensor):
     """AutoEP's `_forward` for ep > 1 without folding, the all-to-alls of `chunks` token chunks
     overlapped with the experts (module docstring)."""
