@@ -19,13 +19,12 @@ Copyright files repeat licence texts word for word, so the `docs` held-out loss 
 from __future__ import annotations
 
 import hashlib
-import os
 import sysconfig
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.sources import DEMO_EXCLUDED_DIRS, InputError, SourceFile
+from data.sources import InputError, SourceFile, demo_sources, walk_sorted
 
 TRAIN_BYTES = 12_000_000  # of text a domain: ~3M tokens, so ~12M tokens in all
 EVAL_BYTES = 600_000  # ~150k tokens a domain
@@ -43,24 +42,19 @@ class MixedDemo:
     missing: list[str] = field(default_factory=list)  # "domain (root)" of the domains not found
 
 
-def walk(root: Path, keep_dir: Callable[[str], bool] = lambda name: True) -> Iterator[Path]:
+def walk(root: Path) -> list[Path]:
     """Regular, non-hidden files under `root` (symbolic links are skipped: they repeat other files)."""
-    for directory, dirs, names in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".") and keep_dir(d)]
-        for name in names:
-            path = Path(directory, name)
-            if not name.startswith(".") and not path.is_symlink() and path.is_file():
-                yield path
+    return [path for path in walk_sorted(root) if not path.is_symlink() and path.is_file()]
 
 
 def python_files() -> tuple[Path, list[Path]]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return root, [p for p in walk(root, lambda d: d not in DEMO_EXCLUDED_DIRS) if p.suffix == ".py"]
+    """The `--demo` corpus, under the standard library's root."""
+    return Path(sysconfig.get_paths()["stdlib"]), [source.path for source in demo_sources()]
 
 
 def header_files() -> tuple[Path, list[Path]]:
     root = Path("/usr/include")
-    return root, list(walk(root))
+    return root, walk(root)
 
 
 def man_pages() -> tuple[Path, list[Path]]:

@@ -166,7 +166,7 @@ def plot_last_routing(run_dir: Path, path: Path) -> bool:
     """The arm's last evaluation by domain as train/plots.py draws it (domain_routing.png)."""
     import numpy as np
 
-    from train.plots import DomainRoutingPlot, domain_routing_figure
+    from train.plots import DomainRouting, domain_routing_figure
 
     source = run_dir / "domain_routing.jsonl"
     if not source.exists():
@@ -174,7 +174,9 @@ def plot_last_routing(run_dir: Path, path: Path) -> bool:
     last = json.loads(source.read_text().splitlines()[-1])
     counts = np.array(last["counts"], dtype=np.float64)
     figure = domain_routing_figure(
-        DomainRoutingPlot(last["step"], tuple(last["domains"]), counts, tuple(last["layers"]))
+        DomainRouting(
+            last["step"], tuple(last["domains"]), tuple(last["tokens"]), counts, tuple(last["layers"])
+        )
     )
     figure.savefig(path, dpi=100)
     return True

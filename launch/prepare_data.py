@@ -135,9 +135,10 @@ def report_stats(stats: ReadStats) -> None:
 def is_demo_output(args: argparse.Namespace, output: Path) -> bool:
     """`--demo` into data/demo (`--demo-mixed` into data/mixed): a generated artifact, rebuilt when
     its corpus (the machine's files) changes."""
-    generated = DEMO_OUTPUT if args.demo else MIXED_OUTPUT if args.demo_mixed else None
     output = Path(output).resolve()
-    return generated is not None and generated.resolve() in (output, output.parent)
+    if args.demo:
+        return output == DEMO_OUTPUT.resolve()
+    return args.demo_mixed and output.parent == MIXED_OUTPUT.resolve()  # its train/ and eval/
 
 
 def data_sets(args: argparse.Namespace) -> list[tuple[list[SourceFile], Path, int]]:

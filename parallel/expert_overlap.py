@@ -49,12 +49,13 @@ class _Exchange:
         self.grad_sent: torch.Tensor | None = None
 
 
-def _all_to_all(received_rows: int, rows: torch.Tensor, exchange: _Exchange, backward: bool):
-    """Start an all-to-all of `rows` (async); returns the tensor it fills and its work handle."""
-    out = rows.new_empty((received_rows, rows.shape[1]))
+def _all_to_all(rows: torch.Tensor, exchange: _Exchange, backward: bool):
+    """Start an all-to-all of `rows` (async; backward: the splits reversed); returns the tensor it
+    fills and its work handle."""
     send, receive = exchange.send_splits, exchange.receive_splits
     if backward:
         send, receive = receive, send
+    out = rows.new_empty((sum(receive), rows.shape[1]))
     work = dist.all_to_all_single(
         out, rows, output_split_sizes=receive, input_split_sizes=send, group=exchange.group, async_op=True
     )
@@ -68,9 +69,7 @@ class _StartExchange(torch.autograd.Function):
     def forward(ctx, rows: torch.Tensor, exchange: _Exchange) -> torch.Tensor:
         ctx.exchange = exchange
         exchange.sent = rows.contiguous()
-        out, exchange.work = _all_to_all(
-            sum(exchange.receive_splits), exchange.sent, exchange, backward=False
-        )
+        out, exchange.work = _all_to_all(exchange.sent, exchange, backward=False)
         return out
 
     @staticmethod
@@ -95,8 +94,7 @@ class _WaitExchange(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         exchange = ctx.exchange
         exchange.grad_sent = grad.contiguous()
-        rows = sum(exchange.send_splits)
-        exchange.grad, exchange.grad_work = _all_to_all(rows, exchange.grad_sent, exchange, backward=True)
+        exchange.grad, exchange.grad_work = _all_to_all(exchange.grad_sent, exchange, backward=True)
         # what reaches _StartExchange.backward is only a placeholder: it reads the exchange's result
         return grad.new_zeros(()).expand_as(grad), None
 

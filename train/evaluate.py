@@ -32,7 +32,6 @@ domain_routing.png (train/monitor.py).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -42,34 +41,13 @@ from data.loader import TokenLoader, index_domains, resolve_shards
 from train.build import rank_loader
 from train.config import Layout, PretrainConfig
 from train.losses import all_reduce_sum
+from train.plots import DomainRouting, routing_kl
 from train.step import TrainStep
-
-
-@dataclass(frozen=True)
-class DomainRouting:
-    """One evaluation's routing per domain: counts_dle[d, l, e] = (token, slot) pairs of domain d's
-    held-out tokens that MoE layer l (main stack, then MTP depths) sent to expert e."""
-
-    step: int
-    domains: tuple[str, ...]
-    tokens_d: tuple[int, ...]  # the held-out tokens read of each domain
-    counts_dle: np.ndarray  # int64 [D, L, E]
 
 
 class Evaluation(NamedTuple):
     metrics: dict[str, float]
     routing: DomainRouting | None  # None: untagged held-out shards, or a dense model
-
-
-def routing_kl(counts_dle: np.ndarray) -> np.ndarray:
-    """KL(p_dl || p_l) [D, L] in nats: each domain's expert distribution per layer against the pooled one."""
-    counts = np.asarray(counts_dle, dtype=np.float64)
-    p_dle = counts / np.maximum(counts.sum(axis=-1, keepdims=True), 1.0)
-    pooled = counts.sum(axis=0)
-    p_le = pooled / np.maximum(pooled.sum(axis=-1, keepdims=True), 1.0)
-    # terms with p_dle = 0 contribute 0; where p_dle > 0, p_le > 0 too (the pool contains the domain)
-    ratio = np.divide(p_dle, p_le, out=np.ones_like(p_dle), where=p_dle > 0)
-    return (p_dle * np.log(ratio)).sum(axis=-1)
 
 
 class Evaluator:

@@ -33,6 +33,7 @@ the run's URL online, offline the `wandb sync` command that uploads it, which na
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -59,7 +60,7 @@ from train.disk_space import OutOfSpaceError, out_of_space_kind, out_of_space_me
 from train.plots import (
     DOMAIN_ROUTING_PLOT,
     EXPERT_LOAD_PLOT,
-    DomainRoutingPlot,
+    DomainRouting,
     PlotJob,
     expert_row_labels,
     render_plots,
@@ -68,8 +69,6 @@ from train.plots import LOSS_PLOT as LOSS_PLOT  # the run directory's file names
 
 if TYPE_CHECKING:
     import torch
-
-    from train.evaluate import DomainRouting
 
 METRICS_FILE = "metrics.jsonl"
 DOMAIN_ROUTING_FILE = "domain_routing.jsonl"  # one line per evaluation by domain: expert counts
@@ -393,15 +392,16 @@ class RunMonitor:
         self.plots_in_process = False  # the worker failed: render here, stalling the step
         self.plotted_step: int | None = None  # the step the plots on disk show (all drawn without error)
         self.heatmap_for_wandb = False  # a new expert_load.png that W&B has not had yet
-        self.domain_routing: DomainRoutingPlot | None = None  # the last evaluation's, for its plot
+        self.domain_routing: DomainRouting | None = None  # the last evaluation's, for its plot
         self.routing_plotted_step: int | None = None  # the evaluation domain_routing.png shows
         self.routing_for_wandb = False  # a new domain_routing.png that W&B has not had yet
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log_file = open(self.run_dir / LOG_FILE, "a", buffering=1)  # noqa: SIM115 (kept open)
         self._write_log(f"==== {'resuming after step ' + str(resume_step) if resume_step else 'new run'}")
-        self._prepare_metrics_file(resume_step)
-        self._prepare_metrics_file(resume_step, DOMAIN_ROUTING_FILE)
+        for record in self._prepare_jsonl(resume_step, METRICS_FILE):
+            self._remember(record)
+        self._prepare_jsonl(resume_step, DOMAIN_ROUTING_FILE)
         self.metrics_file = open(self.run_dir / METRICS_FILE, "a")  # noqa: SIM115 (kept open)
         self.routing_file = None  # domain_routing.jsonl, opened at the first evaluation by domain
         mode = resolve_wandb_mode(wandb_mode)
@@ -454,8 +454,7 @@ class RunMonitor:
         }
         self.routing_file.write(json.dumps(record) + "\n")
         self.routing_file.flush()
-        counts = np.asarray(routing.counts_dle, dtype=np.float64)
-        self.domain_routing = DomainRoutingPlot(routing.step, tuple(routing.domains), counts, rows)
+        self.domain_routing = dataclasses.replace(routing, rows=rows)
         if self.plot_every > 0:
             self._refresh_plots()
 
@@ -503,16 +502,17 @@ class RunMonitor:
         stamp = datetime.now().isoformat(sep=" ", timespec="seconds")
         self.log_file.write(f"{stamp}  {text}\n")
 
-    def _prepare_metrics_file(self, resume_step: int, name: str = METRICS_FILE) -> None:
-        """Make `name` (metrics.jsonl or domain_routing.jsonl) hold this run's lines up to resume_step."""
+    def _prepare_jsonl(self, resume_step: int, name: str) -> list[dict[str, Any]]:
+        """Make `name` (metrics.jsonl or domain_routing.jsonl) hold this run's lines up to resume_step;
+        returns the records kept."""
         path = self.run_dir / name
         if not path.exists():
-            return
+            return []
         if resume_step <= 0:
             # a fresh run in a used directory: never mix two runs' steps in one file
             os.replace(path, path.with_name(name + ".old"))
             self.message(f"moved the previous {name} aside to {name}.old")
-            return
+            return []
         try:
             kept, dropped = truncate_metrics(path, resume_step)
         except OSError as error:
@@ -521,11 +521,9 @@ class RunMonitor:
             doing = f"cutting {path} back to step {resume_step}"
             message = out_of_space_message(path.parent, doing, path.stat().st_size)
             raise OutOfSpaceError(f"{message}: free some space, then rerun") from None
-        if name == METRICS_FILE:
-            for record in kept:
-                self._remember(record)
         if dropped:
             self.message(f"{name}: dropped {dropped} line(s) logged after step {resume_step}")
+        return kept
 
     def _remember(self, metrics: dict[str, Any]) -> None:
         step = int(metrics["step"])

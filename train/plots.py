@@ -35,13 +35,15 @@ Series = Mapping[str, Any]
 
 
 @dataclass(frozen=True)
-class DomainRoutingPlot:
-    """One evaluation's expert counts per held-out domain (train/evaluate.py's DomainRouting)."""
+class DomainRouting:
+    """One evaluation's routing per held-out domain (train/evaluate.py): counts_dle[d, l, e] = (token,
+    slot) pairs of domain d's tokens that MoE layer l (main stack, then MTP depths) sent to expert e."""
 
     step: int
     domains: tuple[str, ...]
-    counts_dle: np.ndarray  # float64 [domains, MoE layers (then MTP depths), experts]
-    rows: tuple[str, ...] = ()  # layer labels, as expert_load.png's
+    tokens_d: tuple[int, ...]  # the held-out tokens read of each domain
+    counts_dle: np.ndarray  # int64 [D, L, E]
+    rows: tuple[str, ...] = ()  # layer labels, as expert_load.png's (the monitor adds them)
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ class PlotJob:
     expert_counts: np.ndarray | None = None  # layers x experts, routed tokens summed over expert_steps
     expert_steps: tuple[int, int] = (0, 0)  # first and last step of those counts
     expert_rows: tuple[str, ...] = ()  # row labels: MoE layer numbers, then "MTP 1", ...; () = 0, 1, ...
-    domain_routing: DomainRoutingPlot | None = None  # a new evaluation by domain to draw
+    domain_routing: DomainRouting | None = None  # a new evaluation by domain to draw
 
 
 def render_plots(job: PlotJob) -> dict[str, str]:
@@ -206,17 +208,32 @@ def expert_load_figure(
     return fig
 
 
-def domain_load_ratios(counts_dle: np.ndarray) -> np.ndarray:
-    """[D, L, E]: each domain's share of a layer's (token, slot) pairs per expert over the pooled share;
-    1 where the domain uses an expert as all domains together do (and where the pool never uses it)."""
+def domain_shares(counts_dle: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[D, L, E] each domain's share of a layer's (token, slot) pairs per expert, and [L, E] the same
+    over all domains together (the pool)."""
     counts = np.asarray(counts_dle, dtype=np.float64)
     share = counts / np.maximum(counts.sum(axis=-1, keepdims=True), 1.0)
     pooled = counts.sum(axis=0)
-    pooled_share = pooled / np.maximum(pooled.sum(axis=-1, keepdims=True), 1.0)
+    return share, pooled / np.maximum(pooled.sum(axis=-1, keepdims=True), 1.0)
+
+
+def domain_load_ratios(counts_dle: np.ndarray) -> np.ndarray:
+    """[D, L, E]: each domain's share of a layer's (token, slot) pairs per expert over the pooled share;
+    1 where the domain uses an expert as all domains together do (and where the pool never uses it)."""
+    share, pooled_share = domain_shares(counts_dle)
     return np.divide(share, pooled_share, out=np.ones_like(share), where=pooled_share > 0)
 
 
-def domain_routing_figure(routing: DomainRoutingPlot) -> Figure:
+def routing_kl(counts_dle: np.ndarray) -> np.ndarray:
+    """KL(p_dl || p_l) [D, L] in nats: each domain's expert distribution per layer against the pooled
+    one. The evaluation's specialisation score (eval_routing_kl) and the plot's panel titles."""
+    share, pooled_share = domain_shares(counts_dle)
+    # terms with share 0 contribute 0; where share > 0, the pool's is > 0 too (it contains the domain)
+    ratio = np.divide(share, pooled_share, out=np.ones_like(share), where=share > 0)
+    return (share * np.log(ratio)).sum(axis=-1)
+
+
+def domain_routing_figure(routing: DomainRouting) -> Figure:
     """One panel per domain (rows = MoE layers, then MTP; columns = experts): the domain's share of
     each expert over all domains' share, on a log scale, white = routed like the pool, red = the
     domain's expert, blue = one it avoids; each panel's title gives its mean KL to the pool."""
@@ -225,9 +242,7 @@ def domain_routing_figure(routing: DomainRoutingPlot) -> Figure:
 
     ratios = domain_load_ratios(routing.counts_dle)
     domains, layers, experts = ratios.shape
-    counts = np.asarray(routing.counts_dle, dtype=np.float64)
-    share = counts / np.maximum(counts.sum(axis=-1, keepdims=True), 1.0)
-    kl_dl = (share * np.log(np.where(share > 0, ratios, 1.0))).sum(axis=-1)
+    kl_dl = routing_kl(routing.counts_dle)
     labels = list(routing.rows) if len(routing.rows) == layers else [str(row) for row in range(layers)]
     width = min(max(4 + experts * 0.08, EXPERT_LOAD_MIN_WIDTH), 16)
     panel_height = min(1.0 + layers * 0.2, 6)

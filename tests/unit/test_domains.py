@@ -24,8 +24,7 @@ from data.mixed_demo import GZIP_EXPANSION, split_domain
 from data.shards import prepare
 from data.sources import InputError, SourceFile, discover_tagged_sources
 from tests.unit.test_loader import EOS, make_documents, write_shard
-from train.evaluate import routing_kl
-from train.plots import DomainRoutingPlot, domain_load_ratios, domain_routing_figure
+from train.plots import DomainRouting, domain_load_ratios, domain_routing_figure, routing_kl
 
 
 def write_texts(directory: Path, texts: list[str]) -> Path:
@@ -158,7 +157,8 @@ def test_the_domain_routing_plot_has_a_panel_per_domain():
     counts[0, :, :4] = 9.0  # domain 0 prefers experts 0-3
     ratios = domain_load_ratios(counts)
     assert ratios[0, 0, 0] > 1 > ratios[0, 0, 8] and ratios[1, 0, 0] < 1
-    fig = domain_routing_figure(DomainRoutingPlot(7, ("a", "b", "c"), counts, ("0", "1", "2", "MTP 1")))
+    routing = DomainRouting(7, ("a", "b", "c"), (16, 16, 16), counts, ("0", "1", "2", "MTP 1"))
+    fig = domain_routing_figure(routing)
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert [t.split(":")[0] for t in titles] == ["a", "b", "c"]
     assert float(titles[1].split()[5]) == pytest.approx(routing_kl(counts)[1].mean(), abs=5e-4)

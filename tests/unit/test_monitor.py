@@ -630,7 +630,7 @@ def test_the_loss_figure_marks_the_held_out_losses_at_their_steps():
 def test_domain_routing_lines_resume_like_the_metrics_and_the_plot_is_drawn(tmp_path):
     """domain_routing.jsonl keeps the evaluations up to the resumed step (a rerun logs the later ones
     again), and close() leaves domain_routing.png of the last evaluation."""
-    from train.evaluate import DomainRouting
+    from train.plots import DomainRouting
 
     def routing(step: int) -> DomainRouting:
         counts = np.arange(2 * 3 * 4).reshape(2, 3, 4) + step
