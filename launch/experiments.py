@@ -266,8 +266,9 @@ def report(runs: Path, throughput: Path, out: Path, note: str = "") -> int:
     rows = []
     for arm in arms:
         at_step = {row["step"]: row for row in metrics[arm]}.get(step, {})
-        accept = at_step.get("eval_mtp_accept", math.nan)
-        rows.append([arm, str(step), f"{at_step.get('eval_lm_loss', math.nan):.4f}", f"{accept:.3f}"])
+        accept = at_step.get("eval_mtp_accept")
+        accept = "- (no MTP head)" if accept is None else f"{accept:.3f}"
+        rows.append([arm, str(step), f"{at_step.get('eval_lm_loss', math.nan):.4f}", accept])
     header = ["arm", "step", "eval lm loss", "eval MTP accept"]
     sections.append("## (c) MTP on vs off\n\n![](mtp.png)\n\n" + table(header, rows))
 
