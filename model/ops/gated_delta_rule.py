@@ -73,7 +73,7 @@ def chunk_gated_delta_rule(
     fla_kernel = _load_fla_kernel() if q.is_cuda else None
     if fla_kernel is None:
         return chunk_gated_delta_rule_reference(q, k, v, g, beta, chunk_size=chunk_size, **options)
-    return _run_fla(fla_kernel, q, k, v, g, beta, **options)
+    return _run_fla(fla_kernel, q, k, v, g, beta, grouped_heads=_fla_takes_grouped_value_heads(), **options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,6 +388,21 @@ def _load_fla_kernel() -> Callable | None:
     return fla_chunk_gated_delta_rule
 
 
+# fla-core 0.6.0 was measured taking 16 q/k heads for 32 value heads as they are (bench/RESULTS.md);
+# 0.4.2's chunk kernels take the head count from k and index v with it, so there q/k are repeated.
+FLA_GROUPED_VALUE_HEADS_SINCE = (0, 6)
+
+
+@functools.cache
+def _fla_takes_grouped_value_heads() -> bool:
+    try:
+        import fla
+    except ImportError:
+        return False
+    release = tuple(int(part) for part in fla.__version__.split(".")[:2] if part.isdigit())
+    return release >= FLA_GROUPED_VALUE_HEADS_SINCE
+
+
 def _run_fla(
     fla_kernel: Callable,
     q: Tensor,
@@ -402,12 +417,12 @@ def _run_fla(
     cu_seqlens: Tensor | None,
     cu_seqlens_cpu: Tensor | None,
     use_qk_l2norm: bool,
+    grouped_heads: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     hv, h = v.shape[2], q.shape[2]
-    if hv != h:
-        # fla-core 0.4.2's chunk kernels take the head count from k and index v with it: no grouped
-        # value heads there (only its fused_recurrent has them). Repeating q/k is exact, and autograd
-        # sums the repeated heads' gradients back.
+    if hv != h and not grouped_heads:
+        # Repeating q/k for a kernel without grouped value heads is exact, and autograd sums the
+        # repeated heads' gradients back; each q/k head serves consecutive value heads either way.
         q, k = q.repeat_interleave(hv // h, dim=2), k.repeat_interleave(hv // h, dim=2)
     if cu_seqlens is not None:
         # Left in its dtype (int32 from HF works): fla caches derived indices per cu_seqlens tensor.

@@ -1,6 +1,7 @@
 """Gated delta rule on CPU: the chunked reference against the token-by-token recurrence (values,
 final states and gradients, in float64), packed sequences against separate runs, the dispatcher's
-CPU route and its argument checks, and HF Qwen3-Next's torch implementation as an outside witness.
+CPU route, its fla route's head handling (with a stand-in kernel) and its argument checks, and HF
+Qwen3-Next's torch implementation as an outside witness.
 
 Legend: b batch, t tokens, h q/k heads, hv value heads, k key dim, v value dim, n sequences.
 """
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from model.ops.gated_delta_rule import (
+    _run_fla,
     chunk_gated_delta_rule,
     chunk_gated_delta_rule_reference,
     naive_recurrent_gated_delta_rule,
@@ -153,6 +155,37 @@ def test_dispatcher_on_cpu_is_the_reference():
     o_ref, final_ref = run(chunk_gated_delta_rule_reference, inputs)
     o, final = run(chunk_gated_delta_rule, inputs)
     assert torch.equal(o, o_ref) and torch.equal(final, final_ref)
+
+
+def fla_like_kernel(takes_grouped_heads: bool, seen_heads: list[int]):
+    """A stand-in for fla's chunk kernel with its keyword names, computing the reference; one without
+    grouped value heads refuses q/k with fewer heads than v, as fla-core 0.4.2's indexing needs."""
+
+    def kernel(q, k, v, g, beta, *, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
+               cu_seqlens, cu_seqlens_cpu):  # fmt: skip
+        seen_heads.append(q.shape[2])
+        assert takes_grouped_heads or q.shape[2] == v.shape[2], "this kernel needs one q/k head a value head"
+        return chunk_gated_delta_rule_reference(
+            q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+            use_qk_l2norm=use_qk_l2norm_in_kernel, cu_seqlens=cu_seqlens,
+        )  # fmt: skip
+
+    return kernel
+
+
+@pytest.mark.parametrize("grouped_heads", [False, True], ids=["heads-repeated", "heads-grouped"])
+def test_fla_route_gives_a_kernel_the_heads_it_takes_and_the_reference_values(grouped_heads):
+    inputs = make_inputs(1, 30, seed=29, requires_grad=True)
+    weights = random_weights((1, 30, HV, DV), (1, HV, DK, DV), torch.float64)
+    seen_heads = []
+    kernel = fla_like_kernel(grouped_heads, seen_heads)
+    options = dict(scale=None, cu_seqlens=None, cu_seqlens_cpu=None, use_qk_l2norm=True)
+    route = lambda *args, **kwargs: _run_fla(kernel, *args, grouped_heads=grouped_heads, **options, **kwargs)
+    expected = grads_of(chunk_gated_delta_rule_reference, inputs, weights)
+    got = grads_of(route, inputs, weights)
+    assert seen_heads == [H if grouped_heads else HV]
+    for name in inputs:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-10, msg=name)
 
 
 def test_low_precision_inputs_give_v_dtype_output_and_fp32_state():
