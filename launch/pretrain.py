@@ -8,9 +8,11 @@ the per-rank memory estimate (`trainer.dry_run_world_size` picks the world size 
 `trainer.dry_run_rank=R` then builds and initialises rank R's shard on the CPU and reports it.
 """
 
+import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -76,9 +78,22 @@ register_configs()
 
 
 def fail(message: str) -> None:
-    """Stop with the message, printed once (by the first rank under torchrun), exit status 2."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"pretrain.py: {message}", file=sys.stderr, flush=True)
+    """Stop with the message, shown once, exit status 2.
+
+    Under torchrun the launcher follows any failed worker with its own traceback and failure table,
+    which would bury a message printed before them; so each node's first worker hands the message to
+    torchrun through the error file it reads, and the table ends with it, as the root cause. The
+    other workers wait a moment first: torchrun stops them once the first has failed, and they show
+    as stopped rather than repeating the message. Elsewhere (one process, srun) rank 0 prints it.
+    """
+    text = f"pretrain.py: {message}"
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        if os.environ.get("LOCAL_RANK", "0") != "0":
+            time.sleep(10)
+        Path(error_file).write_text(json.dumps({"message": text, "timestamp": int(time.time())}))
+    elif os.environ.get("RANK", "0") == "0":
+        print(text, file=sys.stderr, flush=True)
     sys.exit(2)
 
 

@@ -46,12 +46,15 @@ def test_a_dry_run_leaves_no_run_directory(tmp_path):
 
 
 @pytest.mark.slow
-def test_under_torchrun_a_config_error_is_printed_once():
+def test_under_torchrun_a_config_error_is_shown_once_and_last():
+    """torchrun follows a failed worker with its traceback and failure table: the message must be
+    the table's root cause, at the end of the output, and nowhere else."""
     launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port")
     result = pretrain("conf=tiny", "data.streams=3", launcher=(*launcher, str(free_port())))
     assert result.returncode != 0
     assert result.stderr.count("pretrain.py: ") == 1, result.stderr
-    assert "data.streams (3)" in result.stderr
+    root_cause = result.stderr.rpartition("Root Cause")[2]
+    assert "data.streams (3)" in root_cause, result.stderr
 
 
 @pytest.mark.slow
