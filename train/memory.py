@@ -7,17 +7,20 @@ stack, world / expert for the routed experts). Tensor parallelism splits the mix
 expert parallelism the experts; embedding, LM head and the rest are replicated.
 
 Activations are an estimate of what autograd keeps for one micro-batch (bf16), per layer:
-T * 2 bytes * (10 H + 2 * mixer width / tp + top_k * (3 I + 3 H)), where T = micro_batch * seq_len
-(each (token, slot) pair keeps its gathered input, its gate/up and SwiGLU rows, its output and its
-weighted output: the measured peaks grow by 3 H a slot per layer kept whole). A
+T * 2 bytes * (10 H + 2 * mixer width / tp + top_k * (3 I + H)), where T = micro_batch * seq_len.
+Each (token, slot) pair keeps its gate/up rows and the down projection's input (3 I); the H a pair
+is what the measured peaks held beyond that. Until the expert path stopped keeping the gathered
+input rows and the output rows for backward (model/ops/experts.py) the pairs' term was
+top_k * (3 I + 3 H), fitted to the peaks below; `python -m bench.saved_activations` counts 2 H a
+pair fewer kept by the compiled MoE block since. A
 recomputed layer (activation checkpointing) keeps only its input (T * H * 2), plus one layer's worth
 while it is recomputed; `recomputed_layers` of the decoder layers are (the first ones; MTP layers
 never), and backward frees the others before it recomputes them. The LM-head cross-entropy adds one
 chunk of logits (2048 x vocab x 6 bytes) and the head's fp32 weight gradient per head (main and
 MTP: 4 x vocab x H / tp each), which it computes in forward. Measured on an H200 at the 80B width
-(4 layers + MTP, 2 x 4096 tokens, bench/RESULTS.md), peak against estimate: every layer recomputed
-52.7 GiB against 53.3, the first 2 of 4 56.0 against 56.7, none 59.9 against
-60.4.
+(4 layers + MTP, 2 x 4096 tokens, bench/RESULTS.md) before that change, peak against the estimate
+of then: every layer recomputed 52.7 GiB against 53.3, the first 2 of 4 56.0 against 56.7, none 59.9
+against 60.4 (to be measured again with the current expert path).
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ def activation_bytes(
         "linear_attention": 2 * key_dim + 2 * value_dim,
         "full_attention": 2 * c.num_attention_heads * c.head_dim + 2 * c.num_key_value_heads * c.head_dim,
     }
-    moe = c.num_experts_per_tok * (3 * c.moe_intermediate_size + 3 * h)
+    moe = c.num_experts_per_tok * (3 * c.moe_intermediate_size + h)
     per_layer = {t: tokens * 2 * (10 * h + 2 * w / tensor + moe) for t, w in widths.items()}
     recomputed = c.layer_types[:recomputed_layers]
     mtp_layers = ["full_attention"] * c.mtp_num_layers  # MTP layers are attention, never recomputed

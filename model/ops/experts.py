@@ -3,7 +3,9 @@
 Weights keep HF transformers 5's Qwen3-Next layout: gate_up_proj_eih [E, 2I, H] (rows :I are the gate,
 rows I: the up projection) and down_proj_ehi [E, H, I]. For every (token, slot) pair routed to expert e
 with weight w:  y[t] += w * down[e] @ (silu(gate[e] @ x[t]) * (up[e] @ x[t])).
-As in HF, the routing weight is cast to the activation dtype and scales the expert output.
+As in HF, the routing weight is cast to the activation dtype; the reference scales each expert's
+output with it, as HF does, the fast path the SwiGLU activation before the down projection (the
+same by linearity, see below).
 
 Legend: t tokens, k slots per token, s = t*k (token, slot) pairs, e experts, h hidden, i expert width.
 
@@ -11,6 +13,17 @@ The fast path sorts the pairs by expert so each expert's rows are contiguous, ru
 one torch._grouped_mm each (offs = cumulative end row per expert, int32), and puts the rows back.
 It never waits on the GPU from the host (no .item(), no data-dependent shapes), forward or backward;
 the reference syncs once per call to list the busy experts.
+
+What the fast path keeps for backward is what its memory at scale turns on: per (token, slot) pair,
+k = 10 of them a token, a row of width h costs 5x a row of width i at the 80B's h = 2048, i = 512. So
+- the gathered input rows x[pair's token] are not kept: the first projection's backward gathers them
+  again from the token rows (which the router keeps anyway) for its weight gradient
+  (`_GatherThenGroupedMM`, a gather instead of k rows of h values a token);
+- the routing weight scales the SwiGLU activation before the down projection instead of the
+  projection's output after it (equal by linearity): its gradient then needs the i-wide activation,
+  recomputed from the gate/up rows, instead of the h-wide output rows.
+That leaves the gate/up rows (2 i) and the down projection's input (i) a pair, where autograd kept
+2 h + 3 i (counted on the compiled block, bench/saved_activations.py).
 """
 
 import torch
@@ -73,18 +86,21 @@ def routed_experts_grouped_mm(
     gate_up_proj_eih: torch.Tensor,
     down_proj_ehi: torch.Tensor,
 ) -> torch.Tensor:
-    """Sort the (token, slot) pairs by expert, one grouped GEMM per projection, unsort, weight, sum."""
+    """Sort the (token, slot) pairs by expert, one grouped GEMM per projection (the routing weight
+    scaling the activation between them), unsort, sum each token's slots."""
     num_tokens, top_k = topk_idx_tk.shape
     order_s, offs_e = _sort_pairs_by_expert(topk_idx_tk, gate_up_proj_eih.shape[0])
     inverse_s = torch.argsort(order_s)
 
-    x_sh = _GatherTokensPerPair.apply(x_td.to(gate_up_proj_eih.dtype), order_s, inverse_s, top_k)
-    # grouped_mm computes a @ b per group, so it takes the weights as [E, in, out] transposed views.
-    gate_up_s2i = _grouped_mm(x_sh, gate_up_proj_eih.transpose(-2, -1), offs_e)
-    out_sh = _grouped_mm(_swiglu(gate_up_s2i), down_proj_ehi.transpose(-2, -1), offs_e)
+    x_th = x_td.to(gate_up_proj_eih.dtype)
+    gate_up_s2i = _GatherThenGroupedMM.apply(x_th, gate_up_proj_eih, order_s, inverse_s, offs_e, top_k)
+    weight_s = topk_weight_tk.reshape(-1).index_select(0, order_s)
+    act_si = _weighted_swiglu(gate_up_s2i, weight_s)
+    # grouped_mm computes a @ b per group, so it takes the weights as an [E, in, out] transposed view.
+    out_sh = _grouped_mm(act_si, down_proj_ehi.transpose(-2, -1), offs_e)
 
     out_tkh = _PermuteRows.apply(out_sh, inverse_s, order_s).view(num_tokens, top_k, out_sh.shape[-1])
-    return _weighted_sum_over_slots(out_tkh, topk_weight_tk).to(x_td.dtype)
+    return _sum_slots_in_fp32(out_tkh).to(x_td.dtype)
 
 
 def _grouped_mm_fast_path_applies(
@@ -115,6 +131,18 @@ def _grouped_mm(a_sk: torch.Tensor, b_ekn: torch.Tensor, offs_e: torch.Tensor) -
     if hasattr(torch, "_grouped_mm"):
         return torch._grouped_mm(a_sk, b_ekn, offs=offs_e)
     return _grouped_mm_loop(a_sk, b_ekn, offs_e)
+
+
+def _grouped_weight_grad(g_sn: torch.Tensor, a_sk: torch.Tensor, offs_e: torch.Tensor) -> torch.Tensor:
+    """[E, n, k]: g[rows of e]^T @ a[rows of e] for every group e (zeros for an empty one): the gradient
+    of the [E, n, k] weight b in `_grouped_mm(a, b.transpose(-2, -1), offs)`, as autograd forms it for
+    torch._grouped_mm (two 2-D operands, grouped along their shared dim), else a loop of matmuls."""
+    if hasattr(torch, "_grouped_mm"):
+        return torch._grouped_mm(g_sn.t(), a_sk, offs=offs_e)
+    ends = offs_e.tolist()
+    starts = [0, *ends[:-1]]
+    pairs = zip(starts, ends, strict=True)
+    return torch.stack([g_sn[start:end].t() @ a_sk[start:end] for start, end in pairs])
 
 
 def _grouped_mm_loop(a_sk: torch.Tensor, b_ekn: torch.Tensor, offs_e: torch.Tensor) -> torch.Tensor:
@@ -149,10 +177,16 @@ def _sum_over_slots(terms_tkh) -> torch.Tensor:
 
 
 @fused_on_cuda
-def _weighted_sum_over_slots(out_tkh: torch.Tensor, weight_tk: torch.Tensor) -> torch.Tensor:
-    """sum_k w[t, k] * out[t, k], the k terms added in fp32 (one fused kernel on CUDA)."""
-    weighted_tkh = out_tkh.float() * weight_tk.to(out_tkh.dtype).float().unsqueeze(-1)
-    return _sum_over_slots(weighted_tkh).to(out_tkh.dtype)
+def _weighted_swiglu(gate_up_s2i: torch.Tensor, weight_s: torch.Tensor) -> torch.Tensor:
+    """w * silu(gate) * up per pair, w cast to the activation dtype as HF casts it (one fused kernel on
+    CUDA, whose backward recomputes the activation from the gate/up rows instead of keeping it)."""
+    return _swiglu(gate_up_s2i) * weight_s.to(gate_up_s2i.dtype).unsqueeze(-1)
+
+
+@fused_on_cuda
+def _sum_slots_in_fp32(out_tkh: torch.Tensor) -> torch.Tensor:
+    """sum_k out[t, k], the k terms added in fp32 (one fused kernel on CUDA)."""
+    return _sum_over_slots(out_tkh.float()).to(out_tkh.dtype)
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -169,23 +203,47 @@ class _PermuteRows(torch.autograd.Function):
         return grad_nh.index_select(0, inverse_n), None, None
 
 
-class _GatherTokensPerPair(torch.autograd.Function):
-    """x[order // k]: each token's row once per slot, in expert order.
+# One opaque op for the weight gradient's gather and GEMM. Compiled, the gather would otherwise be a
+# separate node that needs only forward values, which torch.compile's partitioner computes in forward
+# and keeps (the very rows this is meant not to keep); as part of an op that also reads the incoming
+# gradient it can only run in backward.
+@torch.library.custom_op("qwen3next::gathered_rows_weight_grad", mutates_args=())
+def _gathered_rows_weight_grad(
+    x_th: torch.Tensor, token_of_pair_s: torch.Tensor, grad_sn: torch.Tensor, offs_e: torch.Tensor
+) -> torch.Tensor:
+    """[E, n, h]: grad^T @ x[token of each pair] over each expert's rows."""
+    return _grouped_weight_grad(grad_sn, x_th.index_select(0, token_of_pair_s), offs_e)
 
-    Backward puts the pair gradients back in (token, slot) order with a gather and sums the k slots
-    (`_sum_over_slots`); index_select's own backward would index_add them with bf16 atomics instead.
-    """
+
+@_gathered_rows_weight_grad.register_fake
+def _(x_th, token_of_pair_s, grad_sn, offs_e):
+    return grad_sn.new_empty(offs_e.shape[0], grad_sn.shape[1], x_th.shape[1])
+
+
+class _GatherThenGroupedMM(torch.autograd.Function):
+    """x[order // k] @ gate_up[e]^T for each pair (rows in expert order), keeping only the token rows
+    x for backward, not the k-times-larger gathered rows: backward gathers them again for the weight
+    gradient. The input gradient puts the pair gradients back in (token, slot) order with a gather
+    and sums the k slots in fp32 (`_sum_over_slots`), where index_select's own backward would
+    index_add them with bf16 atomics."""
 
     @staticmethod
-    def forward(
-        ctx, x_th: torch.Tensor, order_s: torch.Tensor, inverse_s: torch.Tensor, top_k: int
-    ) -> torch.Tensor:
-        ctx.save_for_backward(inverse_s)
-        ctx.num_tokens, ctx.top_k = x_th.shape[0], top_k
-        return x_th.index_select(0, torch.div(order_s, top_k, rounding_mode="floor"))
+    def forward(ctx, x_th, gate_up_eih, order_s, inverse_s, offs_e, top_k: int):
+        token_of_pair_s = torch.div(order_s, top_k, rounding_mode="floor")
+        ctx.save_for_backward(x_th, gate_up_eih, token_of_pair_s, inverse_s, offs_e)
+        ctx.top_k = top_k
+        x_sh = x_th.index_select(0, token_of_pair_s)
+        return _grouped_mm(x_sh, gate_up_eih.transpose(-2, -1), offs_e)
 
     @staticmethod
-    def backward(ctx, grad_sh: torch.Tensor):
-        (inverse_s,) = ctx.saved_tensors
-        grad_tkh = grad_sh.index_select(0, inverse_s).view(ctx.num_tokens, ctx.top_k, grad_sh.shape[-1])
-        return _sum_over_slots(grad_tkh.float()).to(grad_sh.dtype), None, None, None  # added in fp32
+    def backward(ctx, grad_s2i: torch.Tensor):
+        x_th, gate_up_eih, token_of_pair_s, inverse_s, offs_e = ctx.saved_tensors
+        grad_x = grad_gate_up = None
+        grad_s2i = grad_s2i.contiguous()
+        if ctx.needs_input_grad[0]:
+            grad_sh = _grouped_mm(grad_s2i, gate_up_eih, offs_e)
+            grad_tkh = grad_sh.index_select(0, inverse_s).view(x_th.shape[0], ctx.top_k, x_th.shape[1])
+            grad_x = _sum_over_slots(grad_tkh.float()).to(grad_sh.dtype)  # added in fp32
+        if ctx.needs_input_grad[1]:
+            grad_gate_up = _gathered_rows_weight_grad(x_th, token_of_pair_s, grad_s2i, offs_e)
+        return grad_x, grad_gate_up, None, None, None, None

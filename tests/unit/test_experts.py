@@ -154,3 +154,57 @@ def test_expert_token_counts_match_a_counter(kind):
     tally = Counter(idx_tk.flatten().tolist())
     assert counts_e.dtype == torch.int64
     assert counts_e.tolist() == [tally[e] for e in range(NUM_EXPERTS)]
+
+
+@needs_cpu_grouped_mm
+def test_weight_gradient_loop_has_the_grouped_mm_contract_with_empty_groups(monkeypatch):
+    from model.ops.experts import _grouped_weight_grad
+
+    gen = torch.Generator().manual_seed(3)
+    g_sn, a_sk = torch.randn(9, 12, generator=gen), torch.randn(9, 8, generator=gen)
+    offs_e = torch.tensor([0, 4, 4, 9], dtype=torch.int32)  # groups 0 and 2 empty
+    zeros = torch.zeros(12, 8)
+    expected = torch.stack([zeros, g_sn[:4].t() @ a_sk[:4], zeros, g_sn[4:].t() @ a_sk[4:]])
+    torch.testing.assert_close(_grouped_weight_grad(g_sn, a_sk, offs_e), expected, rtol=1e-6, atol=1e-6)
+    monkeypatch.delattr(torch, "_grouped_mm", raising=False)
+    torch.testing.assert_close(_grouped_weight_grad(g_sn, a_sk, offs_e), expected, rtol=1e-6, atol=1e-6)
+
+
+def _saved_for_backward(fn, *args) -> list[torch.Tensor]:
+    """Every tensor autograd keeps for the backward of fn(*args)."""
+    saved = []
+
+    def keep(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        fn(*args)
+    return saved
+
+
+def test_grouped_path_keeps_no_hidden_wide_row_per_pair():
+    """Per (token, slot) pair the grouped path keeps expert-width rows only (gate/up, activation): the
+    gathered input rows and the output rows, hidden-wide, are gathered again or not needed (model/ops/
+    experts.py). The reference loop, for contrast, keeps a hidden-wide row for every pair."""
+    top_k = 4
+    gate_up_eih, down_ehi = (w.requires_grad_() for w in _expert_weights(torch.float32))
+    x_td, idx_tk, weight_tk = _routing(37, top_k, "random", torch.float32)
+    x_td.requires_grad_()
+    pairs = idx_tk.numel()
+
+    def hidden_wide_pair_rows(saved):
+        params = {p.untyped_storage().data_ptr() for p in (gate_up_eih, down_ehi)}
+        return [
+            tuple(t.shape)
+            for t in saved
+            if t.untyped_storage().data_ptr() not in params
+            and t.shape[-1] == HIDDEN
+            and t.numel() // HIDDEN >= pairs
+        ]
+
+    fast = _saved_for_backward(routed_experts_grouped_mm, x_td, idx_tk, weight_tk, gate_up_eih, down_ehi)
+    assert hidden_wide_pair_rows(fast) == []
+    assert any(t.shape == (pairs, INTER) for t in fast)  # it does keep expert-width rows (gate, up)
+    ref = _saved_for_backward(routed_experts_reference, x_td, idx_tk, weight_tk, gate_up_eih, down_ehi)
+    assert sum(t.shape[0] for t in ref if t.dim() == 2 and t.shape[-1] == HIDDEN) >= pairs

@@ -1,0 +1,101 @@
+"""What one sparse MoE block keeps for backward, in bytes a token: a count, not a timing, so it runs
+on CPU and gives the same answer on any machine.
+
+    python -m bench.saved_activations                      # the 80B width, 128 experts, compiled
+    python -m bench.saved_activations --eager --tokens 512 --experts 512
+
+The block (router, routed experts on the grouped-GEMM path, gated shared expert) is built at the
+width of a conf/model preset in bf16 and run forward once under a `saved_tensors_hooks` that records
+every tensor autograd keeps (parameters left out, each storage counted once); compiled, what
+torch.compile's partitioner chose to keep. The grouped-GEMM path is the one CUDA trains on; here it
+runs through torch._grouped_mm's CPU kernel. Prints the total a token, in values of the hidden size,
+and the largest kept tensors. train/memory.py's per-layer estimate is checked against measured GPU
+peaks (bench/RESULTS.md); this count says which tensors make up the MoE part of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+import model.ops.experts as experts_ops
+from model.config import ModelConfig
+from model.moe import SparseMoeBlock
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="80b_a3b", help="conf/model/<preset>.yaml")
+    parser.add_argument("--experts", type=int, default=128, help="routed experts (the slice's 128)")
+    parser.add_argument("--tokens", type=int, default=256, help="tokens in the batch")
+    parser.add_argument("--eager", action="store_true", help="do not torch.compile the block")
+    return parser.parse_args(argv)
+
+
+def model_config(preset: str, experts: int) -> ModelConfig:
+    values = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / f"{preset}.yaml"))
+    values["num_experts"] = experts
+    return ModelConfig(**{k: v for k, v in values.items() if k in ModelConfig.__dataclass_fields__})
+
+
+def kept_tensors(block: torch.nn.Module, x_btd: torch.Tensor, compiled: bool) -> dict[tuple, int]:
+    """{(shape, dtype): bytes} of what autograd keeps for one forward (a second run when compiled,
+    so compilation's own tensors are not counted)."""
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    run = torch.compile(block) if compiled else block
+    if compiled:
+        run(x_btd)[0].float().sum().backward()
+    storages: dict[int, tuple] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params and storage.data_ptr() not in storages:
+            storages[storage.data_ptr()] = (
+                (tuple(t.shape), str(t.dtype).removeprefix("torch.")),
+                storage.nbytes(),
+            )
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        out_btd, _ = run(x_btd)
+    out_btd.float().sum().backward()
+    by_kind: dict[tuple, int] = defaultdict(int)
+    for kind, nbytes in storages.values():
+        by_kind[kind] += nbytes
+    return dict(by_kind)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    config = model_config(args.preset, args.experts)
+    experts_ops._grouped_mm_fast_path_applies = lambda *_: True  # the CUDA path, on this CPU
+    torch.manual_seed(0)
+    block = SparseMoeBlock(config).to(torch.bfloat16)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    x_btd = torch.randn(1, args.tokens, config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    start = time.perf_counter()
+    kept = kept_tensors(block, x_btd, compiled=not args.eager)
+    total = sum(kept.values()) / args.tokens
+    hidden = config.hidden_size
+    mode = "eager" if args.eager else "compiled"
+    print(
+        f"MoE block, conf/model/{args.preset}.yaml with {args.experts} experts "
+        f"(top-{config.num_experts_per_tok}, hidden {hidden}, expert width {config.moe_intermediate_size}), "
+        f"{args.tokens} tokens, bf16, {mode}: "
+        f"keeps {total:,.0f} bytes a token = {total / 2 / hidden:.1f} x hidden bf16 values "
+        f"({time.perf_counter() - start:.0f} s)"
+    )
+    for (shape, dtype), nbytes in sorted(kept.items(), key=lambda item: -item[1])[:8]:
+        print(f"  {nbytes / args.tokens:>10,.0f} B/token  {dtype:<9} {shape}")
+
+
+if __name__ == "__main__":
+    main()
