@@ -94,7 +94,7 @@ def routed_experts_grouped_mm(
 
     x_th = x_td.to(gate_up_proj_eih.dtype)
     gate_up_s2i = _GatherThenGroupedMM.apply(x_th, gate_up_proj_eih, order_s, inverse_s, offs_e, top_k)
-    weight_s = topk_weight_tk.reshape(-1).index_select(0, order_s)
+    weight_s = _PermuteRows.apply(topk_weight_tk.reshape(-1), order_s, inverse_s)  # backward: no scatter
     act_si = _weighted_swiglu(gate_up_s2i, weight_s)
     # grouped_mm computes a @ b per group, so it takes the weights as an [E, in, out] transposed view.
     out_sh = _grouped_mm(act_si, down_proj_ehi.transpose(-2, -1), offs_e)
@@ -135,8 +135,9 @@ def _grouped_mm(a_sk: torch.Tensor, b_ekn: torch.Tensor, offs_e: torch.Tensor) -
 
 def _grouped_weight_grad(g_sn: torch.Tensor, a_sk: torch.Tensor, offs_e: torch.Tensor) -> torch.Tensor:
     """[E, n, k]: g[rows of e]^T @ a[rows of e] for every group e (zeros for an empty one): the gradient
-    of the [E, n, k] weight b in `_grouped_mm(a, b.transpose(-2, -1), offs)`, as autograd forms it for
-    torch._grouped_mm (two 2-D operands, grouped along their shared dim), else a loop of matmuls."""
+    of the [E, n, k] weight b in `_grouped_mm(a, b.transpose(-2, -1), offs)`, contiguous like b. One
+    torch._grouped_mm of two 2-D operands grouped along their shared dim (autograd forms the same
+    product transposed), else a loop of matmuls."""
     if hasattr(torch, "_grouped_mm"):
         return torch._grouped_mm(g_sn.t(), a_sk, offs=offs_e)
     ends = offs_e.tolist()

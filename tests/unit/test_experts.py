@@ -38,10 +38,12 @@ needs_cpu_grouped_mm = pytest.mark.skipif(
 )
 
 
-def _expert_weights(dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _expert_weights(
+    dtype: torch.dtype, seed: int = 0, inter: int = INTER
+) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    gate_up_eih = torch.randn(NUM_EXPERTS, 2 * INTER, HIDDEN, generator=gen, dtype=dtype) / HIDDEN**0.5
-    down_ehi = torch.randn(NUM_EXPERTS, HIDDEN, INTER, generator=gen, dtype=dtype) / INTER**0.5
+    gate_up_eih = torch.randn(NUM_EXPERTS, 2 * inter, HIDDEN, generator=gen, dtype=dtype) / HIDDEN**0.5
+    down_ehi = torch.randn(NUM_EXPERTS, HIDDEN, inter, generator=gen, dtype=dtype) / inter**0.5
     return gate_up_eih, down_ehi
 
 
@@ -183,28 +185,51 @@ def _saved_for_backward(fn, *args) -> list[torch.Tensor]:
     return saved
 
 
+def _hidden_wide_pair_rows(saved, params, pairs: int) -> list[tuple]:
+    """Shapes of the kept tensors (parameters and their slices left out) that hold a hidden-wide row
+    for every (token, slot) pair."""
+    storages = {p.untyped_storage().data_ptr() for p in params}
+    return [
+        tuple(t.shape)
+        for t in saved
+        if t.untyped_storage().data_ptr() not in storages
+        and t.shape[-1] == HIDDEN
+        and t.numel() // HIDDEN >= pairs
+    ]
+
+
+def _routed_problem_needing_every_gradient(dtype: torch.dtype, top_k: int = 4):
+    # an expert width whose gate/up rows (2 i) are not hidden-wide either, so shapes tell them apart
+    gate_up_eih, down_ehi = (w.requires_grad_() for w in _expert_weights(dtype, inter=24))
+    x_td, idx_tk, weight_tk = _routing(37, top_k, "random", dtype)
+    return x_td.requires_grad_(), idx_tk, weight_tk.requires_grad_(), gate_up_eih, down_ehi
+
+
 def test_grouped_path_keeps_no_hidden_wide_row_per_pair():
     """Per (token, slot) pair the grouped path keeps expert-width rows only (gate/up, activation): the
     gathered input rows and the output rows, hidden-wide, are gathered again or not needed (model/ops/
-    experts.py). The reference loop, for contrast, keeps a hidden-wide row for every pair."""
-    top_k = 4
-    gate_up_eih, down_ehi = (w.requires_grad_() for w in _expert_weights(torch.float32))
-    x_td, idx_tk, weight_tk = _routing(37, top_k, "random", torch.float32)
-    x_td.requires_grad_()
-    pairs = idx_tk.numel()
+    experts.py). The reference loop, for contrast, keeps hidden-wide rows for the pairs."""
+    args = _routed_problem_needing_every_gradient(torch.float32)
+    params, pairs = args[3:], args[1].numel()
+    fast = _saved_for_backward(routed_experts_grouped_mm, *args)
+    assert _hidden_wide_pair_rows(fast, params, pairs) == []
+    assert any(t.shape == (pairs, 24) for t in fast)  # it does keep expert-width rows (gate, up)
+    ref = _saved_for_backward(routed_experts_reference, *args)
+    storages = {p.untyped_storage().data_ptr() for p in params}
+    ref_rows = [t for t in ref if t.untyped_storage().data_ptr() not in storages and t.shape[-1] == HIDDEN]
+    assert sum(t.numel() // HIDDEN for t in ref_rows) >= pairs
 
-    def hidden_wide_pair_rows(saved):
-        params = {p.untyped_storage().data_ptr() for p in (gate_up_eih, down_ehi)}
-        return [
-            tuple(t.shape)
-            for t in saved
-            if t.untyped_storage().data_ptr() not in params
-            and t.shape[-1] == HIDDEN
-            and t.numel() // HIDDEN >= pairs
-        ]
 
-    fast = _saved_for_backward(routed_experts_grouped_mm, x_td, idx_tk, weight_tk, gate_up_eih, down_ehi)
-    assert hidden_wide_pair_rows(fast) == []
-    assert any(t.shape == (pairs, INTER) for t in fast)  # it does keep expert-width rows (gate, up)
-    ref = _saved_for_backward(routed_experts_reference, x_td, idx_tk, weight_tk, gate_up_eih, down_ehi)
-    assert sum(t.shape[0] for t in ref if t.dim() == 2 and t.shape[-1] == HIDDEN) >= pairs
+@needs_cpu_grouped_mm
+@pytest.mark.slow
+def test_compiled_grouped_path_keeps_no_hidden_wide_row_per_pair():
+    """The same under torch.compile (bf16, as trained), whose partitioner picks what to keep itself:
+    written as plain ops, the weight gradient's gather was moved to forward and its rows kept."""
+    torch._dynamo.reset()
+    args = _routed_problem_needing_every_gradient(torch.bfloat16)
+    params, pairs = args[3:], args[1].numel()
+    compiled = torch.compile(routed_experts_grouped_mm)
+    compiled(*args).float().sum().backward()  # compile first: count what a step keeps, not the compiler
+    kept = _saved_for_backward(compiled, *args)
+    assert kept, "nothing kept: the count does not see the compiled graph"
+    assert _hidden_wide_pair_rows(kept, params, pairs) == []
