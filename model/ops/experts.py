@@ -140,19 +140,18 @@ def _grouped_weight_grad(g_sn: torch.Tensor, a_sk: torch.Tensor, offs_e: torch.T
     product transposed), else a loop of matmuls."""
     if hasattr(torch, "_grouped_mm"):
         return torch._grouped_mm(g_sn.t(), a_sk, offs=offs_e)
+    return torch.stack([g_sn[start:end].t() @ a_sk[start:end] for start, end in _group_rows(offs_e)])
+
+
+def _group_rows(offs_e: torch.Tensor) -> list[tuple[int, int]]:
+    """(first row, end row) of each group, from its cumulative end rows; syncs once on CUDA."""
     ends = offs_e.tolist()
-    starts = [0, *ends[:-1]]
-    pairs = zip(starts, ends, strict=True)
-    return torch.stack([g_sn[start:end].t() @ a_sk[start:end] for start, end in pairs])
+    return list(zip([0, *ends[:-1]], ends, strict=True))
 
 
 def _grouped_mm_loop(a_sk: torch.Tensor, b_ekn: torch.Tensor, offs_e: torch.Tensor) -> torch.Tensor:
     """torch._grouped_mm's contract (2-D a, 3-D b, offs) as a Python loop; syncs once for the offsets."""
-    ends = offs_e.tolist()
-    starts = [0, *ends[:-1]]
-    pieces = [
-        a_sk[start:end] @ b_ekn[group] for group, (start, end) in enumerate(zip(starts, ends, strict=True))
-    ]
+    pieces = [a_sk[start:end] @ b_ekn[group] for group, (start, end) in enumerate(_group_rows(offs_e))]
     return torch.cat(pieces)
 
 

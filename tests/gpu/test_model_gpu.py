@@ -71,6 +71,16 @@ def assert_fp32_gpu_matches_cpu(config):
     assert errors[worst[0]] < 2e-2, "relative RMS errors: " + ", ".join(f"{n} {errors[n]:.3g}" for n in worst)
 
 
+def use_reference_delta_rule(monkeypatch) -> None:
+    """The Gated DeltaNet layers run the torch reference of the delta rule instead of fla, called
+    eagerly as fla is (compiled layers keep it out of their graphs)."""
+    import model.deltanet
+    from model.ops.gated_delta_rule import chunk_gated_delta_rule_reference
+
+    eager_reference = torch.compiler.disable(chunk_gated_delta_rule_reference)
+    monkeypatch.setattr(model.deltanet, "chunk_gated_delta_rule", eager_reference)
+
+
 def test_fp32_gpu_model_matches_cpu_reference(monkeypatch):
     """Same weights, fp32: the packed path, the compiled fusions, grouped_mm and the chunked CE on
     CUDA compute the CPU reference's loss and gradients. The delta rule runs the pure-torch reference
@@ -78,10 +88,7 @@ def test_fp32_gpu_model_matches_cpu_reference(monkeypatch):
     model fp32 comparison with fla failed this test's 2e-2 bound while this one passed), so fla is
     held to the reference where that precision is meant, in bf16: test_gated_delta_rule_gpu.py and
     the bf16 model test below."""
-    import model.deltanet
-    from model.ops.gated_delta_rule import chunk_gated_delta_rule_reference
-
-    monkeypatch.setattr(model.deltanet, "chunk_gated_delta_rule", chunk_gated_delta_rule_reference)
+    use_reference_delta_rule(monkeypatch)
     assert_fp32_gpu_matches_cpu(gpu_sized_config())
 
 
@@ -125,11 +132,7 @@ def test_compiled_layers_compute_the_eager_model(monkeypatch):
     is the torch reference, called eagerly as fla is: fla computes in bf16/TF32 whatever the input
     dtype, and its rounding of the compiled layers' slightly different inputs put A_log's gradient
     1.1e-3 from the eager model's (H200, two runs), which is fla's precision, not the compiler's."""
-    import model.deltanet
-    from model.ops.gated_delta_rule import chunk_gated_delta_rule_reference
-
-    eager_reference = torch.compiler.disable(chunk_gated_delta_rule_reference)
-    monkeypatch.setattr(model.deltanet, "chunk_gated_delta_rule", eager_reference)
+    use_reference_delta_rule(monkeypatch)
     config = gpu_sized_config()
     config.num_experts_per_tok = config.num_experts
     _, eager = reference_and_gpu_models(config, torch.float32)

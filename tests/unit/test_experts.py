@@ -172,8 +172,10 @@ def test_weight_gradient_loop_has_the_grouped_mm_contract_with_empty_groups(monk
     torch.testing.assert_close(_grouped_weight_grad(g_sn, a_sk, offs_e), expected, rtol=1e-6, atol=1e-6)
 
 
-def _saved_for_backward(fn, *args) -> list[torch.Tensor]:
-    """Every tensor autograd keeps for the backward of fn(*args)."""
+def _kept_activations(fn, *args, params) -> list[torch.Tensor]:
+    """Every tensor autograd keeps for the backward of fn(*args), the parameters (and slices of them)
+    left out."""
+    storages = {p.untyped_storage().data_ptr() for p in params}
     saved = []
 
     def keep(t):
@@ -182,20 +184,12 @@ def _saved_for_backward(fn, *args) -> list[torch.Tensor]:
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         fn(*args)
-    return saved
+    return [t for t in saved if t.untyped_storage().data_ptr() not in storages]
 
 
-def _hidden_wide_pair_rows(saved, params, pairs: int) -> list[tuple]:
-    """Shapes of the kept tensors (parameters and their slices left out) that hold a hidden-wide row
-    for every (token, slot) pair."""
-    storages = {p.untyped_storage().data_ptr() for p in params}
-    return [
-        tuple(t.shape)
-        for t in saved
-        if t.untyped_storage().data_ptr() not in storages
-        and t.shape[-1] == HIDDEN
-        and t.numel() // HIDDEN >= pairs
-    ]
+def _hidden_wide_pair_rows(kept, pairs: int) -> list[tuple]:
+    """Shapes of the kept tensors that hold a hidden-wide row for every (token, slot) pair."""
+    return [tuple(t.shape) for t in kept if t.shape[-1] == HIDDEN and t.numel() // HIDDEN >= pairs]
 
 
 def _routed_problem_needing_every_gradient(dtype: torch.dtype, top_k: int = 4):
@@ -211,13 +205,11 @@ def test_grouped_path_keeps_no_hidden_wide_row_per_pair():
     experts.py). The reference loop, for contrast, keeps hidden-wide rows for the pairs."""
     args = _routed_problem_needing_every_gradient(torch.float32)
     params, pairs = args[3:], args[1].numel()
-    fast = _saved_for_backward(routed_experts_grouped_mm, *args)
-    assert _hidden_wide_pair_rows(fast, params, pairs) == []
+    fast = _kept_activations(routed_experts_grouped_mm, *args, params=params)
+    assert _hidden_wide_pair_rows(fast, pairs) == []
     assert any(t.shape == (pairs, 24) for t in fast)  # it does keep expert-width rows (gate, up)
-    ref = _saved_for_backward(routed_experts_reference, *args)
-    storages = {p.untyped_storage().data_ptr() for p in params}
-    ref_rows = [t for t in ref if t.untyped_storage().data_ptr() not in storages and t.shape[-1] == HIDDEN]
-    assert sum(t.numel() // HIDDEN for t in ref_rows) >= pairs
+    ref = _kept_activations(routed_experts_reference, *args, params=params)
+    assert sum(t.numel() // HIDDEN for t in ref if t.shape[-1] == HIDDEN) >= pairs
 
 
 @needs_cpu_grouped_mm
@@ -230,6 +222,6 @@ def test_compiled_grouped_path_keeps_no_hidden_wide_row_per_pair():
     params, pairs = args[3:], args[1].numel()
     compiled = torch.compile(routed_experts_grouped_mm)
     compiled(*args).float().sum().backward()  # compile first: count what a step keeps, not the compiler
-    kept = _saved_for_backward(compiled, *args)
+    kept = _kept_activations(compiled, *args, params=params)
     assert kept, "nothing kept: the count does not see the compiled graph"
-    assert _hidden_wide_pair_rows(kept, params, pairs) == []
+    assert _hidden_wide_pair_rows(kept, pairs) == []
