@@ -49,10 +49,12 @@ for stage in $stages; do
         tail -6 "$out/loop.log" ;;
     slice)
         # the 80B-A3B's layer width on one GPU (launch/bench.py layout --preset 80b_a3b-slice), with the
-        # per-op-family table of a profiled step; SLICE_ARGS adds options or overrides
+        # per-op-family table of a profiled step and where the GPU waited for the host (bench/host_gaps.py);
+        # SLICE_ARGS adds options or overrides, SLICE_TAG names the outputs
         python launch/bench.py layout --preset 80b_a3b-slice --steps ${SLICE_STEPS:-6} --warmup 3 \
-            --out "$out/slice.json" ${SLICE_ARGS:-} > "$out/slice.log" 2>&1
-        grep -v "^ *\(W\|I\)[0-9]" "$out/slice.log" | tail -22 ;;
+            --out "$out/slice${SLICE_TAG:-}.json" --trace "$out/slice${SLICE_TAG:-}_trace.json.gz" ${SLICE_ARGS:-} \
+            > "$out/slice${SLICE_TAG:-}.log" 2>&1
+        grep -v "^ *\(W\|I\)[0-9]" "$out/slice${SLICE_TAG:-}.log" | tail -${SLICE_TAIL:-50} ;;
     bench-ep)
         # 2 GPUs (nvidia-h100-x2): the raw step of conf=small with experts over both GPUs (ep2) against
         # plain data parallel (ep1 x dp2), and the all-to-all time per MoE layer (issue 5)

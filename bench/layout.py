@@ -55,6 +55,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true", help="eager layers on GPU")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here (rank 0)")
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        default=None,
+        help="write the profiled step's Chrome trace here (rank 0, gzipped) and print where the GPU "
+        "waited for the host (bench/host_gaps.py)",
+    )
     parser.add_argument("overrides", nargs="*", help="further Hydra overrides, e.g. model.num_experts=64")
     return parser.parse_args(argv)
 
@@ -171,6 +178,23 @@ def exposed_all_to_all_ms(profile) -> float:
     return exposed_time(communication, compute) / 1e3
 
 
+def write_trace_and_gaps(prof, path: Path) -> str:
+    """The profile as a gzipped Chrome trace at `path`, and bench/host_gaps.py's report of it."""
+    import gzip
+    import shutil
+    import tempfile
+
+    from bench.host_gaps import load_trace, report
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(raw))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(raw, "rb") as src, gzip.open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        return f"trace: {path}\n" + report(load_trace(raw))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     from bench.op_families import format_table, op_families
@@ -282,5 +306,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"GPU time of a profiled step by op family (rank 0):\n{format_table(families)}")
         if args.out:
             args.out.write_text(json.dumps(result, indent=2))
+        if args.trace:
+            print(write_trace_and_gaps(prof, args.trace))
     dist.barrier()
     dist.destroy_process_group()
