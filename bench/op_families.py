@@ -9,7 +9,8 @@ family by that op and the kernel's name:
 - attention: flash / varlen attention kernels;
 - routing, permute, combine: sorts, gathers, scatters, index ops (tokens to experts and back);
 - norms / elementwise: Triton kernels torch.compile generated (fused norms, gates, SwiGLU, RoPE,
-  casts, residual adds, the CE's softmax) and eager elementwise and reduction kernels;
+  casts, residual adds, the CE's softmax), model/ops/casting.py's (gradients into their fp32
+  buffers, the LM head's gradient scaling) and eager elementwise and reduction kernels;
 - optimizer: everything under the optimizer step (parallel/engine.py marks it for the profiler);
 - communication: NCCL; copies: memcpy and memset; other: the rest, listed by name in the table.
 What the CE's softmax costs therefore lands in norms / elementwise, not in LM head + CE.
@@ -38,7 +39,12 @@ KERNEL_FAMILIES = [  # (family, pattern on the kernel's name), first match wins
     ),
     ("attention", re.compile(r"flash|fmha|attention|varlen", re.I)),
     ("routing, permute, combine", re.compile(r"sort|scatter|gather|index|cumsum|topk|bincount", re.I)),
-    ("norms / elementwise", re.compile(r"^triton_|elementwise|reduce_kernel|vectorized|unrolled", re.I)),
+    (
+        "norms / elementwise",
+        re.compile(
+            r"^triton_|elementwise|reduce_kernel|vectorized|unrolled|^add_into_fp32|^scale_kernel", re.I
+        ),
+    ),
 ]
 FAMILY_ORDER = [
     "routed experts",

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from model.moe import moe_blocks, router_stats
+from model.ops.casting import add_into_fp32
 from parallel.expert import autoep_config, autoep_layers
 from parallel.expert_overlap import overlap_expert_exchanges
 
@@ -354,13 +355,17 @@ def finish_bf16_setup(ds_engine, world: int) -> None:
       a flat buffer, "all-reduce" it and copy it back at every step;
     - the bf16 gradient is added into its fp32 buffer by one mixed-dtype `add_`, where DeepSpeed first
       casts it to an fp32 copy: one pass over the gradients less per micro-batch (about 2% of a
-      `small` step on an H100), the same sum bit for bit; and a step's first gradient of a parameter
-      is cast into its (zeroed) buffer by `copy_`, which reads no zeros and runs vectorized, where the
-      mixed-dtype add does neither (on an H200 the adds took 10.7 of a 200 ms step at the 80B width,
-      one micro-batch a step). Not under folding, whose gradient corrections live in DeepSpeed's own
-      method.
+      `small` step on an H100), the same sum bit for bit; a step's first gradient of a parameter is
+      cast into its buffer, reading nothing there (model/ops/casting.py runs both at the memory
+      bandwidth: on an H200 at the 80B width, one micro-batch a step, PyTorch's mixed-dtype add took
+      10.7 ms of a 200 ms step and its casting copy 8.9);
+    - the buffers are not zeroed after the step (DeepSpeed's clear_hp_grads): since the first
+      gradient overwrites, only those of parameters that got no gradient need zeros, and get them
+      at the end of backward, before the reduction reads them.
+    Not under folding, whose gradient corrections live in DeepSpeed's own method.
     tests/distributed/test_bf16_gradients.py checks that the optimizer sees the exact fp32 sum of the
-    micro-batches' bf16 gradients, on 1 and 2 ranks, with ZeRO 1 and 2."""
+    micro-batches' bf16 gradients, on 1 and 2 ranks, with ZeRO 1 and 2, and zeros for a parameter
+    that got a gradient in one step and none in the next."""
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
     optimizer = ds_engine.optimizer
@@ -370,23 +375,52 @@ def finish_bf16_setup(ds_engine, world: int) -> None:
         ds_engine.enable_backward_allreduce = False
     if optimizer.autoep_folding_tp_group is None:
         optimizer._update_hp_grad = types.MethodType(_add_into_fp32_buffer, optimizer)
+        optimizer.clear_hp_grads = types.MethodType(_forget_fp32_gradients, optimizer)
+        optimizer.backward_epilogue = types.MethodType(
+            _zero_fp32_gradients_not_written(optimizer.backward_epilogue), optimizer
+        )
 
 
 @torch.no_grad()
 def _add_into_fp32_buffer(optimizer, lp, group_idx: int, param_idx: int, clear_lp_grads: bool) -> None:
     """BF16_Optimizer._update_hp_grad (DeepSpeed 0.19.8) without its cast: fp32 += bf16 in one kernel,
-    or fp32 = bf16 for the step's first gradient (the buffer holds zeros until then)."""
+    or fp32 = bf16 for the step's first gradient, over whatever the buffer held before
+    (model/ops/casting.py: both at the memory bandwidth, where PyTorch's mixed-dtype kernels reach
+    half of it)."""
     if lp.grad is None:
         return
     hp_grad = optimizer.fp32_groups_gradients[group_idx][param_idx]
-    if optimizer.fp32_groups_has_gradients[group_idx][param_idx]:
-        hp_grad.add_(lp.grad.view(hp_grad.shape))
-    else:
-        hp_grad.copy_(lp.grad.view(hp_grad.shape))
+    add_into_fp32(hp_grad, lp.grad, overwrite=not optimizer.fp32_groups_has_gradients[group_idx][param_idx])
     lp._hp_grad = hp_grad
     optimizer.fp32_groups_has_gradients[group_idx][param_idx] = True
     if clear_lp_grads:
         lp.grad.zero_()
+
+
+def _forget_fp32_gradients(optimizer) -> None:
+    """BF16_Optimizer.clear_hp_grads without zeroing the fp32 buffers (a pass over 4 bytes a
+    parameter, 4.8 ms a step at the 80B width on an H200): the next gradient of each parameter
+    overwrites its buffer (`_add_into_fp32_buffer`), and the buffers of parameters that got none by
+    the end of a backward are zeroed then (`_zero_fp32_gradients_not_written`)."""
+    for group, gradients in enumerate(optimizer.fp32_groups_gradients):
+        optimizer.fp32_groups_has_gradients[group] = [False] * len(gradients)
+
+
+def _zero_fp32_gradients_not_written(backward_epilogue):
+    """BF16_Optimizer.backward_epilogue, which DeepSpeed runs after each backward and before the
+    data-parallel reduction, then the zeroing of every fp32 gradient buffer no gradient has been
+    written into since the last step: the reduction, the norm and the optimizer read zeros there, as
+    with DeepSpeed's own clearing. Usually no parameter is left out and this is a loop over flags."""
+
+    @torch.no_grad()
+    def epilogue(optimizer, *args, **kwargs):
+        backward_epilogue(*args, **kwargs)
+        for group, written in enumerate(optimizer.fp32_groups_has_gradients):
+            for index, has_gradient in enumerate(written):
+                if not has_gradient:
+                    optimizer.fp32_groups_gradients[group][index].zero_()
+
+    return epilogue
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 The fast path walks the rows in chunks. For each chunk it computes the logits (matmul in the input
 dtype, then fp32 for the softmax), the chunk's loss and, right away, the gradients of that loss
 w.r.t. the chunk's h rows and the weight (d loss / d logits = softmax - onehot, zero on ignored rows),
-accumulating grad_weight in fp32. Backward only scales the stored gradients by grad_output. This is
-the scheme of Liger-Kernel's fused linear cross-entropy, written in plain torch.
+accumulating grad_weight in fp32. Backward only scales the stored gradients by grad_output, in
+place. This is the scheme of Liger-Kernel's fused linear cross-entropy, written in plain torch.
 
 Extra memory, bf16 in: 6 * chunk * V bytes at the peak (the fp32 logits plus a bf16 copy, as they
 are made and again as the gradient is cast back) and 4 * V * D for the fp32 grad_weight -- never
@@ -19,6 +19,7 @@ Legend: n tokens (rows), d hidden, v vocabulary, c rows of one chunk.
 import torch
 import torch.nn.functional as F
 
+from model.ops.casting import scale_in_place
 from model.ops.fusion import compile_on, fused_on_cuda
 
 
@@ -208,7 +209,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         grad_h_nd, grad_w_vd = ctx.saved_tensors
-        # A 0-dim fp32 factor keeps the bf16 result dtype but multiplies in fp32: one rounding.
-        grad_h_nd = grad_h_nd * grad_loss if grad_h_nd is not None else None
-        grad_w_vd = grad_w_vd * grad_loss if grad_w_vd is not None else None
+        # In place (the saved gradients are this backward's alone), multiplied in fp32 and rounded
+        # once to their dtype; model/ops/casting.py says why not `grad * grad_loss` on CUDA.
+        factor = grad_loss.detach().float()
+        grad_h_nd = scale_in_place(grad_h_nd, factor) if grad_h_nd is not None else None
+        grad_w_vd = scale_in_place(grad_w_vd, factor) if grad_w_vd is not None else None
         return grad_h_nd, grad_w_vd, None, None, None

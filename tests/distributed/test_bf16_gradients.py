@@ -105,3 +105,60 @@ def test_bf16_gradients_reach_the_optimizer_as_their_fp32_sum(tmp_path, world, z
         assert not torch.equal(expected, expected.bfloat16().float())  # rounding to bf16 would show
         for rank_result in results:
             torch.testing.assert_close(rank_result[1][name_index], expected, rtol=1e-6, atol=1e-8)
+
+
+def gradients_when_a_layer_sits_out(rank: int, world: int):
+    """Step 1 trains the whole toy model; step 2's micro-batches skip its last layer, then only the
+    first: the gradients DeepSpeed holds at step 2's boundary, plain autograd's for step 2, and the
+    fp32 master weights before and after step 2."""
+    os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+
+    from parallel.engine import finish_bf16_setup, quiet_deepspeed, skip_cpu_shm_build
+
+    quiet_deepspeed()
+    skip_cpu_shm_build()
+    model = toy_model()
+    plain = copy.deepcopy(model)
+    depths = [len(model) - 1, 2]  # step 2's micro-batches: all but the last layer, then the first two
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        config=trainer_settings(world, 1),
+        dist_init_required=False,
+    )
+    finish_bf16_setup(engine, world)
+    for index in range(GRAD_ACCUM):  # step 1: every parameter gets a gradient
+        engine.backward(loss_of(engine, micro_batch(rank, index)))
+        engine.step()
+    masters = [safe_get_full_fp32_param(p).clone() for p in engine.module.parameters()]
+    plain.load_state_dict(engine.module.state_dict())
+    expected = [torch.zeros(p.shape) for p in plain.parameters()]
+    for index, depth in enumerate(depths):
+        x = micro_batch(rank, 10 + index)
+        plain.zero_grad(set_to_none=True)
+        (plain[:depth](x).float().pow(2).sum() / GRAD_ACCUM).backward()
+        for total, p in zip(expected, plain.parameters(), strict=True):
+            if p.grad is not None:
+                total += p.grad.float()  # the micro-batches' bf16 gradients summed in fp32
+        engine.backward(engine.module[:depth](x).float().pow(2).sum())
+        if index == GRAD_ACCUM - 1:
+            seen = [safe_get_full_grad(p).clone() for p in engine.module.parameters()]
+        engine.step()
+    after = [safe_get_full_fp32_param(p).clone() for p in engine.module.parameters()]
+    return expected, seen, masters, after
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_parameter_without_gradient_in_a_step_gets_zeros_not_the_last_steps(tmp_path, world):
+    results = run_on_ranks(gradients_when_a_layer_sits_out, world, tmp_path, timeout=300)
+    expected = [sum(r[0][i] for r in results) / world for i in range(len(results[0][0]))]
+    last = len(expected) - 2  # the last Linear's weight and bias sat out both micro-batches
+    for _, seen, masters, after in results:
+        for want, got in zip(expected, seen, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
+        for index in (last, last + 1):
+            assert torch.equal(seen[index], torch.zeros_like(seen[index]))
+            assert torch.equal(after[index], masters[index])  # SGD moved it by nothing
+        assert not torch.equal(after[0], masters[0])
