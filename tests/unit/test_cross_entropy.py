@@ -147,3 +147,28 @@ def test_fused_chunk_step_matches_reference_gradient(dtype):
     assert grad.dtype == dtype
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(grad.float(), ref_logits.grad, rtol=tol, atol=tol)
+
+
+def test_a_chunks_logit_gradient_is_freed_before_the_next_chunk_starts(monkeypatch):
+    """The [c, V] gradient of one chunk must not outlive its use: held while the next chunk's logits
+    and gradient are made, it would be a third [c, V] buffer at the head's peak."""
+    import weakref
+
+    import model.ops.cross_entropy as ce
+
+    made, live_at_start = [], []
+    original = ce._chunk_loss_and_grad
+
+    def watched(*args):
+        live_at_start.append(sum(ref() is not None for ref in made))
+        loss, grad_cv = original(*args)
+        made.append(weakref.ref(grad_cv))
+        return loss, grad_cv
+
+    monkeypatch.setattr(ce, "_chunk_loss_and_grad", watched)
+    h_nd, weight_vd, labels_n = _inputs(40, 8, 32, torch.float32)
+    loss_sum, _ = linear_cross_entropy(
+        h_nd.requires_grad_(), weight_vd.requires_grad_(), labels_n, ignore_index=IGNORE, chunk_size=8
+    )
+    loss_sum.backward()
+    assert live_at_start == [0, 0, 0, 0, 0]  # five chunks, none begun with an earlier one's gradient
