@@ -51,9 +51,11 @@ def backend_fn(name: str):
     """fn(h, w, labels) -> loss summed over kept tokens."""
     if name.startswith("ours"):  # ours-N: N-row chunks (default 2048)
         chunk = int(name.partition("-")[2] or 2048)
-        return lambda h, w, labels: linear_cross_entropy(h, w, labels, ignore_index=IGNORE, chunk_size=chunk)[
-            0
-        ]
+
+        def ours(h, w, labels):
+            return linear_cross_entropy(h, w, labels, ignore_index=IGNORE, chunk_size=chunk)[0]
+
+        return ours
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     accum = {"liger": None, "liger-fp32": torch.float32}[name]

@@ -20,10 +20,13 @@ from __future__ import annotations
 import argparse
 import bisect
 import gzip
+import itertools
 import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+
+from bench.layout import merged
 
 GPU_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
@@ -62,12 +65,8 @@ def load_trace(path: Path) -> list[dict]:
 
 def idle_gaps(busy: list[tuple[float, float]], min_us: float) -> list[tuple[float, float]]:
     """The stretches of at least min_us between the union of [start, end) intervals."""
-    gaps, reach = [], None
-    for start, end in sorted(busy):
-        if reach is not None and start - reach >= min_us:
-            gaps.append((reach, start))
-        reach = end if reach is None else max(reach, end)
-    return gaps
+    union = merged(busy)
+    return [(end, start) for (_, end), (start, _) in itertools.pairwise(union) if start - end >= min_us]
 
 
 class CpuOps:
@@ -89,15 +88,20 @@ class CpuOps:
         last = bisect.bisect_right(self.starts.get(thread, []), at)
         return [s for s in spans[:last] if s.end >= at]
 
+    def innermost(self, call: dict, default: str = "?") -> str:
+        """The innermost op around a CUDA runtime call (runtime calls themselves skipped)."""
+        stack = self.around((call.get("pid"), call.get("tid")), call["ts"])
+        return next((s.name for s in reversed(stack) if not s.name.startswith("cuda")), default)
 
-def find_gaps(events: list[dict], min_us: float = 10.0) -> list[Gap]:
+
+def find_gaps(events: list[dict], min_us: float = 10.0, ops: CpuOps | None = None) -> list[Gap]:
     gpu = [e for e in events if e.get("cat") in GPU_CATEGORIES]
     launches = {
         e["args"]["correlation"]: e
         for e in events
         if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})
     }
-    ops = CpuOps(events)
+    ops = ops or CpuOps(events)
     starts = sorted((e["ts"], e) for e in gpu)
     start_times = [ts for ts, _ in starts]
     gaps = []
@@ -108,33 +112,34 @@ def find_gaps(events: list[dict], min_us: float = 10.0) -> list[Gap]:
             gaps.append(Gap(begin, end, None, "?", "?"))
             continue
         stack = ops.around((launch.get("pid"), launch.get("tid")), launch["ts"])
-        inner = next((s.name for s in reversed(stack) if not s.name.startswith("cuda")), launch["name"])
+        inner = ops.innermost(launch, default=launch["name"])
         gaps.append(Gap(begin, end, launch["ts"], inner, stack[0].name if stack else "?"))
     return gaps
 
 
-def host_syncs(events: list[dict]) -> list[tuple[str, str, float]]:
+def host_syncs(events: list[dict], ops: CpuOps | None = None) -> list[tuple[str, str, float]]:
     """(sync call, the op around it, microseconds waited), in trace order."""
-    ops = CpuOps(events)
+    ops = ops or CpuOps(events)
     found = []
     for e in sorted(events, key=lambda e: e["ts"]):
         if e.get("cat") in ("cuda_runtime", "cuda_driver") and e["name"].startswith(SYNC_CALLS):
             if e["name"].startswith("cudaMemcpy") and "Async" in e["name"]:
                 continue
-            stack = ops.around((e.get("pid"), e.get("tid")), e["ts"])
-            caller = next((s.name for s in reversed(stack) if not s.name.startswith("cuda")), "?")
-            found.append((e["name"], caller, e.get("dur", 0.0)))
+            found.append((e["name"], ops.innermost(e), e.get("dur", 0.0)))
     return found
 
 
-def summarize(gaps: list[Gap], key) -> list[tuple[str, int, float]]:
-    """(label, count, total us) per key(gap), largest total first."""
+def summarize(timed: list[tuple[str, float]]) -> list[tuple[str, int, float]]:
+    """(label, count, total us) per label of (label, us) pairs, largest total first."""
     totals: dict[str, list] = defaultdict(lambda: [0, 0.0])
-    for gap in gaps:
-        entry = totals[key(gap)]
-        entry[0] += 1
-        entry[1] += gap.us
+    for label, us in timed:
+        totals[label][0] += 1
+        totals[label][1] += us
     return sorted(((k, n, us) for k, (n, us) in totals.items()), key=lambda row: -row[2])
+
+
+def table(rows: list[tuple[str, int, float]]) -> list[str]:
+    return [f"  {label[:70]:<70} {n:>6} {us / 1e3:>8.2f}" for label, n, us in rows]
 
 
 def report(events: list[dict], min_us: float = 10.0, top: int = 12) -> str:
@@ -142,7 +147,8 @@ def report(events: list[dict], min_us: float = 10.0, top: int = 12) -> str:
     if not gpu:
         return "no GPU activity in the trace"
     span = max(e["ts"] + e.get("dur", 0) for e in gpu) - min(e["ts"] for e in gpu)
-    gaps = find_gaps(events, min_us)
+    ops = CpuOps(events)
+    gaps = find_gaps(events, min_us, ops)
     bound = [g for g in gaps if g.host_bound]
     lines = [
         f"GPU span {span / 1e3:.1f} ms; idle in {len(gaps)} gaps of >= {min_us:g} us: "
@@ -150,23 +156,12 @@ def report(events: list[dict], min_us: float = 10.0, top: int = 12) -> str:
         f"GPU ran dry) {sum(g.us for g in bound) / 1e3:.1f} ms in {len(bound)} gaps",
         "host-bound gaps by the outermost op around the launch that ended them (count, ms):",
     ]
-    lines += [
-        f"  {label[:70]:<70} {n:>6} {us / 1e3:>8.2f}"
-        for label, n, us in summarize(bound, lambda g: g.outer)[:top]
-    ]
+    lines += table(summarize([(g.outer, g.us) for g in bound])[:top])
     lines.append("host-bound gaps by the op that launched the next kernel (count, ms):")
-    lines += [
-        f"  {label[:70]:<70} {n:>6} {us / 1e3:>8.2f}"
-        for label, n, us in summarize(bound, lambda g: g.op)[:top]
-    ]
-    syncs = host_syncs(events)
+    lines += table(summarize([(g.op, g.us) for g in bound])[:top])
+    syncs = host_syncs(events, ops)
     lines.append(f"host syncs: {len(syncs)}, waiting {sum(us for *_, us in syncs) / 1e3:.1f} ms")
-    by_caller: dict[str, list] = defaultdict(lambda: [0, 0.0])
-    for call, caller, us in syncs:
-        by_caller[f"{call} in {caller}"][0] += 1
-        by_caller[f"{call} in {caller}"][1] += us
-    for label, (n, us) in sorted(by_caller.items(), key=lambda kv: -kv[1][1])[:top]:
-        lines.append(f"  {label[:70]:<70} {n:>6} {us / 1e3:>8.2f}")
+    lines += table(summarize([(f"{call} in {caller}", us) for call, caller, us in syncs])[:top])
     return "\n".join(lines)
 
 
