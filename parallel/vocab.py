@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from model.ops.casting import scale_in_place
 from model.ops.cross_entropy import accumulate_grad_weight, check_labels_in_range
 from parallel.tensor import rank_slice, sharded_parameter
 
@@ -61,6 +62,8 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             grad_cv = grad_cv.to(h_cd.dtype)
             grad_h_nd[rows] = grad_cv @ weight_vd
             grad_w_vd = accumulate_grad_weight(grad_w_vd, grad_cv, h_cd)
+            # freed before the next chunk's logits are made, not when their names are rebound
+            del logits_cv, exp_cv, grad_cv
         _all_reduce(grad_h_nd, group)  # each rank's part covers its vocabulary rows only
         ctx.save_for_backward(grad_h_nd.to(h_nd.dtype), grad_w_vd.to(weight_vd.dtype))
         return loss_sum
@@ -68,7 +71,17 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h_nd, grad_w_vd = ctx.saved_tensors
-        return grad_h_nd * grad_loss, grad_w_vd * grad_loss, None, None, None, None, None
+        # as model/ops/cross_entropy.py's: in place, in fp32, rounded once (not `grad * grad_loss`)
+        factor = grad_loss.detach().float()
+        return (
+            scale_in_place(grad_h_nd, factor),
+            scale_in_place(grad_w_vd, factor),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 class VocabParallelLMHead(nn.Module):
