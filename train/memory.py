@@ -16,12 +16,14 @@ pair fewer kept by the compiled MoE block since. A
 recomputed layer (activation checkpointing) keeps only its input (T * H * 2), plus one layer's worth
 while it is recomputed; `recomputed_layers` of the decoder layers are (the first ones; MTP layers
 never), and backward frees the others before it recomputes them. The LM-head cross-entropy adds one
-chunk of logits (2048 x vocab x 6 bytes) and the head's fp32 weight gradient per head (main and
-MTP: 4 x vocab x H / tp each), which it computes in forward. Measured on an H200 at the 80B width
-(4 layers + MTP, 2 x 4096 tokens, bench/RESULTS.md), peak against the estimate: before that change
-(and with the pairs' 3 H) every layer recomputed 52.7 GiB against 53.3, the first 2 of 4 56.0
-against 56.7, none 59.9 against 60.4; with the current expert path 52.0 against 52.6, 54.2 against
-54.9 and 56.8 against 57.3.
+chunk of logits (2048 x vocab x 4 bytes: the bf16 logits and their gradient) and the head's fp32
+weight gradient per head (main and MTP: 4 x vocab x H / tp each), which it computes in forward.
+Measured on an H200 at the 80B width (4 layers + MTP, 2 x 4096 tokens, bench/RESULTS.md), peak
+against the estimate: before that change (and with the pairs' 3 H) every layer recomputed 52.7 GiB
+against 53.3, the first 2 of 4 56.0 against 56.7, none 59.9 against 60.4; with the current expert
+path 52.0 against 52.6, 54.2 against 54.9 and 56.8 against 57.3, when the cross-entropy still held
+the previous chunk's gradient (6 bytes a logit); since it frees it, every layer recomputed 51.5
+against 52.1.
 """
 
 from __future__ import annotations
@@ -121,5 +123,5 @@ def activation_bytes(
     whole = max(sum(per_layer[t] for t in kept_whole), max((per_layer[t] for t in recomputed), default=0))
     # the LM head's cross-entropy: one chunk of logits, and the head's fp32 weight gradient that it
     # computes in forward and keeps for backward, once for the main head and once per MTP depth
-    head = CE_CHUNK * c.vocab_size * 6 + (1 + c.mtp_num_layers) * 4 * c.vocab_size * h / tensor
+    head = CE_CHUNK * c.vocab_size * 4 + (1 + c.mtp_num_layers) * 4 * c.vocab_size * h / tensor
     return len(recomputed) * tokens * h * 2 + whole + head
