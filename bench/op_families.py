@@ -1,7 +1,8 @@
 """Where a profiled training step's GPU time goes, by op family.
 
-torch.profiler attaches every GPU kernel to the CPU op that launched it. Each kernel is put into one
-family by that op and the kernel's name:
+torch.profiler attaches a GPU kernel to the CPU op that launched it. Each kernel is put into one
+family by that op and the kernel's name, or by its name alone when no op launched it (a Triton kernel
+called from Python outside any torch op, such as model/ops/adamw.py's):
 - routed experts: `aten::_grouped_mm` (the experts' GEMMs);
 - LM head + CE: GEMMs with the vocabulary in a shape (the head's forward and both gradients);
 - dense GEMMs: the other GEMMs (DeltaNet and attention projections, router, shared expert, MTP fc);
@@ -11,7 +12,8 @@ family by that op and the kernel's name:
 - norms / elementwise: Triton kernels torch.compile generated (fused norms, gates, SwiGLU, RoPE,
   casts, residual adds, the CE's softmax), model/ops/casting.py's (gradients into their fp32
   buffers, the LM head's gradient scaling) and eager elementwise and reduction kernels;
-- optimizer: everything under the optimizer step (parallel/engine.py marks it for the profiler);
+- optimizer: everything under the optimizer step (parallel/engine.py marks it for the profiler), and
+  model/ops/adamw.py's kernel;
 - communication: NCCL; copies: memcpy and memset; other: the rest, listed by name in the table.
 What the CE's softmax costs therefore lands in norms / elementwise, not in LM head + CE.
 """
@@ -27,6 +29,7 @@ from parallel.engine import OPTIMIZER_STEP
 GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"}
 
 KERNEL_FAMILIES = [  # (family, pattern on the kernel's name), first match wins
+    ("optimizer", re.compile(r"^adamw_kernel")),
     ("communication", re.compile(r"nccl", re.I)),
     ("copies", re.compile(r"memcpy|memset", re.I)),
     (
@@ -89,6 +92,19 @@ def family_of(op_name: str, shapes, kernel_name: str, under_optimizer: bool, voc
     return "other"
 
 
+def kernels_without_op(profile, attributed: dict[str, float]) -> dict[str, float]:
+    """GPU time (us) by kernel name beyond what `attributed` (name -> us) charged to launching ops:
+    the kernels no CPU op launched, from all the device events the profiler recorded."""
+    from torch.autograd import DeviceType
+
+    totals: dict[str, float] = defaultdict(float)
+    for event in profile.profiler.kineto_results.events():
+        if event.device_type() == DeviceType.CUDA:
+            totals[event.name()] += event.duration_ns() / 1e3
+    left = {name: us - attributed.get(name, 0.0) for name, us in totals.items()}
+    return {name: us for name, us in left.items() if us > 1e-3}
+
+
 def _under(event, range_name: str) -> bool:
     parent = event.cpu_parent
     while parent is not None:
@@ -102,6 +118,7 @@ def op_families(profile, vocab_size: int, steps: int = 1) -> list[dict]:
     """Per family: ms a step, its share of all kernel time, and its three largest kernels, from a
     `torch.profiler.profile(record_shapes=True)` over `steps` steps; largest first in FAMILY_ORDER."""
     families = {name: Family(name) for name in FAMILY_ORDER}
+    attributed: dict[str, float] = defaultdict(float)
     for event in profile.events():
         if not event.kernels:
             continue
@@ -109,6 +126,9 @@ def op_families(profile, vocab_size: int, steps: int = 1) -> list[dict]:
         for kernel in event.kernels:
             name = family_of(event.name, event.input_shapes, kernel.name, optimizer, vocab_size)
             families[name].add(kernel.name, kernel.duration)
+            attributed[kernel.name] += kernel.duration
+    for kernel, us in kernels_without_op(profile, attributed).items():
+        families[family_of("", None, kernel, False, vocab_size)].add(kernel, us)
     total = sum(f.us for f in families.values()) or 1.0
     return [
         {
