@@ -218,8 +218,13 @@ def main(argv: list[str] | None = None) -> None:
     moe_layers = len(autoep_layers(training.model)) if uses_autoep(cfg, layout) else 0
     host_batch = random_batch(cfg, rank // layout.tensor)
 
+    unread = []
+
     def step() -> None:
-        training.step.run([host_batch], lr=cfg.optim.lr)
+        """As the trainer runs it: a step's results read after the next step is launched."""
+        unread.append(training.step.run([host_batch], lr=cfg.optim.lr))
+        if len(unread) > 1:
+            unread.pop(0).result()
 
     def synchronize() -> None:
         synchronize_all(on_gpu)

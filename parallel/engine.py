@@ -12,7 +12,9 @@ unless `parallel.untested_deepspeed=true`, in which case the changes that only s
 back to DeepSpeed's own behaviour and the ones expert parallelism needs are still made:
 1. CPU runs: DeepSpeed's shared-memory all-reduce op is marked unbuildable (`skip_cpu_shm_build`).
 2. bf16 (ZeRO 1-2 on GPUs): the bf16 gradient is added into its fp32 buffer in one mixed-dtype
-   `add_`, and a single rank skips the gradient all-reduce (`finish_bf16_setup`). Speed only.
+   `add_`, and a single rank skips the gradient all-reduce (`finish_bf16_setup`); without tensor or
+   expert parallelism the optimizer step decides clipping and skipping on the device, without
+   reading the gradient norm on the host (`_step_without_host_sync`). Speed only.
 3. Expert parallelism: the engine adopts the AutoEP layers parallel/expert.py built before it
    (`_engine_adopts_replaced_layers`), and checks they hold the experts of its groups.
 4. Expert parallelism folded onto tensor parallelism: AutoTP told our heads are sharded already, the
@@ -40,6 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from model.moe import moe_blocks, router_stats
+from model.ops.adamw import adamw_flat_
 from model.ops.casting import add_into_fp32
 from parallel.expert import autoep_config, autoep_layers
 from parallel.expert_overlap import overlap_expert_exchanges
@@ -226,15 +229,21 @@ class Engine:
 
     Per micro-batch: `out = engine(input_ids, labels=..., documents=...)`, then `engine.backward(loss)`;
     the last micro-batch's backward also runs the optimizer step, after which `grad_norm` and
-    `step_skipped` describe it.
+    `step_skipped` describe it: a float and a bool, or, where the step decides on the device
+    (`steps_without_host_sync`), a 0-dim fp32 tensor (inf when not finite) and a 0-dim bool tensor on
+    the device, not read by the engine, so that the host can go on launching the next step.
     """
 
     def __init__(self, ds_engine, settings: EngineSettings):
         self._ds = ds_engine
         self.settings = settings
         self.module: nn.Module = ds_engine.module
-        self.grad_norm = float("nan")
-        self.step_skipped = False
+        self.grad_norm: float | torch.Tensor = float("nan")
+        self.step_skipped: bool | torch.Tensor = False
+
+    @property
+    def steps_without_host_sync(self) -> bool:
+        return getattr(self._ds.optimizer, "step_without_host_sync", False)
 
     def __call__(self, input_ids, *, labels=None, documents=None):
         return self._ds(input_ids, labels=labels, documents=documents)
@@ -248,13 +257,17 @@ class Engine:
         clipped optimizer step, or its skip when the gradient norm is not finite."""
         self._ds.backward(loss)
         boundary = self._ds.is_gradient_accumulation_boundary()
-        if boundary:
+        on_device = boundary and self.steps_without_host_sync
+        if boundary and not on_device:
             skipped_before = self._ds.skipped_steps
             # ZeRO off: DeepSpeed reports no norm; every rank holds the whole reduced gradients
             replicated_norm = replicated_grad_norm(self.module) if self.settings.zero_stage == 0 else None
         with torch.profiler.record_function(OPTIMIZER_STEP):  # names the optimizer's kernels in profiles
             self._ds.step()
-        if boundary:
+        if on_device:
+            self.grad_norm = self._ds.optimizer.device_grad_norm
+            self.step_skipped = ~torch.isfinite(self.grad_norm)
+        elif boundary:
             self.grad_norm = self._reported_grad_norm() if replicated_norm is None else replicated_norm
             # ZeRO's optimizer skips a non-finite step itself; with ZeRO off SkippingAdamW does
             self.step_skipped = self._ds.skipped_steps > skipped_before or getattr(
@@ -361,7 +374,9 @@ def finish_bf16_setup(ds_engine, world: int) -> None:
       10.7 ms of a 200 ms step and its casting copy 8.9);
     - the buffers are not zeroed after the step (DeepSpeed's clear_hp_grads): since the first
       gradient overwrites, only those of parameters that got no gradient need zeros, and get them
-      at the end of backward, before the reduction reads them.
+      at the end of backward, before the reduction reads them;
+    - where the gradient norm needs no collective, the optimizer step skips and clips on the device
+      (`_step_without_host_sync`), and the engine reports the norm as a device tensor.
     Not under folding, whose gradient corrections live in DeepSpeed's own method.
     tests/distributed/test_bf16_gradients.py checks that the optimizer sees the exact fp32 sum of the
     micro-batches' bf16 gradients, on 1 and 2 ranks, with ZeRO 1 and 2, and zeros for a parameter
@@ -379,6 +394,101 @@ def finish_bf16_setup(ds_engine, world: int) -> None:
         optimizer.backward_epilogue = types.MethodType(
             _zero_fp32_gradients_not_written(optimizer.backward_epilogue), optimizer
         )
+    if _can_step_without_host_sync(optimizer):
+        optimizer.step = types.MethodType(_step_without_host_sync, optimizer)
+        optimizer.step_without_host_sync = True
+
+
+def _can_step_without_host_sync(optimizer) -> bool:
+    """Whether `_step_without_host_sync` computes what BF16_Optimizer.step would: fp32 gradients, the
+    norm over gradients every rank holds whole (no tensor-parallel or expert-parallel parts to sum over
+    groups), and torch's fused AdamW underneath (whose arithmetic and state model/ops/adamw.py keeps),
+    one flat fp32 partition a parameter group."""
+    inner = optimizer.optimizer
+    return (
+        optimizer.grad_acc_dtype is torch.float32
+        and optimizer.mpu is None
+        and not optimizer.has_moe_layers
+        and not optimizer._uses_muon
+        and type(inner) is torch.optim.AdamW
+        and all(
+            group["fused"] and not group["amsgrad"] and not group["maximize"] and len(group["params"]) == 1
+            for group in inner.param_groups
+        )
+    )
+
+
+@torch.no_grad()
+def _step_without_host_sync(optimizer, closure=None) -> None:
+    """BF16_Optimizer.step (DeepSpeed 0.19.8) with every decision left on the device, and AdamW and the
+    bf16 weights' refresh in one pass.
+
+    DeepSpeed reads the gradient norm on the host twice, to skip a step whose norm is not finite and
+    to clip; each read waits for backward to finish, and the host then launches the optimizer, and
+    after it the next step's forward, into an empty queue (at the 80B width on an H200 the forward is
+    launch-bound, so the GPU then waits for the host through it). Here the norm stays a device tensor,
+    and so do the decisions: `found_inf` (skip: weights, moments and step count left as they were)
+    and `grad_scale` (each gradient divided by it: norm / clip when the norm exceeds the clip, else 1,
+    DeepSpeed's clip coefficient inverted), which model/ops/adamw.py takes as torch's fused AdamW
+    does. Its kernel also writes this rank's bf16 partition, which DeepSpeed copies from the fp32
+    weights in a second pass; the partitions are then gathered over the data-parallel ranks as
+    DeepSpeed does. The optimizer's state is torch AdamW's own (checkpoints see no difference).
+    tests/distributed/test_bf16_gradients.py checks it against DeepSpeed's own step: clipped, not
+    clipped, and skipped."""
+    if closure is not None:
+        raise NotImplementedError("the bf16 optimizer step takes no closure")
+    from deepspeed.runtime.utils import all_gather_dp_groups
+
+    gradients = [
+        optimizer.fp32_groups_gradients[group][index]
+        for group, written in enumerate(optimizer.fp32_groups_has_gradients)
+        for index, has_gradient in enumerate(written)
+        if has_gradient
+    ]
+    device = optimizer.fp32_groups_flat_partition[0].device
+    norm = torch.zeros((), device=device)
+    if gradients:
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gradients)))
+    finite = torch.isfinite(norm)
+    optimizer.device_grad_norm = torch.where(finite, norm, torch.full_like(norm, float("inf")))
+    optimizer._global_grad_norm = optimizer.device_grad_norm
+    optimizer.overflow = False  # what DeepSpeed's engine reads on the host: the skip is the kernel's
+    found_inf = (~finite).float()
+    grad_scale = torch.ones_like(norm)
+    if optimizer.clip_grad > 0.0:  # DeepSpeed's eps: clipped when clip / (norm + 1e-6) < 1
+        grad_scale = torch.where(finite, ((norm + 1e-6) / optimizer.clip_grad).clamp(min=1.0), 1.0)
+    inner = optimizer.optimizer
+    for index, group in enumerate(inner.param_groups):
+        (param,) = group["params"]  # this rank's flat fp32 partition of the group
+        state = inner.state[param]
+        if not state:  # as torch's fused AdamW creates it
+            state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        rank_in_group = dist.get_rank(group=optimizer.real_dp_process_group[index])
+        adamw_flat_(
+            param,
+            optimizer.fp32_groups_gradient_flat_partition[index],
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            state["step"],
+            optimizer.bf16_partitioned_groups[index][rank_in_group],
+            lr=group["lr"],
+            betas=group["betas"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+        )
+    optimizer._lazy_init_hp_params_optimizer_state()
+    all_gather_dp_groups(  # BF16_Optimizer.update_lp_params without its copy
+        groups_flat=optimizer.bf16_groups_flat,
+        partitioned_param_groups=optimizer.bf16_partitioned_groups,
+        dp_process_group=optimizer.real_dp_process_group,
+        start_alignment_factor=optimizer.nccl_start_alignment_factor,
+        allgather_bucket_size=optimizer.allgather_bucket_size,
+    )
+    optimizer.clear_hp_grads()
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
 Each MoE layer (our `SparseMoeBlock`, or the AutoEP layer that replaces it) adds an fp32 bias per
 expert to its router's probabilities when it picks a token's experts, and only then: the weights stay
-the unbiased probabilities. After every optimizer step the balancer raises the bias of each layer's
+the unbiased probabilities. After every good optimizer step the balancer raises the bias of each layer's
 under-loaded experts by `rate` and lowers the over-loaded ones' (the sign of mean load - load), from
 the step's global expert loads, which are the same on every rank: the biases stay equal everywhere
 without a collective.
@@ -41,11 +41,14 @@ class ExpertBiasBalancer:
             self.biases.append(layer.expert_bias)
 
     @torch.no_grad()
-    def update(self, expert_tokens_le: torch.Tensor) -> None:
-        """One step of the rule from the step's global counts, int [L, E] in the layers' order."""
+    def update(self, expert_tokens_le: torch.Tensor, apply: torch.Tensor | None = None) -> None:
+        """One step of the rule from the step's global counts [L, E] in the layers' order (integers,
+        in any dtype). `apply`: a 0-dim bool on the biases' device, the step's `good` flag: the rule
+        is applied where it is true, decided on the device so that the host need not wait for it."""
         if expert_tokens_le.shape[0] != len(self.biases):
             layers = expert_tokens_le.shape[0]
             raise ValueError(f"expert loads of {layers} layers for {len(self.biases)} biases")
         for bias_e, counts_e in zip(self.biases, expert_tokens_le, strict=True):
             counts_e = counts_e.to(bias_e.device, torch.float32)
-            bias_e.add_(self.rate * torch.sign(counts_e.mean() - counts_e))
+            step_e = self.rate * torch.sign(counts_e.mean() - counts_e)
+            bias_e.add_(step_e if apply is None else step_e * apply)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from data.loader import TokenLoader
 from model.ops.attention import use_varlen
@@ -55,6 +56,7 @@ class Training:
     balancer: ExpertBiasBalancer | None
     step: TrainStep  # with the objective of `loss.*`
     dp_group: object  # the ranks holding different tokens (None: the whole world)
+    host_group: object  # gloo over the whole world, for flags and counts the host holds (None: alone)
 
 
 def build_training(
@@ -84,6 +86,10 @@ def build_training(
     if cfg.loss.expert_bias_rate > 0:
         balancer = ExpertBiasBalancer(engine.moe_layers(), cfg.loss.expert_bias_rate)
     objective = training_objective(cfg, dp_group)
+    # Collectives over values the host holds go through gloo on the host: under NCCL they would be
+    # queued behind the GPU's work and read back, making the host wait for the previous step
+    host_group = dist.new_group(backend="gloo") if layout.world > 1 else None
+    counts_on_host = dp_group is None and host_group is not None
     step = TrainStep(
         engine,
         objective,
@@ -91,8 +97,10 @@ def build_training(
         vocab_size=cfg.model.vocab_size,
         device=device,
         dp_group=dp_group,
+        counts_group=host_group if counts_on_host else dp_group,
+        counts_device=torch.device("cpu") if counts_on_host else device,
     )
-    return Training(engine.module, engine, balancer, step, dp_group)
+    return Training(engine.module, engine, balancer, step, dp_group, host_group)
 
 
 def rank_loader(

@@ -157,8 +157,11 @@ def global_target_counts(
     # one collective for all counts; the micro-batch total checks that every rank runs as many
     # micro-batches, which the per-micro-batch collectives of the running LBL rely on
     extra = local.new_tensor([routed, micro_batches])
-    totals = all_reduce_sum(torch.cat([local, extra]).to(device or local.device), group).tolist()
     dp_size = group_size(group)
+    counts = torch.cat([local, extra])
+    if dp_size > 1:  # alone, the counts stay on the host: reading them back would wait for the GPU
+        counts = all_reduce_sum(counts.to(device or local.device), group)
+    totals = counts.tolist()
     if totals[-1] != micro_batches * dp_size:
         raise RuntimeError(
             f"ranks run different numbers of micro-batches this step ({totals[-1]} in all, "
@@ -287,6 +290,33 @@ class _StepSums:
         return _StepSums(*(p.view_as(t) for p, t in zip(pieces, self.parts(), strict=True)))
 
 
+@dataclass
+class ReducedStep:
+    """A step's sums over the data-parallel ranks and this rank's own expert counts, on the device
+    they were summed on, with the step's token counts."""
+
+    sums: _StepSums
+    local_counts: torch.Tensor  # float64 [L, E]
+    tokens: StepTokens
+
+    def flat(self) -> torch.Tensor:
+        """Everything in one float64 vector: one copy to the host."""
+        return torch.cat([self.sums.pack(), self.local_counts.flatten()])
+
+    def from_flat(self, flat: torch.Tensor) -> ReducedStep:
+        """The same step from `flat` (`flat()`'s layout, on any device)."""
+        counts = self.local_counts.numel()
+        sums_flat, counts_flat = flat.split([flat.numel() - counts, counts])
+        return ReducedStep(self.sums.unpack(sums_flat), counts_flat.view_as(self.local_counts), self.tokens)
+
+    def to_host(self) -> ReducedStep:
+        return self if self.local_counts.device.type == "cpu" else self.from_flat(self.flat().cpu())
+
+    def all_finite(self) -> torch.Tensor:
+        """0-dim bool, where the sums are: every loss sum finite (the step's loss then is)."""
+        return torch.isfinite(self.sums.pack()).all()
+
+
 class TrainingObjective:
     """The loss of each micro-batch (for backward) and the exact global values of each step (for logs).
 
@@ -360,13 +390,24 @@ class TrainingObjective:
 
     def end_step(self) -> StepLosses:
         """All-reduce the step's sums and return its exact global values; ready for the next step."""
+        return self.losses_of(self.reduce_step())
+
+    def reduce_step(self) -> ReducedStep:
+        """The step's sums all-reduced where they are (on a GPU: launched, not read), and this rank's
+        own; ready for the next step. `losses_of` turns them into the step's values."""
         tokens = self._require_step()
         if self._sums is None:
             raise RuntimeError("end_step before any micro_batch_loss")
-        local_counts = self._sums.counts.round().long().cpu()
+        local_counts = self._sums.counts.clone()
         sums = self._sums.unpack(all_reduce_sum(self._sums.pack(), self.group))
         self._tokens = None
+        return ReducedStep(sums, local_counts, tokens)
 
+    def losses_of(self, reduced: ReducedStep) -> StepLosses:
+        """The step's exact global values from its reduced sums (read on the host here)."""
+        reduced = reduced.to_host()
+        sums, tokens = reduced.sums, reduced.tokens
+        local_counts = reduced.local_counts.round().long()
         lm_loss = float(sums.lm) / max(tokens.lm, 1)
         mtp_losses = [float(s) / max(n, 1) for s, n in zip(sums.mtp, tokens.mtp, strict=True)]
         mtp_loss = sum(mtp_losses) / len(mtp_losses) if mtp_losses else 0.0

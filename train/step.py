@@ -1,13 +1,18 @@
 """One optimizer step of the training loop, the same object for the trainer and the benchmarks.
 
     step = TrainStep(engine, objective, ...)
-    result = step.run(host_micro_batches, lr)   # this rank's grad_accum micro-batches, on the host
+    pending = step.run(host_micro_batches, lr)   # this rank's grad_accum micro-batches, on the host
+    result = pending.result()                    # the step's losses, gradient norm, and whether bad
 
 `run` counts the step's targets over the data-parallel ranks (the objective's denominators, one small
 all-reduce), then for each micro-batch moves it to the device, runs forward and backward of its share
-of the loss; the last backward steps the optimizer (parallel/engine.py). The result holds the step's
-exact global losses (train/losses.py), the gradient norm and whether the step was bad: skipped by the
-optimizer for a non-finite gradient norm, or with a non-finite loss.
+of the loss; the last backward steps the optimizer (parallel/engine.py). It returns without reading
+anything back from the device: on a GPU the step's losses and gradient norm are copied to the host
+behind the step's kernels, and `result()` waits for that copy alone. A loop that reads step N's result
+after launching step N+1 keeps the GPU's queue full between steps (train/trainer.py does). The result
+holds the step's exact global losses (train/losses.py), the gradient norm and whether the step was bad:
+skipped by the optimizer for a non-finite gradient norm, or with a non-finite loss; `pending.good` says
+the same on the device, for what must follow a good step only without waiting for it (the balancer).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from model.documents import DocumentLayout, copy_to_device
 from model.ops.cross_entropy import check_labels_in_range
 from model.qwen3_next import IGNORE_INDEX
 from parallel.engine import Engine
-from train.losses import StepLosses, TrainingObjective, global_target_counts
+from train.losses import ReducedStep, StepLosses, TrainingObjective, global_target_counts
 
 
 @dataclass
@@ -29,6 +34,54 @@ class StepResult:
     losses: StepLosses
     grad_norm: float
     bad: bool  # skipped by the optimizer, or a loss or gradient norm that is not finite
+
+
+class PendingStep:
+    """A launched step's values: `good` and `expert_tokens` on the device now, `result()` on the host.
+
+    Everything the host reads goes to it in one float64 vector (the reduced sums, this rank's expert
+    counts, the gradient norm, the skip flag), copied into page-locked memory behind the step's kernels
+    with an event after it; `result()` waits for that event, not for work launched since."""
+
+    def __init__(self, objective: TrainingObjective, reduced: ReducedStep, grad_norm, skipped):
+        self._objective, self._reduced = objective, reduced
+        flat = reduced.flat()
+        device = flat.device
+        norm = as_device_scalar(grad_norm, device)
+        skip = as_device_scalar(skipped, device)
+        self.good = reduced.all_finite() & torch.isfinite(norm) & (skip == 0)
+        self.expert_tokens = reduced.sums.counts  # float64 [L, E], global
+        values = torch.cat([flat, norm.reshape(1), skip.reshape(1)])
+        self._ready = None
+        if device.type == "cuda":
+            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self._host.copy_(values, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = values
+        self._result: StepResult | None = None
+
+    def result(self) -> StepResult:
+        if self._result is None:
+            if self._ready is not None:
+                self._ready.synchronize()
+            flat, norm, skip = self._host.split([self._host.numel() - 2, 1, 1])
+            reduced = self._reduced.from_flat(flat)
+            losses = self._objective.losses_of(reduced)
+            grad_norm = float(norm)
+            bad = bool(skip) or not math.isfinite(grad_norm) or not bool(reduced.all_finite())
+            self._result = StepResult(losses, grad_norm, bad or not math.isfinite(losses.loss))
+            self._reduced = None  # the device tensors: not needed any more
+        return self._result
+
+
+def as_device_scalar(value: float | bool | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A float64 0-dim tensor on `device`: a tensor converted there, a Python number written by a
+    fill kernel (torch.tensor(x, device=cuda) would copy from pageable memory: a host sync)."""
+    if torch.is_tensor(value):
+        return value.to(device, torch.float64).reshape(())
+    return torch.full((), float(value), dtype=torch.float64, device=device)
 
 
 class TrainStep:
@@ -44,7 +97,12 @@ class TrainStep:
         vocab_size: int,
         device: torch.device,
         dp_group=None,
+        counts_group=None,
+        counts_device: torch.device | None = None,
     ):
+        """counts_group / counts_device: where the step's target counts are summed over the
+        data-parallel ranks (default: dp_group on `device`; a gloo group on the host avoids waiting
+        for the GPU)."""
         self.engine = engine
         self.objective = objective
         self.mtp_depths = mtp_depths
@@ -52,8 +110,10 @@ class TrainStep:
         self.device = device
         self.on_gpu = device.type == "cuda"
         self.dp_group = dp_group
+        self.counts_group = dp_group if counts_group is None else counts_group
+        self.counts_device = device if counts_device is None else counts_device
 
-    def run(self, host_batches: list[dict[str, torch.Tensor]], lr: float) -> StepResult:
+    def run(self, host_batches: list[dict[str, torch.Tensor]], lr: float) -> PendingStep:
         if len(host_batches) != self.engine.settings.grad_accum:
             # the engine steps the optimizer after its grad_accum-th backward, no sooner
             raise ValueError(
@@ -61,7 +121,9 @@ class TrainStep:
                 f"got {len(host_batches)}"
             )
         self.engine.set_lr(lr)
-        tokens = global_target_counts(host_batches, self.mtp_depths, group=self.dp_group, device=self.device)
+        tokens = global_target_counts(
+            host_batches, self.mtp_depths, group=self.counts_group, device=self.counts_device
+        )
         self.objective.begin_step(tokens)
         for host_batch in host_batches:
             # moved one at a time: from the second on, this host work overlaps the GPU's work on the
@@ -69,10 +131,9 @@ class TrainStep:
             batch = self.to_device(host_batch)
             out = self.engine(batch["input_ids"], labels=batch["labels"], documents=batch["documents"])
             self.engine.backward(self.objective.micro_batch_loss(out))
-        losses = self.objective.end_step()
-        grad_norm = self.engine.grad_norm
-        bad = self.engine.step_skipped or not math.isfinite(grad_norm) or not math.isfinite(losses.loss)
-        return StepResult(losses, grad_norm, bad)
+        return PendingStep(
+            self.objective, self.objective.reduce_step(), self.engine.grad_norm, self.engine.step_skipped
+        )
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict:
         """The model's inputs on the training device: for a GPU, ids and labels checked and the document

@@ -22,7 +22,7 @@ import functools
 import os
 import signal
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -57,6 +57,17 @@ from train.losses import all_reduce_sum
 from train.monitor import RunMonitor
 from train.optim import lr_at
 from train.run_dir import hold_run_dir, mark_clean_exit
+from train.step import PendingStep
+
+
+@dataclass
+class LaunchedStep:
+    """A step launched on the device whose results the loop reads later (train/step.py)."""
+
+    step: int
+    lr: float
+    pending: PendingStep
+    data: dict[str, int]  # the loader's counters after its batches were taken
 
 
 class BadStepsError(RuntimeError):
@@ -135,6 +146,7 @@ class Trainer:
             self._message_early(f"initial weights from {init_from}")
         self.model, self.engine = training.model, training.engine
         self.dp_group = training.dp_group  # the ranks holding different tokens
+        self.host_group = training.host_group  # gloo over all ranks (None alone)
         self.balancer, self.train_step = training.balancer, training.step
         self.evaluator = (
             Evaluator(cfg, layout, self.rank, self.train_step) if cfg.trainer.eval_every else None
@@ -318,35 +330,27 @@ class Trainer:
             # a step's time runs from the end of the one before: it includes the logging and the stop
             # check between steps, but not a checkpoint's save or a profile's export
             self.step_clock = time.perf_counter()
+            unread: LaunchedStep | None = None  # launched, its results not read yet
             while self.step < cfg.trainer.max_steps:
                 stopped_by = self._agreed_stop(stop["signal"])
                 if stopped_by:
                     break
                 with self._profiler_at(self.step + 1):
-                    metrics, expert_tokens = self._train_step(batches)
-                evaluation = self._evaluate() if self._evaluation_due() else None
-                evaluated = evaluation.metrics if evaluation is not None else {}
-                self.monitor.log_step({**metrics, **evaluated}, expert_tokens)
-                if evaluated:
-                    self.monitor.message(evaluation_line(self.step, evaluated))
-                if evaluation is not None and evaluation.routing is not None:
-                    self.monitor.log_domain_routing(evaluation.routing)
-                if metrics["bad_step"]:
-                    self.bad_in_row += 1
-                    if self.bad_in_row >= cfg.trainer.max_bad_steps:
-                        raise BadStepsError(
-                            f"{self.bad_in_row} steps in a row had a non-finite loss or gradient norm "
-                            f"(trainer.max_bad_steps={cfg.trainer.max_bad_steps}); stopping at step "
-                            f"{self.step}. The last checkpoint ({self._last_checkpoint_text()}) is "
-                            "untouched: lower optim.lr or check the data, then resume from it."
-                        )
-                    continue
-                self.bad_in_row = 0
-                if self.balancer is not None:
-                    self.balancer.update(expert_tokens)
-                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
-                    self.save()
-                    self.step_clock = time.perf_counter()
+                    launched = self._launch_step(batches)
+                # Step N's results are read after step N+1 is launched: the host goes on queueing work
+                # while the GPU finishes step N, and the next forward starts on a full queue. What
+                # needs the model after step N (an evaluation, a checkpoint) reads it at once.
+                if unread is not None:
+                    self._finish_step(unread)
+                unread = launched
+                if self._evaluation_due() or self._checkpoint_due() or self.step == cfg.trainer.max_steps:
+                    unread = None
+                    good = self._finish_step(launched, evaluate=self._evaluation_due())
+                    if good and self._checkpoint_due():
+                        self.save()
+                        self.step_clock = time.perf_counter()
+            if unread is not None:  # stopped with a step launched: it counts, and is saved below
+                self._finish_step(unread)
             if self.last_saved_step != self.step:
                 self.save()
             if stopped_by and self.is_main:
@@ -365,7 +369,9 @@ class Trainer:
             mark_clean_exit(self.run_dir, self.step, stopped_by)
         self.run_dir_lock.release()
 
-    def _train_step(self, batches) -> tuple[dict, torch.Tensor | None]:
+    def _launch_step(self, batches) -> LaunchedStep:
+        """Step self.step + 1 on this rank's next micro-batches, launched on the device and not read;
+        the balancer's update follows it there, applied only if the step turns out good."""
         cfg = self.cfg
         host_batches = [next(batches) for _ in range(self.layout.grad_accum)]
         lr = lr_at(
@@ -377,20 +383,51 @@ class Trainer:
             min_lr_ratio=cfg.optim.min_lr_ratio,
             decay_fraction=cfg.optim.decay_fraction,
         )
-        result = self.train_step.run(host_batches, lr)
+        pending = self.train_step.run(host_batches, lr)
+        if self.balancer is not None:
+            self.balancer.update(pending.expert_tokens, apply=pending.good)
+        self.step += 1
+        return LaunchedStep(self.step, lr, pending, self.loader.metrics())
+
+    def _finish_step(self, launched: LaunchedStep, *, evaluate: bool = False) -> bool:
+        """Read a launched step's results, evaluate after it if asked (it must be the last launched),
+        log them, and count it if bad: too many bad steps in a row stop the run. Whether it was good."""
+        metrics, expert_tokens = self._step_metrics(launched)
+        evaluation = self._evaluate() if evaluate else None
+        evaluated = evaluation.metrics if evaluation is not None else {}
+        self.monitor.log_step({**metrics, **evaluated}, expert_tokens)
+        if evaluated:
+            self.monitor.message(evaluation_line(launched.step, evaluated))
+        if evaluation is not None and evaluation.routing is not None:
+            self.monitor.log_domain_routing(evaluation.routing)
+        if not metrics["bad_step"]:
+            self.bad_in_row = 0
+            return True
+        self.bad_in_row += 1
+        if self.bad_in_row >= self.cfg.trainer.max_bad_steps:
+            raise BadStepsError(
+                f"{self.bad_in_row} steps in a row had a non-finite loss or gradient norm "
+                f"(trainer.max_bad_steps={self.cfg.trainer.max_bad_steps}); stopping at step "
+                f"{launched.step}. The last checkpoint ({self._last_checkpoint_text()}) is "
+                "untouched: lower optim.lr or check the data, then resume from it."
+            )
+        return False
+
+    def _step_metrics(self, launched: LaunchedStep) -> tuple[dict, torch.Tensor | None]:
+        cfg = self.cfg
+        result = launched.pending.result()  # waits for this step's values, not for later steps
         losses, bad = result.losses, result.bad
         now = time.perf_counter()
         elapsed, self.step_clock = now - self.step_clock, now
 
-        self.step += 1
         step_tokens = cfg.trainer.global_batch_size * cfg.data.seq_len
         self.tokens_seen += step_tokens
         self.skipped_steps += int(bad)
         tokens_per_s = step_tokens / elapsed
         metrics = {
-            "step": self.step,
+            "step": launched.step,
             **losses.as_metrics(),
-            "lr": lr,
+            "lr": launched.lr,
             "grad_norm": result.grad_norm,
             "tokens": self.tokens_seen,
             "tokens_per_s": tokens_per_s,
@@ -398,11 +435,15 @@ class Trainer:
             "step_time_s": elapsed,
             "bad_step": int(bad),
             "skipped_steps": self.skipped_steps,
-            **{f"data_{k}": v for k, v in self._data_metrics().items()},
+            **{f"data_{k}": v for k, v in self._data_metrics(launched.data).items()},
         }
         if self.layout.expert > 1:
             metrics.update(self._all_to_all_volume(losses.local_expert_tokens))
         return metrics, losses.expert_tokens if losses.expert_tokens.numel() else None
+
+    def _checkpoint_due(self) -> bool:
+        every = self.cfg.checkpoint.every
+        return bool(every) and self.step % every == 0
 
     def _evaluation_due(self) -> bool:
         every = self.cfg.trainer.eval_every
@@ -416,10 +457,11 @@ class Trainer:
         self.step_clock = time.perf_counter()
         return evaluation
 
-    def _data_metrics(self) -> dict[str, int]:
-        """The loader's counters, skipped shards summed over the data-parallel ranks (each skips the
-        shards of its own streams; without data.skip_corrupt a bad shard stops the run instead)."""
-        metrics = self.loader.metrics()
+    def _data_metrics(self, metrics: dict[str, int]) -> dict[str, int]:
+        """The loader's counters as a step left them, skipped shards summed over the data-parallel ranks
+        (each skips the shards of its own streams; without data.skip_corrupt a bad shard stops the
+        run instead)."""
+        metrics = dict(metrics)
         if self.cfg.data.skip_corrupt and self.layout.data > 1:
             local = torch.tensor([float(metrics["skipped_shards"])], device=self.device)
             metrics["skipped_shards"] = int(all_reduce_sum(local, self.dp_group).item())
@@ -485,8 +527,11 @@ class Trainer:
         kills its workers 30 s after forwarding a SIGTERM, which a large checkpoint may outlast."""
         if signal_name is None and self.stop_file.exists():
             signal_name = f"{self.stop_file} found"
-        flag = torch.tensor([1.0 if signal_name else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if self.host_group is None:  # alone
+            return signal_name
+        # on the host (gloo): through the GPU the flag would wait for the step launched before
+        flag = torch.tensor([1.0 if signal_name else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.host_group)
         if flag.item() == 0:
             return None
         return signal_name or "stop signal on another rank"

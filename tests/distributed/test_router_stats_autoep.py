@@ -31,7 +31,7 @@ def counts_on_rank(rank: int, world: int):
     positions = torch.arange(cfg.data.seq_len)[None]
     result = training.step.run(
         [{"input_ids": ids[:, :-1], "labels": ids[:, 1:], "position_ids": positions}], lr=0.0
-    )
+    ).result()
     forward = slice(0, len(layers))  # the routers' calls of the forward (recomputation may repeat them)
     router_counts = torch.stack(
         [torch.bincount(p.flatten(), minlength=cfg.model.num_experts) for p in picks[forward]]

@@ -59,6 +59,19 @@ def test_balancer_evens_a_skewed_router_without_touching_its_logits():
     assert layer.expert_bias[0] < 0 < layer.expert_bias[-1], "the favoured expert down, the neglected up"
 
 
+def test_a_step_that_was_not_good_leaves_the_biases_alone():
+    """The trainer applies the rule with the step's `good` flag, a device tensor it does not read."""
+    layers = [FixedRouterLayer(6), FixedRouterLayer(6)]
+    balancer = ExpertBiasBalancer(layers, rate=0.5)
+    counts_le = torch.tensor([[9, 1, 1, 1, 1, 5], [2, 2, 2, 2, 2, 2]], dtype=torch.float64)
+    balancer.update(counts_le, apply=torch.tensor(False))
+    assert all(torch.equal(b, torch.zeros(6)) for b in balancer.biases)
+    balancer.update(counts_le, apply=torch.tensor(True))
+    mean = 18 / 6  # layer 0: experts above the mean load go down by the rate, those below go up
+    assert balancer.biases[0].tolist() == [-0.5 if c > mean else 0.5 for c in counts_le[0].tolist()]
+    assert torch.equal(balancer.biases[1], torch.zeros(6))  # an even layer: no change
+
+
 def test_the_bias_is_an_fp32_checkpointed_buffer_of_every_moe_block():
     model = Qwen3NextForCausalLM(tiny_config()).to(torch.bfloat16)
     blocks = moe_blocks(model)
