@@ -18,6 +18,7 @@ the same on the device, for what must follow a good step only without waiting fo
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -52,20 +53,22 @@ class PendingStep:
         self.good = reduced.all_finite() & torch.isfinite(norm) & (skip == 0)
         self.expert_tokens = reduced.sums.counts  # float64 [L, E], global
         values = torch.cat([flat, norm.reshape(1), skip.reshape(1)])
-        self._ready = None
+        self.finished_event = None  # on a GPU: recorded behind the step's kernels and the copy
+        self.finished_recorded = 0.0
         if device.type == "cuda":
             self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
             self._host.copy_(values, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record()
+            self.finished_event = torch.cuda.Event(enable_timing=True)
+            self.finished_event.record()
+            self.finished_recorded = time.perf_counter()  # the host's order of the stream's events
         else:
             self._host = values
         self._result: StepResult | None = None
 
     def result(self) -> StepResult:
         if self._result is None:
-            if self._ready is not None:
-                self._ready.synchronize()
+            if self.finished_event is not None:
+                self.finished_event.synchronize()
             flat, norm, skip = self._host.split([self._host.numel() - 2, 1, 1])
             reduced = self._reduced.from_flat(flat)
             losses = self._objective.losses_of(reduced)

@@ -165,7 +165,8 @@ class Trainer:
         )
         self.step = 0
         self.tokens_seen = 0
-        self.step_clock = time.perf_counter()  # when the last step ended (reset as fit starts)
+        self._last_finished_event = None  # on a GPU: behind the last step read
+        self._restart_step_clock()  # again as fit starts
         self.skipped_steps = 0
         self.bad_in_row = 0
         self.last_saved_step = None
@@ -329,7 +330,7 @@ class Trainer:
         with self.monitor, self.loader:
             # a step's time runs from the end of the one before: it includes the logging and the stop
             # check between steps, but not a checkpoint's save or a profile's export
-            self.step_clock = time.perf_counter()
+            self._restart_step_clock()
             unread: LaunchedStep | None = None  # launched, its results not read yet
             while self.step < cfg.trainer.max_steps:
                 stopped_by = self._agreed_stop(stop["signal"])
@@ -348,7 +349,7 @@ class Trainer:
                     good = self._finish_step(launched, evaluate=self._evaluation_due())
                     if good and self._checkpoint_due():
                         self.save()
-                        self.step_clock = time.perf_counter()
+                        self._restart_step_clock()
             if unread is not None:  # stopped with a step launched: it counts, and is saved below
                 self._finish_step(unread)
             if self.last_saved_step != self.step:
@@ -417,8 +418,7 @@ class Trainer:
         cfg = self.cfg
         result = launched.pending.result()  # waits for this step's values, not for later steps
         losses, bad = result.losses, result.bad
-        now = time.perf_counter()
-        elapsed, self.step_clock = now - self.step_clock, now
+        elapsed = self._step_time(launched.pending)
 
         step_tokens = cfg.trainer.global_batch_size * cfg.data.seq_len
         self.tokens_seen += step_tokens
@@ -441,6 +441,38 @@ class Trainer:
             metrics.update(self._all_to_all_volume(losses.local_expert_tokens))
         return metrics, losses.expert_tokens if losses.expert_tokens.numel() else None
 
+    def _restart_step_clock(self) -> None:
+        """The next step's time starts now (after a checkpoint, an evaluation or a profile's export,
+        which are not a step's): on the host clock, and on a GPU as an event behind its queued work."""
+        self.step_clock = time.perf_counter()
+        if self.on_gpu:
+            self._step_clock_event = torch.cuda.Event(enable_timing=True)
+            self._step_clock_event.record()
+            self._step_clock_recorded = time.perf_counter()
+
+    def _step_time(self, pending: PendingStep) -> float:
+        """Seconds from the end of the step before (or the clock's restart) to this step's end.
+
+        On a GPU, on the GPU's clock: from the event before to the one behind this step's kernels.
+        The host reads a step's results after launching the next one, and the last step's at once,
+        so the host's reading times are not the steps' ends (the last would look a tenth as long).
+        A restart made while steps were in flight (a profile's export) can lie after this step's
+        end: then the time since the step before counts, and the restart starts the next one."""
+        now = time.perf_counter()
+        elapsed, self.step_clock = now - self.step_clock, now
+        finished = pending.finished_event
+        if finished is None:
+            return elapsed
+        # one stream: events lie on the GPU in the order the host recorded them
+        restarted_after = self._step_clock_recorded > pending.finished_recorded
+        if restarted_after and self._last_finished_event is not None:  # the restart starts the next step
+            elapsed = self._last_finished_event.elapsed_time(finished) / 1e3
+        else:
+            elapsed = self._step_clock_event.elapsed_time(finished) / 1e3
+            self._step_clock_event, self._step_clock_recorded = finished, pending.finished_recorded
+        self._last_finished_event = finished
+        return elapsed
+
     def _checkpoint_due(self) -> bool:
         every = self.cfg.checkpoint.every
         return bool(every) and self.step % every == 0
@@ -454,7 +486,7 @@ class Trainer:
     def _evaluate(self) -> Evaluation:
         """The held-out metrics after this step (train/evaluate.py); its time is not the next step's."""
         evaluation = self.evaluator.run(self.model, self.step)
-        self.step_clock = time.perf_counter()
+        self._restart_step_clock()
         return evaluation
 
     def _data_metrics(self, metrics: dict[str, int]) -> dict[str, int]:
@@ -519,7 +551,7 @@ class Trainer:
             self._profiler.export_chrome_trace(str(out / "trace.json"))
             self._profiler = None
             self.monitor.message(f"profile of steps {first}..{step} in {out}")
-            self.step_clock = time.perf_counter()
+            self._restart_step_clock()
 
     def _agreed_stop(self, signal_name: str | None) -> str | None:
         """Why to stop now, if any rank got a stop signal or sees run.dir/STOP (all ranks then stop at
