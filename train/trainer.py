@@ -5,10 +5,15 @@ rank (data/loader.py), the same step object `launch/bench.py layout` times; trai
 DeepSpeed owns ZeRO (the optimizer state, and gradients from stage 2, partitioned over the data-
 parallel ranks), bf16 with fp32 master weights on GPU (fp32 on CPU), gradient clipping and the
 accumulation boundary. A step whose gradient norm is not finite is skipped: DeepSpeed's ZeRO
-optimizer drops it (no update, the gradients cleared); with ZeRO off, `SkippingAdamW` does. With
-`loss.expert_bias_rate` > 0 the balancer (train/balancer.py) updates the experts' selection biases
-after each good step. After
-`trainer.max_bad_steps` skipped steps in a row the run stops, leaving the last checkpoint alone.
+optimizer drops it (no update, the gradients cleared), or, under bf16 ZeRO 1 without tensor or
+expert parallelism, our step decides it on the device (parallel/engine.py); with ZeRO off,
+`SkippingAdamW` does. With `loss.expert_bias_rate` > 0 the balancer (train/balancer.py) updates the
+experts' selection biases after each good step, on the device. After `trainer.max_bad_steps` bad
+steps in a row the run stops, leaving the last checkpoint alone.
+
+The loop reads step N's results (losses, gradient norm, whether it was bad) after launching step
+N+1, so that the GPU's queue never runs dry between steps; before an evaluation or a checkpoint, and
+after the last step, it reads them at once. A step's time is taken on the GPU's clock.
 
 SIGTERM (what SLURM sends before a time limit or preemption) or a file run.dir/STOP finishes the
 current step, saves a checkpoint and exits 0. Every rank sees the stop at the same step: the flag is

@@ -5,10 +5,11 @@
 
 The mixed-precision optimizer step of parallel/engine.py holds each parameter group as one flat fp32
 partition (the master weights), its fp32 gradient, Adam's two moments, and the bf16 weights the model
-computes with. torch's fused AdamW updates the fp32 buffers (28 bytes a parameter moved), then a
-second pass reads the fp32 weights again to write the bf16 copy (6 more). On an H200 at the 80B
-width (2.8B parameters on one GPU) the two took 27.3 and 3.8 ms a step: the fused kernel moved
-2.9 TB/s. Here one Triton kernel does both (30 bytes a parameter).
+computes with. torch's fused AdamW updates the fp32 buffers (28 bytes a parameter moved; 4 more when
+given a `grad_scale`, since it then writes the unscaled gradients back), then a second pass reads the
+fp32 weights again to write the bf16 copy (6 more). On an H200 at the 80B width (2.8B parameters on
+one GPU) the two took 23.4 ms (27.3 with `grad_scale`) and 3.8 ms a step. Here one Triton kernel
+does both, 30 bytes a parameter, in 23.4 ms (bench/RESULTS.md).
 
 The arithmetic is torch's fused AdamW's, step for step: the gradient divided by `grad_scale`, the
 weight decayed by lr x weight_decay, the moments' running averages, the bias corrections of the
