@@ -99,7 +99,8 @@ def kernels_without_op(profile, attributed: dict[str, float]) -> dict[str, float
 
     totals: dict[str, float] = defaultdict(float)
     for event in profile.profiler.kineto_results.events():
-        if event.device_type() == DeviceType.CUDA:
+        user_range = getattr(event, "is_user_annotation", lambda: False)()  # a range, not a kernel
+        if event.device_type() == DeviceType.CUDA and not user_range:
             totals[event.name()] += event.duration_ns() / 1e3
     left = {name: us - attributed.get(name, 0.0) for name, us in totals.items()}
     return {name: us for name, us in left.items() if us > 1e-3}

@@ -439,12 +439,9 @@ def _step_without_host_sync(optimizer, closure=None) -> None:
         raise NotImplementedError("the bf16 optimizer step takes no closure")
     from deepspeed.runtime.utils import all_gather_dp_groups
 
-    gradients = [
-        optimizer.fp32_groups_gradients[group][index]
-        for group, written in enumerate(optimizer.fp32_groups_has_gradients)
-        for index, has_gradient in enumerate(written)
-        if has_gradient
-    ]
+    # every buffer: one that got no gradient here holds zeros, or after the data-parallel reduction
+    # the other ranks' sum (DeepSpeed's norm skips it on this rank only, so ranks could disagree)
+    gradients = [gradient for group in optimizer.fp32_groups_gradients for gradient in group]
     device = optimizer.fp32_groups_flat_partition[0].device
     norm = torch.zeros((), device=device)
     if gradients:
@@ -465,6 +462,8 @@ def _step_without_host_sync(optimizer, closure=None) -> None:
             state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
             state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        elif state["step"].device != param.device:  # a universal checkpoint's load leaves it on the host
+            state["step"] = state["step"].to(param.device, torch.float32)
         rank_in_group = dist.get_rank(group=optimizer.real_dp_process_group[index])
         adamw_flat_(
             param,

@@ -54,16 +54,16 @@ class PendingStep:
         self.expert_tokens = reduced.sums.counts  # float64 [L, E], global
         values = torch.cat([flat, norm.reshape(1), skip.reshape(1)])
         self.finished_event = None  # on a GPU: recorded behind the step's kernels and the copy
-        self.finished_recorded = 0.0
         if device.type == "cuda":
             self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
             self._host.copy_(values, non_blocking=True)
             self.finished_event = torch.cuda.Event(enable_timing=True)
             self.finished_event.record()
-            self.finished_recorded = time.perf_counter()  # the host's order of the stream's events
         else:
             self._host = values
         self._result: StepResult | None = None
+        # when the step was launched to its end (on CPU, where it has run by now, its end)
+        self.finished_recorded = time.perf_counter()
 
     def result(self) -> StepResult:
         if self._result is None:

@@ -170,7 +170,7 @@ class Trainer:
         )
         self.step = 0
         self.tokens_seen = 0
-        self._last_finished_event = None  # on a GPU: behind the last step read
+        self._clock_marks: list[tuple[float, torch.cuda.Event | None]] = []  # see _step_time
         self._restart_step_clock()  # again as fit starts
         self.skipped_steps = 0
         self.bad_in_row = 0
@@ -448,35 +448,38 @@ class Trainer:
 
     def _restart_step_clock(self) -> None:
         """The next step's time starts now (after a checkpoint, an evaluation or a profile's export,
-        which are not a step's): on the host clock, and on a GPU as an event behind its queued work."""
-        self.step_clock = time.perf_counter()
+        which are not a step's)."""
+        self._clock_marks.append(self._clock_mark())
+
+    def _clock_mark(self) -> tuple[float, torch.cuda.Event | None]:
+        """(host time, on a GPU an event recorded behind the queued work)."""
+        event = None
         if self.on_gpu:
-            self._step_clock_event = torch.cuda.Event(enable_timing=True)
-            self._step_clock_event.record()
-            self._step_clock_recorded = time.perf_counter()
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        return time.perf_counter(), event
 
     def _step_time(self, pending: PendingStep) -> float:
-        """Seconds from the end of the step before (or the clock's restart) to this step's end.
+        """Seconds from the end of the step before, or the clock's last restart before this step
+        ended, to this step's end.
 
-        On a GPU, on the GPU's clock: from the event before to the one behind this step's kernels.
-        The host reads a step's results after launching the next one, and the last step's at once,
-        so the host's reading times are not the steps' ends (the last would look a tenth as long).
-        A restart made while steps were in flight (a profile's export) can lie after this step's
-        end: then the time since the step before counts, and the restart starts the next one."""
-        now = time.perf_counter()
-        elapsed, self.step_clock = now - self.step_clock, now
-        finished = pending.finished_event
-        if finished is None:
-            return elapsed
-        # one stream: events lie on the GPU in the order the host recorded them
-        restarted_after = self._step_clock_recorded > pending.finished_recorded
-        if restarted_after and self._last_finished_event is not None:  # the restart starts the next step
-            elapsed = self._last_finished_event.elapsed_time(finished) / 1e3
-        else:
-            elapsed = self._step_clock_event.elapsed_time(finished) / 1e3
-            self._step_clock_event, self._step_clock_recorded = finished, pending.finished_recorded
-        self._last_finished_event = finished
-        return elapsed
+        The loop reads a step's results after launching the next one, and the last step's at once,
+        so the times the host reads them are not the steps' ends (on an H200 the last step looked a
+        tenth as long). A step's end is the mark its PendingStep made: an event behind its kernels
+        on a GPU, the host's clock on CPU (where the step ran while launched). The clock's marks
+        (restarts, step ends) lie on the GPU in the order the host made them (one stream), so the
+        start is the last mark made before this step's end; a restart made while the step was in
+        flight (a profile's export) starts the next step instead."""
+        end = (pending.finished_recorded, pending.finished_event)
+        earlier = [mark for mark in self._clock_marks if mark[0] <= end[0]]
+        self._clock_marks = [mark for mark in self._clock_marks if mark[0] > end[0]]
+        self._clock_marks.insert(0, end)
+        if not earlier:
+            return float("nan")
+        start_time, start_event = earlier[-1]
+        if start_event is not None and end[1] is not None:
+            return start_event.elapsed_time(end[1]) / 1e3
+        return end[0] - start_time
 
     def _checkpoint_due(self) -> bool:
         every = self.cfg.checkpoint.every
@@ -500,8 +503,12 @@ class Trainer:
         run instead)."""
         metrics = dict(metrics)
         if self.cfg.data.skip_corrupt and self.layout.data > 1:
-            local = torch.tensor([float(metrics["skipped_shards"])], device=self.device)
-            metrics["skipped_shards"] = int(all_reduce_sum(local, self.dp_group).item())
+            # on the host where the group is the whole world: through the GPU, the sum would wait for
+            # the step launched since
+            on_host = self.dp_group is None
+            local = torch.tensor([float(metrics["skipped_shards"])], device="cpu" if on_host else self.device)
+            group = self.host_group if on_host else self.dp_group
+            metrics["skipped_shards"] = int(all_reduce_sum(local, group).item())
         return metrics
 
     def _all_to_all_volume(self, local_counts_le: torch.Tensor) -> dict[str, float]:
@@ -513,8 +520,8 @@ class Trainer:
         local_slice = slice((self.rank % ep) * experts // ep, (self.rank % ep + 1) * experts // ep)
         remote_l = (local_counts_le.sum(dim=1) - local_counts_le[:, local_slice].sum(dim=1)).double()
         passes_l = remote_l.new_tensor([3 if recomputed else 2 for recomputed in self._moe_layers_recomputed])
-        total = torch.stack([remote_l.sum(), (remote_l * passes_l).sum()]).to(self.device)
-        dist.all_reduce(total)
+        total = torch.stack([remote_l.sum(), (remote_l * passes_l).sum()])
+        dist.all_reduce(total, group=self.host_group)  # on the host (gloo), as the counts are
         # tensor-parallel peers route the same tokens and (folded) each dispatches a 1/tp share of
         # them; their counts against their own slices, averaged, estimate what moves
         slots, slot_passes = (float(x) / self.layout.tensor for x in total)

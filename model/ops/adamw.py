@@ -48,7 +48,7 @@ def _kernel():
         exp_avg_sq_ptr,
         bf16_ptr,
         n,
-        hyper_ptr,  # fp64 [6]: `_hyperparameters`
+        hyper_ptr,  # fp64 [7]: `_hyperparameters`
         found_inf_ptr,
         BLOCK: tl.constexpr,
     ):
@@ -119,8 +119,10 @@ def adamw_flat_(
             "adamw_flat_: param, grad and the moments must be fp32 and as long as bf16_out, got "
             f"{[(t.dtype, t.numel()) for t in (*buffers, bf16_out)]}"
         )
-    kernel = _kernel()
     tensors = (*buffers, bf16_out, step, grad_scale, found_inf)
+    if len({t.device for t in tensors}) > 1:
+        raise ValueError(f"adamw_flat_: all tensors on one device, got {[str(t.device) for t in tensors]}")
+    kernel = _kernel()
     if kernel is None or not all(t.is_cuda and t.is_contiguous() for t in tensors):
         adamw_flat_reference(
             param, grad, exp_avg, exp_avg_sq, step, bf16_out, lr=lr, betas=betas, eps=eps,

@@ -234,3 +234,54 @@ def test_the_device_side_optimizer_step_matches_deepspeeds(tmp_path, world):
                     assert (a - b).abs().max() <= bound * b.abs().max(), (step, key)
         for key in ("masters", "exp_avg", "exp_avg_sq"):  # the skipped step left the state as it was
             assert all(torch.equal(a, b) for a, b in zip(mine[2][key], mine[1][key], strict=True))
+
+
+def steps_around_a_checkpoint(rank: int, world: int, directory: str):
+    """Two steps with the device-side step, a checkpoint, a third step; then a fresh engine loads the
+    checkpoint and takes the same third step. The fp32 master weights after each third step."""
+    os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from parallel.engine import Engine, EngineSettings, finish_bf16_setup, quiet_deepspeed, skip_cpu_shm_build
+
+    quiet_deepspeed()
+    skip_cpu_shm_build()
+    settings = EngineSettings(world, 1, 1, GRAD_ACCUM, 1, world * GRAD_ACCUM, 1.0, 1, False, False)
+
+    def engine() -> Engine:
+        model = toy_model()
+        ds_engine, *_ = deepspeed.initialize(
+            model=model,
+            optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, fused=True),
+            config=trainer_settings(world, 1),
+            dist_init_required=False,
+        )
+        finish_bf16_setup(ds_engine, world)
+        assert ds_engine.optimizer.step_without_host_sync
+        return Engine(ds_engine, settings)
+
+    def step(engine: Engine, index: int) -> list[torch.Tensor]:
+        for micro in range(GRAD_ACCUM):
+            engine.backward(loss_of(engine._ds, micro_batch(rank, 10 * index + micro)))
+        return [safe_get_full_fp32_param(p).clone() for p in engine.module.parameters()]
+
+    first = engine()
+    step(first, 0)
+    step(first, 1)
+    first.save_checkpoint(directory, "step_2")
+    straight_on = step(first, 2)
+    resumed = engine()
+    read = lambda path, map_location=None: torch.load(path, map_location=map_location, weights_only=False)
+    assert resumed.load_checkpoint(directory, "step_2", read)
+    return straight_on, step(resumed, 2)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_checkpoint_after_device_side_steps_resumes_the_same_run(tmp_path, world):
+    """The moments and the step count the one-pass AdamW keeps are torch AdamW's state, which
+    DeepSpeed saves and loads: the resumed third step is the uninterrupted one, bit for bit (a step
+    count lost in the round trip would change the bias corrections)."""
+    results = run_on_ranks(steps_around_a_checkpoint, world, tmp_path, str(tmp_path / "ckpt"), timeout=300)
+    for straight_on, resumed in results:
+        assert all(torch.equal(a, b) for a, b in zip(straight_on, resumed, strict=True))
