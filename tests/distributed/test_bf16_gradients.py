@@ -167,13 +167,11 @@ def test_a_parameter_without_gradient_in_a_step_gets_zeros_not_the_last_steps(tm
 LOSS_FACTORS = (1.0, 1e-5, float("nan"), 1.0)  # clipped, not clipped, skipped, clipped again
 
 
-def steps_with_either_optimizer_step(rank: int, world: int, deepspeeds_own: bool):
-    """Four steps of fused AdamW under the trainer's bf16 settings (clip 1.0), with our device-side
-    step or DeepSpeed's: after each, the fp32 master weights, Adam's moments and step counts, and
-    the reported norm and skip."""
+def adamw_engine(rank: int, world: int):
+    """On this rank (gloo, CPU): the toy model under the trainer's bf16 ZeRO 1 settings (clip 1.0)
+    with fused AdamW, set up as the trainer does, in our Engine."""
     os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     from parallel.engine import Engine, EngineSettings, finish_bf16_setup, quiet_deepspeed, skip_cpu_shm_build
 
@@ -187,12 +185,21 @@ def steps_with_either_optimizer_step(rank: int, world: int, deepspeeds_own: bool
         dist_init_required=False,
     )
     finish_bf16_setup(ds_engine, world)
-    optimizer = ds_engine.optimizer
+    settings = EngineSettings(world, 1, 1, GRAD_ACCUM, 1, world * GRAD_ACCUM, 1.0, 1, False, False)
+    return Engine(ds_engine, settings)
+
+
+def steps_with_either_optimizer_step(rank: int, world: int, deepspeeds_own: bool):
+    """Four steps of fused AdamW under the trainer's bf16 settings (clip 1.0), with our device-side
+    step or DeepSpeed's: after each, the fp32 master weights, Adam's moments and step counts, and
+    the reported norm and skip."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    engine = adamw_engine(rank, world)
+    ds_engine, optimizer = engine._ds, engine._ds.optimizer
     ours = getattr(optimizer, "step_without_host_sync", False)
     if deepspeeds_own:
         del optimizer.step, optimizer.step_without_host_sync  # the class's own method again
-    settings = EngineSettings(world, 1, 1, GRAD_ACCUM, 1, world * GRAD_ACCUM, 1.0, 1, False, False)
-    engine = Engine(ds_engine, settings)
     history = []
     for step, factor in enumerate(LOSS_FACTORS):
         for index in range(GRAD_ACCUM):
@@ -239,29 +246,14 @@ def test_the_device_side_optimizer_step_matches_deepspeeds(tmp_path, world):
 def steps_around_a_checkpoint(rank: int, world: int, directory: str):
     """Two steps with the device-side step, a checkpoint, a third step; then a fresh engine loads the
     checkpoint and takes the same third step. The fp32 master weights after each third step."""
-    os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-    import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from parallel.engine import Engine, EngineSettings, finish_bf16_setup, quiet_deepspeed, skip_cpu_shm_build
+    def engine():
+        built = adamw_engine(rank, world)
+        assert built._ds.optimizer.step_without_host_sync
+        return built
 
-    quiet_deepspeed()
-    skip_cpu_shm_build()
-    settings = EngineSettings(world, 1, 1, GRAD_ACCUM, 1, world * GRAD_ACCUM, 1.0, 1, False, False)
-
-    def engine() -> Engine:
-        model = toy_model()
-        ds_engine, *_ = deepspeed.initialize(
-            model=model,
-            optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, fused=True),
-            config=trainer_settings(world, 1),
-            dist_init_required=False,
-        )
-        finish_bf16_setup(ds_engine, world)
-        assert ds_engine.optimizer.step_without_host_sync
-        return Engine(ds_engine, settings)
-
-    def step(engine: Engine, index: int) -> list[torch.Tensor]:
+    def step(engine, index: int) -> list[torch.Tensor]:
         for micro in range(GRAD_ACCUM):
             engine.backward(loss_of(engine._ds, micro_batch(rank, 10 * index + micro)))
         return [safe_get_full_fp32_param(p).clone() for p in engine.module.parameters()]
