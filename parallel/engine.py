@@ -265,7 +265,7 @@ class Engine:
         with torch.profiler.record_function(OPTIMIZER_STEP):  # names the optimizer's kernels in profiles
             self._ds.step()
         if on_device:
-            self.grad_norm = self._ds.optimizer.device_grad_norm
+            self.grad_norm = self._ds.get_global_grad_norm()  # the device tensor our step left
             self.step_skipped = ~torch.isfinite(self.grad_norm)
         elif boundary:
             self.grad_norm = self._reported_grad_norm() if replicated_norm is None else replicated_norm
@@ -447,8 +447,8 @@ def _step_without_host_sync(optimizer, closure=None) -> None:
     if gradients:
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gradients)))
     finite = torch.isfinite(norm)
-    optimizer.device_grad_norm = torch.where(finite, norm, torch.full_like(norm, float("inf")))
-    optimizer._global_grad_norm = optimizer.device_grad_norm
+    # DeepSpeed's engine hands this on (get_global_grad_norm), as it does the norm of its own step
+    optimizer._global_grad_norm = torch.where(finite, norm, torch.full_like(norm, float("inf")))
     optimizer.overflow = False  # what DeepSpeed's engine reads on the host: the skip is the kernel's
     found_inf = (~finite).float()
     grad_scale = torch.ones_like(norm)

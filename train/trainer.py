@@ -503,12 +503,11 @@ class Trainer:
         run instead)."""
         metrics = dict(metrics)
         if self.cfg.data.skip_corrupt and self.layout.data > 1:
-            # on the host where the group is the whole world: through the GPU, the sum would wait for
-            # the step launched since
-            on_host = self.dp_group is None
-            local = torch.tensor([float(metrics["skipped_shards"])], device="cpu" if on_host else self.device)
-            group = self.host_group if on_host else self.dp_group
-            metrics["skipped_shards"] = int(all_reduce_sum(local, group).item())
+            # summed where the step's target counts are (on the host where it can: through the GPU
+            # the sum would wait for the step launched since)
+            step = self.train_step
+            local = torch.tensor([float(metrics["skipped_shards"])], device=step.counts_device)
+            metrics["skipped_shards"] = int(all_reduce_sum(local, step.counts_group).item())
         return metrics
 
     def _all_to_all_volume(self, local_counts_le: torch.Tensor) -> dict[str, float]:
