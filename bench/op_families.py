@@ -10,8 +10,9 @@ called from Python outside any torch op, such as model/ops/adamw.py's):
 - attention: flash / varlen attention kernels;
 - routing, permute, combine: sorts, gathers, scatters, index ops (tokens to experts and back);
 - norms / elementwise: Triton kernels torch.compile generated (fused norms, gates, SwiGLU, RoPE,
-  casts, residual adds, the CE's softmax), model/ops/casting.py's (gradients into their fp32
-  buffers, the LM head's gradient scaling) and eager elementwise and reduction kernels;
+  casts, residual adds), the CE's softmax and its gradient (model/ops/cross_entropy.py's kernel),
+  model/ops/casting.py's (gradients into their fp32 buffers, the LM head's gradient scaling) and
+  eager elementwise and reduction kernels;
 - optimizer: everything under the optimizer step (parallel/engine.py marks it for the profiler), and
   model/ops/adamw.py's kernel;
 - communication: NCCL; copies: memcpy and memset; other: the rest, listed by name in the table.
@@ -45,7 +46,9 @@ KERNEL_FAMILIES = [  # (family, pattern on the kernel's name), first match wins
     (
         "norms / elementwise",
         re.compile(
-            r"^triton_|elementwise|reduce_kernel|vectorized|unrolled|^add_into_fp32|^scale_kernel", re.I
+            r"^triton_|elementwise|reduce_kernel|vectorized|unrolled|^add_into_fp32|^scale_kernel"
+            r"|^loss_and_grad_logits",
+            re.I,
         ),
     ),
 ]

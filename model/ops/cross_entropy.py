@@ -7,15 +7,17 @@ accumulating grad_weight in fp32. Backward only scales the stored gradients by g
 place. This is the scheme of Liger-Kernel's fused linear cross-entropy, written in plain torch.
 
 Extra memory, bf16 in: per chunk 6 * chunk * V bytes at the peak on CPU (the fp32 logits plus a
-bf16 copy, as they are made and again as the gradient is cast back), 4 on CUDA (the bf16 logits
-and the bf16 gradient made from them), and 4 * V * D for the fp32 grad_weight -- never N x V. With
-V = 151936 a 2048-row chunk is 1.9 GB on CPU, 1.2 GB on CUDA.
+bf16 copy, as they are made and again as the gradient is cast back), 2 on CUDA (the bf16 logits,
+which a Triton kernel overwrites with their gradient), and 4 * V * D for the fp32 grad_weight --
+never N x V. With V = 151936 a 2048-row chunk is 1.9 GB on CPU, 0.6 GB on CUDA.
 
 Both functions return the SUM of per-token losses over tokens whose label != ignore_index (fp32
 scalar) and the number of such tokens (int64 scalar): the trainer divides by the global token count.
 
 Legend: n tokens (rows), d hidden, v vocabulary, c rows of one chunk.
 """
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -145,9 +147,70 @@ def fused_loss_and_grad_logits(
     return loss_sum, grad_cv.to(logits_cv.dtype)
 
 
+@functools.cache
+def _in_place_kernel():
+    """The Triton kernel of `loss_and_grad_logits_in_place`, or None where Triton is missing."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def loss_and_grad_logits_kernel(logits_ptr, labels_ptr, keep_ptr, loss_ptr, vocab, BLOCK: tl.constexpr):
+        # one row a program; pass 1 finds its log-sum-exp (each lane keeps a running max and sum of
+        # exponentials, merged at the end), pass 2 overwrites the logits with softmax - onehot
+        row_ptr = logits_ptr + tl.program_id(0).to(tl.int64) * vocab
+        label = tl.load(labels_ptr + tl.program_id(0))
+        keep = tl.load(keep_ptr + tl.program_id(0)) != 0
+        lane = tl.arange(0, BLOCK)
+        max_b = tl.full([BLOCK], float("-inf"), tl.float32)
+        sum_b = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, vocab, BLOCK):
+            x = tl.load(row_ptr + start + lane, mask=start + lane < vocab, other=float("-inf")).to(tl.float32)
+            new_max = tl.maximum(max_b, x)
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a lane with nothing seen yet
+            sum_b = sum_b * tl.exp(max_b - shift) + tl.exp(x - shift)
+            max_b = new_max
+        row_max = tl.max(max_b, 0)
+        lse = row_max + tl.log(tl.sum(sum_b * tl.exp(max_b - row_max), 0))
+        target = tl.load(row_ptr + label).to(tl.float32)
+        tl.store(loss_ptr + tl.program_id(0), tl.where(keep, lse - target, 0.0))
+        for start in range(0, vocab, BLOCK):
+            offsets = start + lane
+            x = tl.load(row_ptr + offsets, mask=offsets < vocab, other=0.0).to(tl.float32)
+            grad = tl.exp(x - lse) - tl.where(offsets == label, 1.0, 0.0)
+            grad = tl.where(keep, grad, 0.0)
+            tl.store(row_ptr + offsets, grad.to(row_ptr.dtype.element_ty), mask=offsets < vocab)
+
+    return loss_and_grad_logits_kernel
+
+
+def loss_and_grad_logits_in_place(
+    logits_cv: torch.Tensor, labels_c: torch.Tensor, keep_c: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chunk loss sum, d loss / d logits written over the logits), on CUDA with Triton.
+
+    `fused_loss_and_grad_logits` compiled writes the gradient into a second [c, V] buffer: 2 more
+    bytes a logit at the LM head's peak (0.6 GiB for a 2048-row chunk of a 151936 vocabulary). Here
+    one program a row reads its logits twice and writes their gradient once, in fp32 in registers.
+    tests/gpu/test_cross_entropy_gpu.py holds it to the eager `fused_loss_and_grad_logits`."""
+    rows, vocab = logits_cv.shape
+    loss_c = torch.empty(rows, dtype=torch.float32, device=logits_cv.device)
+    _in_place_kernel()[(rows,)](
+        logits_cv.contiguous(), labels_c, keep_c, loss_c, vocab, BLOCK=IN_PLACE_BLOCK, num_warps=8
+    )
+    return loss_c.sum(), logits_cv
+
+
+IN_PLACE_BLOCK = 4096
+
+
 def _chunk_loss_and_grad(
     h_cd: torch.Tensor, weight_vd: torch.Tensor, labels_c: torch.Tensor, keep_c: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if h_cd.is_cuda and _in_place_kernel() is not None:
+        return loss_and_grad_logits_in_place(h_cd @ weight_vd.T, labels_c, keep_c)
     if compile_on(h_cd):
         return fused_loss_and_grad_logits(h_cd @ weight_vd.T, labels_c, keep_c)
     exp_cv, sum_exp_c, chunk_loss = _exp_in_place_and_loss(_chunk_logits(h_cd, weight_vd), labels_c, keep_c)

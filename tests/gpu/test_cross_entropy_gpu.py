@@ -71,3 +71,35 @@ def test_chunked_path_never_syncs_with_the_host():
         (loss_sum / num_tokens).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("vocab", [151936, 5000])  # the model's, and one past a block (4096) by a tail
+def test_in_place_chunk_kernel_matches_the_fused_reference(vocab):
+    """The Triton kernel that writes softmax - onehot over the logits, against the eager chunk step it
+    replaces (fp32 throughout): ignored rows, labels at both ends of the vocabulary, a row whose
+    logits are all equal. It allocates nothing of the chunk's size."""
+    from model.ops.cross_entropy import fused_loss_and_grad_logits, loss_and_grad_logits_in_place
+
+    rows = 512
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    logits_cv = (torch.randn(rows, vocab, device="cuda", generator=gen) * 4).bfloat16()
+    logits_cv[3] = 0.5
+    labels_c = torch.randint(vocab, (rows,), device="cuda", generator=gen)
+    labels_c[:3] = torch.tensor([0, vocab - 1, vocab - 1])
+    keep_c = torch.rand(rows, device="cuda", generator=gen) > 0.1
+    keep_c[:4] = True
+    labels_c = torch.where(keep_c, labels_c, 0)
+    ref_loss, ref_grad = fused_loss_and_grad_logits.eager(logits_cv, labels_c, keep_c)
+
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss, grad = loss_and_grad_logits_in_place(logits_cv, labels_c, keep_c)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - before < rows * vocab * 2 / 8
+    assert grad.data_ptr() == logits_cv.data_ptr() and grad.dtype == torch.bfloat16
+    assert abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()) < 1e-6
+    # each gradient is the same fp32 value rounded once to bf16, up to the lse's last bits
+    assert _rel_rms(grad, ref_grad) < 2e-3
+    assert (grad[~keep_c] == 0).all()
+    assert torch.allclose(grad.float().sum(dim=1)[keep_c], torch.zeros(()), atol=2e-2)
