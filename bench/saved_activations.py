@@ -1,8 +1,14 @@
-"""What one sparse MoE block keeps for backward, in bytes a token: a count, not a timing, so it runs
-on CPU and gives the same answer on any machine.
+"""What one sparse MoE block, or one whole decoder layer, keeps for backward, in bytes a token: a
+count, not a timing.
 
     python -m bench.saved_activations                      # the 80B width, 128 experts, compiled
     python -m bench.saved_activations --eager --tokens 512 --experts 512
+    python -m bench.saved_activations --layer linear_attention --tokens 8192 --budget 0.75  # on a GPU
+
+The MoE block alone gives the same answer on any machine. A whole layer (`--layer`, Gated DeltaNet
+or gated attention with its MoE block) runs on the GPU when there is one: there its mixer's kernels
+(fla, flash attention) keep what they keep on the training path, which CPU's reference paths do not.
+`--budget` is trainer.recompute_budget: the fraction of its saved bytes a compiled graph may keep.
 
 The block (router, routed experts on the grouped-GEMM path, gated shared expert) is built at the
 width of a conf/model preset in bf16 and run forward once under a `saved_tensors_hooks` that records
@@ -21,10 +27,14 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+import torch._functorch.config
 from omegaconf import OmegaConf
 
 import model.ops.experts as experts_ops
+from model.attention import RotaryEmbedding
 from model.config import ModelConfig
+from model.decoder import DecoderLayer
+from model.documents import DocumentLayout
 from model.moe import SparseMoeBlock
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,6 +46,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--experts", type=int, default=128, help="routed experts (the slice's 128)")
     parser.add_argument("--tokens", type=int, default=256, help="tokens in the batch")
     parser.add_argument("--eager", action="store_true", help="do not torch.compile the block")
+    parser.add_argument(
+        "--layer",
+        choices=["linear_attention", "full_attention"],
+        default=None,
+        help="count a whole decoder layer of this kind (its MoE block included), not the MoE block alone",
+    )
+    parser.add_argument("--budget", type=float, default=1.0, help="trainer.recompute_budget")
     return parser.parse_args(argv)
 
 
@@ -45,13 +62,13 @@ def model_config(preset: str, experts: int) -> ModelConfig:
     return ModelConfig(**{k: v for k, v in values.items() if k in ModelConfig.__dataclass_fields__})
 
 
-def kept_tensors(block: torch.nn.Module, x_btd: torch.Tensor, compiled: bool) -> dict[tuple, int]:
-    """{(shape, dtype): bytes} of what autograd keeps for one forward (a second run when compiled,
-    so compilation's own tensors are not counted)."""
+def kept_tensors(block: torch.nn.Module, x_btd: torch.Tensor, compiled: bool, *extra) -> dict[tuple, int]:
+    """{(shape, dtype): bytes} of what autograd keeps for one forward of `block(x_btd, *extra)` (a
+    second run when compiled, so compilation's own tensors are not counted)."""
     params = {p.untyped_storage().data_ptr() for p in block.parameters()}
     run = torch.compile(block) if compiled else block
     if compiled:
-        run(x_btd)[0].float().sum().backward()
+        run(x_btd, *extra)[0].float().sum().backward()
     storages: dict[int, tuple] = {}
 
     def keep(t: torch.Tensor) -> torch.Tensor:
@@ -64,7 +81,7 @@ def kept_tensors(block: torch.nn.Module, x_btd: torch.Tensor, compiled: bool) ->
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        out_btd, _ = run(x_btd)
+        out_btd, _ = run(x_btd, *extra)
     out_btd.float().sum().backward()
     by_kind: dict[tuple, int] = defaultdict(int)
     for kind, nbytes in storages.values():
@@ -74,20 +91,35 @@ def kept_tensors(block: torch.nn.Module, x_btd: torch.Tensor, compiled: bool) ->
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
+    torch._functorch.config.activation_memory_budget = args.budget
     config = model_config(args.preset, args.experts)
-    experts_ops._grouped_mm_fast_path_applies = lambda *_: True  # the CUDA path, on this CPU
+    device = torch.device("cuda" if args.layer and torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        experts_ops._grouped_mm_fast_path_applies = lambda *_: True  # the CUDA path, on this CPU
     torch.manual_seed(0)
-    block = SparseMoeBlock(config).to(torch.bfloat16)
+    block = (DecoderLayer(config, args.layer, moe=True) if args.layer else SparseMoeBlock(config)).to(
+        device, torch.bfloat16
+    )
     for p in block.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    x_btd = torch.randn(1, args.tokens, config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    x_btd = torch.randn(
+        1, args.tokens, config.hidden_size, dtype=torch.bfloat16, device=device, requires_grad=True
+    )
+    extra = ()
+    if args.layer:
+        layout = DocumentLayout.from_position_ids(None, 1, args.tokens, device)
+        rope = RotaryEmbedding(config.rotary_dim, config.rope_theta).to(device)(
+            layout.position_ids_bt, torch.bfloat16
+        )
+        extra = (rope, layout)
     start = time.perf_counter()
-    kept = kept_tensors(block, x_btd, compiled=not args.eager)
+    kept = kept_tensors(block, x_btd, not args.eager, *extra)
     total = sum(kept.values()) / args.tokens
     hidden = config.hidden_size
-    mode = "eager" if args.eager else "compiled"
+    mode = "eager" if args.eager else f"compiled, budget {args.budget:g}"
+    what = f"{args.layer} layer" if args.layer else "MoE block"
     print(
-        f"MoE block, conf/model/{args.preset}.yaml with {args.experts} experts "
+        f"{what} on {device.type}, conf/model/{args.preset}.yaml with {args.experts} experts "
         f"(top-{config.num_experts_per_tok}, hidden {hidden}, expert width {config.moe_intermediate_size}), "
         f"{args.tokens} tokens, bf16, {mode}: "
         f"keeps {total:,.0f} bytes a token = {total / 2 / hidden:.1f} x hidden bf16 values "

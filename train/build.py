@@ -162,7 +162,7 @@ def build_model(
     model.model.activation_checkpointing = cfg.trainer.activation_checkpointing
     model.model.recompute_layers = cfg.trainer.recompute_layers
     if on_gpu and cfg.trainer.compile:
-        model.compile_layers()
+        model.compile_layers(memory_budget=cfg.trainer.recompute_budget)
     return model
 
 

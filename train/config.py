@@ -85,6 +85,11 @@ class TrainerConfig:
     # with activation_checkpointing: recompute only the first N decoder layers in backward and keep the
     # others' activations (None: all of them); the dry run says the fewest that fit gpu_memory_gb
     recompute_layers: int | None = None
+    # the layers kept whole (not recomputed) keep this fraction of what their compiled graphs would save
+    # for backward: below 1, torch.compile's partitioner recomputes the cheapest ops first (norms,
+    # gates, SwiGLU activations) until the rest fits (model/qwen3_next.py: compile_layers); needs
+    # trainer.compile
+    recompute_budget: float = 1.0
     compile: bool = True  # torch.compile the decoder layers on GPU (ignored on CPU)
     # torch.compile the small elementwise chains (norms, RoPE, SwiGLU, ...) on GPU where they run
     # outside a compiled layer: with trainer.compile=false, or in the LM head's CE (model/ops/fusion.py)
@@ -193,6 +198,7 @@ def between(low: float, high: float, *, high_open: bool = False) -> Range:
 VALUE_RANGES = {
     "trainer.max_steps": at_least(0),  # 0: a checkpoint of the initial weights
     "trainer.recompute_layers": at_least(0),
+    "trainer.recompute_budget": between(0.0, 1.0),
     "trainer.global_batch_size": at_least(1),
     "trainer.micro_batch_size": at_least(1),
     "trainer.seed": at_least(0),

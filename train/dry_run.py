@@ -37,6 +37,8 @@ def layout_memory(cfg: PretrainConfig, layout: Layout):
         micro_batch_size=cfg.trainer.micro_batch_size,
         seq_len=cfg.data.seq_len,
         recomputed_layers=recomputed_layers(cfg),
+        # the budget steers torch.compile's partitioner: eager layers keep what they keep
+        recompute_budget=cfg.trainer.recompute_budget if cfg.trainer.compile else 1.0,
     )
 
 
@@ -147,6 +149,8 @@ def recompute_lines(cfg: PretrainConfig, layout: Layout) -> list[str]:
     without recomputation and without a memory limit)."""
     done = recomputed_layers(cfg)
     line = f"recomputes {done} of {cfg.model.num_hidden_layers} decoder layers in backward"
+    if (budget := cfg.trainer.recompute_budget) < 1:
+        line += f" (and the cheap ops of the others: trainer.recompute_budget={budget:g})"
     if cfg.trainer.gpu_memory_gb <= 0:
         return [line] if done else []
     fewest = fewest_recomputed_layers(cfg, layout)

@@ -12,18 +12,24 @@ Each (token, slot) pair keeps its gate/up rows and the down projection's input (
 is what the measured peaks held beyond that. Until the expert path stopped keeping the gathered
 input rows and the output rows for backward (model/ops/experts.py) the pairs' term was
 top_k * (3 I + 3 H), fitted to the peaks below; `python -m bench.saved_activations` counts 2 H a
-pair fewer kept by the compiled MoE block since. A
-recomputed layer (activation checkpointing) keeps only its input (T * H * 2), plus one layer's worth
+pair fewer kept by the compiled MoE block since. With selective recomputation
+(trainer.recompute_budget <= 0.75: torch.compile's partitioner recomputes the cheap ops of every
+compiled layer) a layer kept whole holds neither the 10 H nor each pair's activation (I):
+T * 2 bytes * (2 * mixer width / tp + top_k * (2 I + H)); measured, the slice's peak with no layer
+recomputed fell from 56.2 to 54.2 GiB (this estimate: by 1.95). A recomputed layer (activation
+checkpointing) keeps only its input (T * H * 2), plus one layer's worth
 while it is recomputed; `recomputed_layers` of the decoder layers are (the first ones; MTP layers
 never), and backward frees the others before it recomputes them. The LM-head cross-entropy adds one
-chunk of logits (2048 x vocab x 4 bytes: the bf16 logits and their gradient) and the head's fp32
-weight gradient per head (main and MTP: 4 x vocab x H / tp each), which it computes in forward.
+chunk of logits (2048 x vocab x 2 bytes: the bf16 logits, which their gradient overwrites) and the
+head's fp32 weight gradient per head (main and MTP: 4 x vocab x H / tp each), made in forward.
 Measured on an H200 at the 80B width (4 layers + MTP, 2 x 4096 tokens, bench/RESULTS.md), peak
 against the estimate: before that change (and with the pairs' 3 H) every layer recomputed 52.7 GiB
 against 53.3, the first 2 of 4 56.0 against 56.7, none 59.9 against 60.4; with the current expert
 path 52.0 against 52.6, 54.2 against 54.9 and 56.8 against 57.3, when the cross-entropy still held
 the previous chunk's gradient (6 bytes a logit); since it frees it, every layer recomputed 51.5
-against 52.1.
+against 52.1. Since the chunk's gradient overwrites its logits (2 bytes a logit): every layer
+recomputed 50.9 against 51.5; with the selective budget, the first 2 layers recomputed 52.1 against
+52.5 and the first one 52.8 against 53.3.
 """
 
 from __future__ import annotations
@@ -80,6 +86,7 @@ def estimate_memory(
     micro_batch_size: int,
     seq_len: int,
     recomputed_layers: int,
+    recompute_budget: float = 1.0,
 ) -> MemoryEstimate:
     dense_local, expert_local = rank_parameters(c, tensor=tensor, expert=expert)
     dense_dp, expert_dp = world // tensor, world // expert
@@ -98,12 +105,25 @@ def estimate_memory(
             grads += 4 * (sharded(dense_local, dense_dp, 2) + sharded(expert_local, expert_dp, 2))
     optim = 12 * (sharded(dense_local, dense_dp, 1) + sharded(expert_local, expert_dp, 1))
     return MemoryEstimate(
-        params, grads, optim, activation_bytes(c, tensor, micro_batch_size, seq_len, recomputed_layers)
+        params,
+        grads,
+        optim,
+        activation_bytes(c, tensor, micro_batch_size, seq_len, recomputed_layers, recompute_budget),
     )
 
 
+# trainer.recompute_budget at or below which the estimate takes a kept layer's cheap ops (norms,
+# gates, residual sums, SwiGLU activations) as recomputed: measured at 0.75 (bench/RESULTS.md)
+SELECTIVE_BUDGET = 0.75
+
+
 def activation_bytes(
-    c: ModelConfig, tensor: int, micro_batch_size: int, seq_len: int, recomputed_layers: int
+    c: ModelConfig,
+    tensor: int,
+    micro_batch_size: int,
+    seq_len: int,
+    recomputed_layers: int,
+    recompute_budget: float = 1.0,
 ) -> float:
     tokens = micro_batch_size * seq_len
     h = c.hidden_size
@@ -113,15 +133,19 @@ def activation_bytes(
         "linear_attention": 2 * key_dim + 2 * value_dim,
         "full_attention": 2 * c.num_attention_heads * c.head_dim + 2 * c.num_key_value_heads * c.head_dim,
     }
-    moe = c.num_experts_per_tok * (3 * c.moe_intermediate_size + h)
-    per_layer = {t: tokens * 2 * (10 * h + 2 * w / tensor + moe) for t, w in widths.items()}
+    if recompute_budget <= SELECTIVE_BUDGET:  # the 10 H and each pair's activation (I) recomputed
+        hidden_wide, moe = 0, c.num_experts_per_tok * (2 * c.moe_intermediate_size + h)
+    else:
+        hidden_wide, moe = 10 * h, c.num_experts_per_tok * (3 * c.moe_intermediate_size + h)
+    per_layer = {t: tokens * 2 * (hidden_wide + 2 * w / tensor + moe) for t, w in widths.items()}
     recomputed = c.layer_types[:recomputed_layers]
     mtp_layers = ["full_attention"] * c.mtp_num_layers  # MTP layers are attention, never recomputed
     kept_whole = [*c.layer_types[recomputed_layers:], *mtp_layers]
     # backward frees the layers kept whole (the last ones, and MTP) before it recomputes the first
     # ones, one at a time: the peak is the larger of the two moments
     whole = max(sum(per_layer[t] for t in kept_whole), max((per_layer[t] for t in recomputed), default=0))
-    # the LM head's cross-entropy: one chunk of logits, and the head's fp32 weight gradient that it
+    # the LM head's cross-entropy: one chunk of bf16 logits (overwritten by their gradient), and the
+    # head's fp32 weight gradient that it
     # computes in forward and keeps for backward, once for the main head and once per MTP depth
-    head = CE_CHUNK * c.vocab_size * 4 + (1 + c.mtp_num_layers) * 4 * c.vocab_size * h / tensor
+    head = CE_CHUNK * c.vocab_size * 2 + (1 + c.mtp_num_layers) * 4 * c.vocab_size * h / tensor
     return len(recomputed) * tokens * h * 2 + whole + head

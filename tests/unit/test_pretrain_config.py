@@ -132,7 +132,7 @@ def test_tensor_with_expert_parallel_refuses_what_folding_cannot_do(overrides, n
 
 
 def test_the_dry_run_names_the_fewest_recomputed_layers_that_fit():
-    """At the documented 64 GPUs the 80B preset fits as configured; on GPUs of 70 GiB it fits
+    """At the documented 64 GPUs the 80B preset fits as configured; on GPUs of 60 GiB it fits
     recomputing only some layers: the dry run's count fits trainer.gpu_memory_gb and one layer fewer
     does not; more recomputation never costs memory."""
     import dataclasses
@@ -148,7 +148,7 @@ def test_the_dry_run_names_the_fewest_recomputed_layers_that_fit():
         cfg = OmegaConf.to_object(compose("pretrain", ["conf=80b_a3b"]))
     layout = validate_layout(cfg, 64)
     preset_fits = dry_run_report(cfg, layout)[1]
-    cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, gpu_memory_gb=70))
+    cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, gpu_memory_gb=60))
 
     def total_gib(recomputed: int) -> float:
         trainer = dataclasses.replace(cfg.trainer, activation_checkpointing=True, recompute_layers=recomputed)
@@ -181,3 +181,53 @@ def test_evaluation_without_held_out_shards_an_unknown_lb_scope_and_chunks_witho
             cfg = OmegaConf.to_object(compose("pretrain", ["conf=tiny", override]))
         with pytest.raises(ValueError, match=named.replace(".", r"\.")):
             validate_layout(cfg, 1)
+
+
+def test_the_estimate_of_selective_recomputation_drops_each_kept_layers_cheap_activations():
+    """At trainer.recompute_budget <= 0.75 a layer kept whole no longer holds its hidden-wide values
+    (10 H a token: norms, gates, residual sums) nor each (token, slot) pair's SwiGLU activation (I); a
+    layer recomputed whole keeps its input either way; budgets above 0.75 are estimated as 1 (the
+    partitioner may recompute less there)."""
+    from train.memory import activation_bytes
+
+    config = load_model_config("80b_a3b")
+    tokens, h = 4096, config.hidden_size
+    per_layer_drop = tokens * 2 * (10 * h + config.num_experts_per_tok * config.moe_intermediate_size)
+    kept_layers = config.num_hidden_layers + config.mtp_num_layers
+
+    def estimate(recomputed: int, budget: float) -> float:
+        return activation_bytes(config, 1, 1, tokens, recomputed, budget)
+
+    assert estimate(0, 1.0) - estimate(0, 0.75) == pytest.approx(kept_layers * per_layer_drop)
+    assert estimate(0, 0.9) == estimate(0, 1.0)
+    assert estimate(0, 0.5) == estimate(0, 0.75)
+    # every decoder layer recomputed: the peak is one layer's worth (the one being recomputed, or the
+    # MTP layer, never recomputed), so the drop is one layer's
+    drop_all = estimate(config.num_hidden_layers, 1.0) - estimate(config.num_hidden_layers, 0.75)
+    assert drop_all == pytest.approx(per_layer_drop)
+
+
+def test_the_dry_run_counts_no_selective_recomputation_for_eager_layers():
+    """trainer.recompute_budget steers torch.compile's partitioner: with trainer.compile=false the
+    layers keep what eager autograd keeps, and the dry run must not count the savings."""
+    import dataclasses
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from train.config import register_configs, validate_layout
+    from train.dry_run import layout_memory
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = OmegaConf.to_object(compose("pretrain", ["conf=80b_a3b"]))
+    layout = validate_layout(cfg, 64)
+
+    def total(**trainer) -> float:
+        return layout_memory(
+            dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, **trainer)), layout
+        ).total
+
+    assert cfg.trainer.recompute_budget < 1 and cfg.trainer.compile
+    assert total() < total(recompute_budget=1.0)
+    assert total(compile=False) == total(recompute_budget=1.0)
