@@ -97,6 +97,8 @@ def compose_config(args: argparse.Namespace, world: int):
             f"trainer.global_batch_size={micro_batch * dp}",
             f"data.streams={dp}",
             f"trainer.compile={not args.no_compile}",
+            # eager layers cannot recompute selectively (the budget steers torch.compile's partitioner)
+            *(["trainer.recompute_budget=1.0"] if args.no_compile else []),
             "loss.expert_bias_rate=0",  # the biases' update lives in the training loop
             *([f"data.seq_len={seq}"] if seq else []),
             *args.overrides,

@@ -8,7 +8,7 @@ count, not a timing.
 The MoE block alone gives the same answer on any machine. A whole layer (`--layer`, Gated DeltaNet
 or gated attention with its MoE block) runs on the GPU when there is one: there its mixer's kernels
 (fla, flash attention) keep what they keep on the training path, which CPU's reference paths do not.
-`--budget` is trainer.recompute_budget: the fraction of its saved bytes a compiled graph may keep.
+`--budget` is trainer.recompute_budget (the compiled graphs' activation memory budget).
 
 The block (router, routed experts on the grouped-GEMM path, gated shared expert) is built at the
 width of a conf/model preset in bf16 and run forward once under a `saved_tensors_hooks` that records

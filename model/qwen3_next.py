@@ -105,7 +105,7 @@ class Qwen3NextForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.mtp = MultiTokenPredictor(config) if config.mtp_num_layers > 0 else None
 
-    def compile_layers(self, memory_budget: float = 1.0) -> None:
+    def compile_layers(self, memory_budget: float | None = None) -> None:
         """torch.compile every decoder layer (main stack and MTP) in place, for CUDA training.
 
         Each layer becomes one or two fused graphs (fla's kernel stays outside: it is marked
@@ -115,13 +115,15 @@ class Qwen3NextForCausalLM(nn.Module):
         turn dynamic after their first change instead of recompiling for every count.
 
         `memory_budget` < 1 is selective recomputation inside the compiled graphs: torch.compile's
-        partitioner then keeps at most that fraction of what the graph would save for backward, and
-        recomputes the ops cheapest to run again first (pointwise ones before any GEMM). It is
-        torch's global setting, so it holds for every graph compiled in this process.
+        partitioner then keeps at most that fraction of what a graph would save for backward beyond
+        its inputs (always kept), and recomputes the ops cheapest to run again first (pointwise ones
+        before any GEMM). It is torch's process-wide setting, so it holds for every graph compiled
+        later in this process; None leaves it as it is.
         """
-        import torch._functorch.config as functorch_config
+        if memory_budget is not None:
+            import torch._functorch.config as functorch_config
 
-        functorch_config.activation_memory_budget = memory_budget
+            functorch_config.activation_memory_budget = memory_budget
         layers = list(self.model.layers) + (list(self.mtp.layers) if self.mtp is not None else [])
         # one forward code object serves every layer: a cache entry per layer kind x grad mode
         # (training, evaluation) x static or dynamic document counts; past dynamo's default limit of 8

@@ -85,10 +85,10 @@ class TrainerConfig:
     # with activation_checkpointing: recompute only the first N decoder layers in backward and keep the
     # others' activations (None: all of them); the dry run says the fewest that fit gpu_memory_gb
     recompute_layers: int | None = None
-    # the layers kept whole (not recomputed) keep this fraction of what their compiled graphs would save
-    # for backward: below 1, torch.compile's partitioner recomputes the cheapest ops first (norms,
-    # gates, SwiGLU activations) until the rest fits (model/qwen3_next.py: compile_layers); needs
-    # trainer.compile
+    # selective recomputation: below 1, torch.compile's partitioner keeps at most this fraction of what
+    # each compiled graph would save for backward beyond its inputs, recomputing the cheapest ops first
+    # (norms, gates, SwiGLU activations); process-wide, so every graph compiled in the run (the layers
+    # kept whole matter; model/qwen3_next.py: compile_layers). Needs trainer.compile
     recompute_budget: float = 1.0
     compile: bool = True  # torch.compile the decoder layers on GPU (ignored on CPU)
     # torch.compile the small elementwise chains (norms, RoPE, SwiGLU, ...) on GPU where they run
@@ -302,6 +302,11 @@ def validate_layout(cfg: PretrainConfig, world: int) -> Layout:
             f"parallel.expert_chunks={p.expert_chunks} overlaps the all-to-alls of expert parallelism "
             f"without tensor parallelism: it needs parallel.expert > 1 and parallel.tensor=1 (got expert="
             f"{p.expert}, tensor={p.tensor}); use parallel.expert_chunks=1",
+        ),
+        (
+            t.recompute_budget == 1 or t.compile,
+            f"trainer.recompute_budget={t.recompute_budget:g} steers torch.compile's partitioner: it needs "
+            "trainer.compile=true (eager layers keep what autograd keeps); use trainer.recompute_budget=1",
         ),
         (
             p.zero_stage != 3,

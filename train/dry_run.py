@@ -149,7 +149,7 @@ def recompute_lines(cfg: PretrainConfig, layout: Layout) -> list[str]:
     without recomputation and without a memory limit)."""
     done = recomputed_layers(cfg)
     line = f"recomputes {done} of {cfg.model.num_hidden_layers} decoder layers in backward"
-    if (budget := cfg.trainer.recompute_budget) < 1:
+    if (budget := cfg.trainer.recompute_budget) < 1 and cfg.trainer.compile:
         line += f" (and the cheap ops of the others: trainer.recompute_budget={budget:g})"
     if cfg.trainer.gpu_memory_gb <= 0:
         return [line] if done else []

@@ -131,11 +131,12 @@ def _chunked_loss_only(
 def fused_loss_and_grad_logits(
     logits_cv: torch.Tensor, labels_c: torch.Tensor, keep_c: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chunk loss sum, d loss / d logits in the logits' dtype) in one compiled pass on CUDA.
+    """(chunk loss sum, d loss / d logits in the logits' dtype) in one compiled pass.
 
-    The CUDA path of the chunk step: the matmul's low-precision logits go in, fp32 exists only in
-    registers. (On CPU the in-place functions above are used instead; this eager form is their
-    test twin.)
+    The matmul's low-precision logits go in, fp32 exists only in registers. On CUDA the Triton kernel
+    of `loss_and_grad_logits_in_place` computes the same without a second [c, V] buffer; this
+    compiled form runs where Triton is missing, and its eager form is the kernel's test oracle (on
+    CPU the in-place functions above are used).
     """
     logits_cv32 = logits_cv.float()
     lse_c = torch.logsumexp(logits_cv32, dim=-1)
@@ -145,6 +146,9 @@ def fused_loss_and_grad_logits(
     onehot_cv = (vocab_v[None, :] == labels_c[:, None]).float()
     grad_cv = torch.where(keep_c[:, None], torch.exp(logits_cv32 - lse_c[:, None]) - onehot_cv, 0.0)
     return loss_sum, grad_cv.to(logits_cv.dtype)
+
+
+IN_PLACE_BLOCK = 4096  # vocabulary entries a program reads at once
 
 
 @functools.cache
@@ -194,22 +198,23 @@ def loss_and_grad_logits_in_place(
     `fused_loss_and_grad_logits` compiled writes the gradient into a second [c, V] buffer: 2 more
     bytes a logit at the LM head's peak (0.6 GiB for a 2048-row chunk of a 151936 vocabulary). Here
     one program a row reads its logits twice and writes their gradient once, in fp32 in registers.
-    tests/gpu/test_cross_entropy_gpu.py holds it to the eager `fused_loss_and_grad_logits`."""
+    tests/gpu/test_cross_entropy_gpu.py holds it to the eager `fused_loss_and_grad_logits`.
+
+    logits_cv: contiguous [c, V] on CUDA; labels_c: [c] in [0, V) (ignored rows' labels already
+    replaced, `_safe_labels`); keep_c: [c] bool."""
+    if not logits_cv.is_contiguous():  # the kernel would write into a copy and return stale logits
+        raise ValueError("loss_and_grad_logits_in_place needs contiguous logits")
     rows, vocab = logits_cv.shape
     loss_c = torch.empty(rows, dtype=torch.float32, device=logits_cv.device)
-    _in_place_kernel()[(rows,)](
-        logits_cv.contiguous(), labels_c, keep_c, loss_c, vocab, BLOCK=IN_PLACE_BLOCK, num_warps=8
-    )
+    _in_place_kernel()[(rows,)](logits_cv, labels_c, keep_c, loss_c, vocab, BLOCK=IN_PLACE_BLOCK, num_warps=8)
     return loss_c.sum(), logits_cv
-
-
-IN_PLACE_BLOCK = 4096
 
 
 def _chunk_loss_and_grad(
     h_cd: torch.Tensor, weight_vd: torch.Tensor, labels_c: torch.Tensor, keep_c: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if h_cd.is_cuda and _in_place_kernel() is not None:
+    # trainer.compile_fusions=false (or QWEN3NEXT_COMPILE=0) leaves the eager chunk step on CUDA too
+    if h_cd.is_cuda and compile_on(h_cd) and _in_place_kernel() is not None:
         return loss_and_grad_logits_in_place(h_cd @ weight_vd.T, labels_c, keep_c)
     if compile_on(h_cd):
         return fused_loss_and_grad_logits(h_cd @ weight_vd.T, labels_c, keep_c)

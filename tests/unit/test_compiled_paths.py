@@ -107,7 +107,7 @@ def test_selective_recomputation_keeps_less_and_computes_the_same(monkeypatch, p
         for name, grad in eager_grads.items():
             torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=f"{budget}: {name}")
     torch._dynamo.reset()
-    # 5% of everything the tiny model keeps, the LM head's saved gradients and the CPU reference of
-    # the gated delta rule included (those are outside the compiled graphs); at the 80B width on a GPU
-    # the layers kept 2.0 GiB of 56.2 less (bench/RESULTS.md)
+    # at least 3% of everything the tiny model keeps (5% when written), the LM head's saved gradients
+    # and the CPU reference of the gated delta rule included (those are outside the compiled graphs);
+    # at the 80B width on a GPU the peak fell by 2.0 GiB of 56.2 (bench/RESULTS.md)
     assert kept[0.75] < 0.97 * kept[1.0], kept

@@ -207,7 +207,7 @@ def test_the_estimate_of_selective_recomputation_drops_each_kept_layers_cheap_ac
     assert drop_all == pytest.approx(per_layer_drop)
 
 
-def test_the_dry_run_counts_no_selective_recomputation_for_eager_layers():
+def test_selective_recomputation_is_neither_counted_nor_allowed_for_eager_layers():
     """trainer.recompute_budget steers torch.compile's partitioner: with trainer.compile=false the
     layers keep what eager autograd keeps, and the dry run must not count the savings."""
     import dataclasses
@@ -231,3 +231,7 @@ def test_the_dry_run_counts_no_selective_recomputation_for_eager_layers():
     assert cfg.trainer.recompute_budget < 1 and cfg.trainer.compile
     assert total() < total(recompute_budget=1.0)
     assert total(compile=False) == total(recompute_budget=1.0)
+    # and such a config is refused, naming both settings
+    eager = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, compile=False))
+    with pytest.raises(ValueError, match=r"trainer.recompute_budget=0.75 .* needs trainer.compile=true"):
+        validate_layout(eager, 64)
