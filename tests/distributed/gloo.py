@@ -10,6 +10,7 @@ killed if they overrun; a rank's exception comes back as the test's failure, wit
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 import traceback
@@ -39,7 +40,9 @@ def _rank_main(fn, rank: int, world_size: int, port: int, out_dir: str, args: tu
             timeout=timedelta(seconds=60),
         )
         try:
-            torch.save(fn(rank, world_size, *args), out / f"rank{rank}.pt")
+            result = fn(rank, world_size, *args)
+            torch.save(result, out / f"rank{rank}.pt.part")
+            os.replace(out / f"rank{rank}.pt.part", out / f"rank{rank}.pt")  # whole, or not there
         finally:
             dist.destroy_process_group()
     except BaseException:
@@ -72,7 +75,12 @@ def run_on_ranks(fn, world_size: int, tmp_path: Path, *args, timeout: float = 12
     if errors:
         raise RuntimeError("a rank failed\n" + "\n".join(errors))
     failed = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
-    if failed:
+    handed_in = all((out_dir / f"rank{r}.pt").exists() for r in range(world_size))
+    # A rank that dies after handing in its result died in teardown: on the loaded 2-core CI machine
+    # gloo's threads were seen to abort the process at exit ("terminate called without an active
+    # exception", -6) once every rank had saved its result; what fn computed is whole, so that is not
+    # the test's failure. A rank that dies before handing in is.
+    if failed and not handed_in:
         raise RuntimeError(f"ranks exited abnormally (rank, exit code): {failed}")
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
 
