@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -62,18 +63,16 @@ def model_config(preset: str, experts: int) -> ModelConfig:
     return ModelConfig(**{k: v for k, v in values.items() if k in ModelConfig.__dataclass_fields__})
 
 
-def kept_tensors(block: torch.nn.Module, x_btd: torch.Tensor, compiled: bool, *extra) -> dict[tuple, int]:
-    """{(shape, dtype): bytes} of what autograd keeps for one forward of `block(x_btd, *extra)` (a
-    second run when compiled, so compilation's own tensors are not counted)."""
-    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
-    run = torch.compile(block) if compiled else block
-    if compiled:
-        run(x_btd, *extra)[0].float().sum().backward()
+def kept_by(forward: Callable[[], torch.Tensor], params) -> dict[tuple, int]:
+    """{(shape, dtype): bytes} of what autograd keeps while `forward()` runs (then its scalar result
+    is backpropagated), the storages of `params` left out and each storage counted once."""
+    param_storages = {p.untyped_storage().data_ptr() for p in params}
     storages: dict[int, tuple] = {}
 
+    @torch.compiler.disable  # run inside a compiled graph, the hook is not to be traced
     def keep(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        if storage.data_ptr() not in params and storage.data_ptr() not in storages:
+        if storage.data_ptr() not in param_storages and storage.data_ptr() not in storages:
             storages[storage.data_ptr()] = (
                 (tuple(t.shape), str(t.dtype).removeprefix("torch.")),
                 storage.nbytes(),
@@ -81,12 +80,21 @@ def kept_tensors(block: torch.nn.Module, x_btd: torch.Tensor, compiled: bool, *e
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        out_btd, _ = run(x_btd, *extra)
-    out_btd.float().sum().backward()
+        loss = forward()
+    loss.backward()
     by_kind: dict[tuple, int] = defaultdict(int)
     for kind, nbytes in storages.values():
         by_kind[kind] += nbytes
     return dict(by_kind)
+
+
+def kept_tensors(block: torch.nn.Module, x_btd: torch.Tensor, compiled: bool, *extra) -> dict[tuple, int]:
+    """`kept_by` one forward of `block(x_btd, *extra)` (a second run when compiled, so compilation's
+    own tensors are not counted)."""
+    run = torch.compile(block) if compiled else block
+    if compiled:
+        run(x_btd, *extra)[0].float().sum().backward()
+    return kept_by(lambda: run(x_btd, *extra)[0].float().sum(), block.parameters())
 
 
 def main(argv: list[str] | None = None) -> None:

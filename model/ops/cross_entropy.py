@@ -135,8 +135,8 @@ def fused_loss_and_grad_logits(
 
     The matmul's low-precision logits go in, fp32 exists only in registers. On CUDA the Triton kernel
     of `loss_and_grad_logits_in_place` computes the same without a second [c, V] buffer; this
-    compiled form runs where Triton is missing, and its eager form is the kernel's test oracle (on
-    CPU the in-place functions above are used).
+    compiled form runs on CPU when the tests force compilation (QWEN3NEXT_COMPILE=always), and its
+    eager form is the kernel's test oracle (CPU training uses the in-place functions above).
     """
     logits_cv32 = logits_cv.float()
     lse_c = torch.logsumexp(logits_cv32, dim=-1)

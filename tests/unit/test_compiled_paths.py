@@ -8,6 +8,7 @@ both to the eager model (this is how a mis-compiled DeltaNet backward was caught
 import pytest
 import torch
 
+from bench.saved_activations import kept_by
 from tests.conftest import tiny_config
 from tests.unit.test_model import build, losses, pack, random_documents
 
@@ -64,24 +65,6 @@ def test_compiled_layers_share_their_graphs_across_a_deep_stack(monkeypatch):
     torch._dynamo.reset()
 
 
-def kept_bytes_of_a_step(model, ids, labels, pos) -> int:
-    """Bytes autograd keeps for backward in one forward (parameters left out, storages counted once)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept: dict[int, int] = {}
-
-    @torch.compiler.disable  # a hook that runs inside a compiled layer is not to be traced
-    def keep(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        loss = losses(model(ids, position_ids=pos, labels=labels))
-    loss.backward()
-    return sum(kept.values())
-
-
 @pytest.mark.slow
 def test_selective_recomputation_keeps_less_and_computes_the_same(monkeypatch, packed_batch):
     """trainer.recompute_budget < 1 (compile_layers' memory_budget): the compiled layers keep fewer
@@ -102,7 +85,8 @@ def test_selective_recomputation_keeps_less_and_computes_the_same(monkeypatch, p
         model = build(config)
         model.compile_layers(memory_budget=budget)
         loss, grads, _ = loss_and_grads(model, ids, labels, pos)  # compiles, then the counted step
-        kept[budget] = kept_bytes_of_a_step(model, ids, labels, pos)
+        step = kept_by(lambda m=model: losses(m(ids, position_ids=pos, labels=labels)), model.parameters())
+        kept[budget] = sum(step.values())
         torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
         for name, grad in eager_grads.items():
             torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=f"{budget}: {name}")
