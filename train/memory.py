@@ -29,7 +29,8 @@ path 52.0 against 52.6, 54.2 against 54.9 and 56.8 against 57.3, when the cross-
 the previous chunk's gradient (6 bytes a logit); since it frees it, every layer recomputed 51.5
 against 52.1. Since the chunk's gradient overwrites its logits (2 bytes a logit): every layer
 recomputed 50.9 against 51.5; with the selective budget, the first 2 layers recomputed 52.1 against
-52.5 and the first one 52.8 against 53.3.
+52.5 and the first one 52.8 against 53.3; since fla's calls keep q and k at their own head count,
+52.0 against 52.5 and 52.7 against 53.3.
 """
 
 from __future__ import annotations

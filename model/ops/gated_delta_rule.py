@@ -73,7 +73,9 @@ def chunk_gated_delta_rule(
     fla_kernel = _load_fla_kernel() if q.is_cuda else None
     if fla_kernel is None:
         return chunk_gated_delta_rule_reference(q, k, v, g, beta, chunk_size=chunk_size, **options)
-    return _run_fla(fla_kernel, q, k, v, g, beta, grouped_heads=_fla_takes_grouped_value_heads(), **options)
+    grouped_heads = _fla_takes_grouped_value_heads()
+    internals = None if grouped_heads else _fla_chunk_internals()
+    return _run_fla(fla_kernel, q, k, v, g, beta, grouped_heads=grouped_heads, internals=internals, **options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,15 +420,26 @@ def _run_fla(
     cu_seqlens_cpu: Tensor | None,
     use_qk_l2norm: bool,
     grouped_heads: bool = False,
+    internals: tuple[Callable, ...] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
+    """fla's kernel on [b, t, ...] inputs. A kernel without grouped value heads gets q/k repeated
+    to them: inside our call into fla-core 0.4's functions when `internals` holds them
+    (`_fla_chunk_internals`), else before fla's own entry point."""
     hv, h = v.shape[2], q.shape[2]
-    if hv != h and not grouped_heads:
-        # Repeating q/k for a kernel without grouped value heads is exact, and autograd sums the
-        # repeated heads' gradients back; each q/k head serves consecutive value heads either way.
-        q, k = q.repeat_interleave(hv // h, dim=2), k.repeat_interleave(hv // h, dim=2)
     if cu_seqlens is not None:
         # Left in its dtype (int32 from HF works): fla caches derived indices per cu_seqlens tensor.
         cu_seqlens = cu_seqlens.to(q.device)
+    if hv != h and not grouped_heads:
+        if internals is not None:
+            scale = q.shape[-1] ** -0.5 if scale is None else scale
+            o, final_state = _FlaWithHeadsRepeatedInside.apply(
+                internals, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                cu_seqlens_cpu, use_qk_l2norm,
+            )  # fmt: skip
+            return o.to(v.dtype), final_state
+        # Repeating q/k for a kernel without grouped value heads is exact, and autograd sums the
+        # repeated heads' gradients back; each q/k head serves consecutive value heads either way.
+        q, k = q.repeat_interleave(hv // h, dim=2), k.repeat_interleave(hv // h, dim=2)
     o, final_state = fla_kernel(
         q,
         k,
@@ -441,3 +454,89 @@ def _run_fla(
         cu_seqlens_cpu=cu_seqlens_cpu,  # int64: model/documents.py makes it so once per batch
     )
     return o.to(v.dtype), final_state
+
+
+# ---------------------------------------------------------------------------------------------
+# fla-core 0.4.x with grouped value heads
+# ---------------------------------------------------------------------------------------------
+#
+# fla-core 0.4.2 takes one q/k head per value head. Repeating q and k before its autograd Function
+# (the plain fallback above) makes it keep the normalised, repeated q and k for backward: at the
+# 80B width (16 q/k heads, 32 value heads, head dim 128) 8 KB a token a layer more than the heads
+# themselves. `_FlaWithHeadsRepeatedInside` calls the same forward and backward kernels, but keeps
+# q and k at their own head count and repeats them only while a kernel runs.
+
+
+FLA_INTERNALS_CHECKED_ON = "0.4."  # the signatures called below were read in fla-core 0.4.2
+
+
+@functools.cache
+def _fla_chunk_internals() -> tuple[Callable, ...] | None:
+    """(l2norm_fwd, l2norm_bwd, prepare_chunk_indices, chunk_gated_delta_rule_fwd, ..._bwd) of a
+    fla-core 0.4 release, or None (another release, or fla missing: the plain path runs)."""
+    try:
+        import fla
+        from fla.modules.l2norm import l2norm_bwd, l2norm_fwd
+        from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_bwd, chunk_gated_delta_rule_fwd
+        from fla.ops.utils.index import prepare_chunk_indices
+    except ImportError:
+        return None
+    if not fla.__version__.startswith(FLA_INTERNALS_CHECKED_ON):
+        return None
+    fla_fwd, fla_bwd = chunk_gated_delta_rule_fwd, chunk_gated_delta_rule_bwd
+    return l2norm_fwd, l2norm_bwd, prepare_chunk_indices, fla_fwd, fla_bwd
+
+
+def _repeat_heads(x_bthd: Tensor, group: int) -> Tensor:
+    return x_bthd.repeat_interleave(group, dim=2) if group > 1 else x_bthd
+
+
+def _sum_repeated_heads(dx_btHd: Tensor, group: int) -> Tensor:
+    """The gradient of `_repeat_heads`: each head's copies summed, in fp32 at least."""
+    return dx_btHd.unflatten(2, (-1, group)).sum(3, dtype=torch.promote_types(dx_btHd.dtype, torch.float32))
+
+
+class _FlaWithHeadsRepeatedInside(torch.autograd.Function):
+    """fla-core 0.4's ChunkGatedDeltaRuleFunction (its forward and backward, step for step), with
+    q/k normalised at their own head count and repeated to the value heads only inside each call."""
+
+    @staticmethod
+    def forward(ctx, internals, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                cu_seqlens_cpu, use_qk_l2norm):  # fmt: skip
+        l2norm_fwd, _, prepare_chunk_indices, fla_fwd, _ = internals
+        ctx.internals = internals
+        q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+        group = v.shape[2] // q.shape[2]
+        q_rstd = k_rstd = None
+        if use_qk_l2norm:  # per (token, head): the same whether done before or after repeating
+            q, q_rstd = l2norm_fwd(q)
+            k, k_rstd = l2norm_fwd(k)
+        chunk_indices = None
+        if cu_seqlens is not None:
+            chunk_indices = prepare_chunk_indices(cu_seqlens, 64, cu_seqlens_cpu=cu_seqlens_cpu)
+        g_cum, o, A, final_state, initial_state = fla_fwd(
+            q=_repeat_heads(q, group), k=_repeat_heads(k, group), v=v, g=g, beta=beta, scale=scale,
+            initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+            chunk_indices=chunk_indices,
+        )  # fmt: skip
+        saved = (q, q_rstd, k, k_rstd, v, g_cum, beta, A, initial_state, cu_seqlens, chunk_indices)
+        ctx.save_for_backward(*saved)
+        ctx.scale, ctx.group, ctx.use_qk_l2norm = scale, group, use_qk_l2norm
+        ctx.dtypes = (q.dtype, k.dtype, v.dtype, g.dtype, beta.dtype)
+        return o.to(q.dtype), final_state
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        _, l2norm_bwd, _, _, fla_bwd = ctx.internals
+        q, q_rstd, k, k_rstd, v, g_cum, beta, A, initial_state, cu_seqlens, chunk_indices = ctx.saved_tensors
+        dq, dk, dv, dbeta, dg, dh0 = fla_bwd(
+            q=_repeat_heads(q, ctx.group), k=_repeat_heads(k, ctx.group), v=v, g=g_cum, beta=beta, A=A,
+            scale=ctx.scale, initial_state=initial_state, do=do.contiguous(), dht=dht, cu_seqlens=cu_seqlens,
+            chunk_indices=chunk_indices,
+        )  # fmt: skip
+        dq, dk = _sum_repeated_heads(dq, ctx.group), _sum_repeated_heads(dk, ctx.group)
+        if ctx.use_qk_l2norm:  # linear in its gradient: summing the copies first is the same sum
+            dq, dk = l2norm_bwd(q, q_rstd, dq), l2norm_bwd(k, k_rstd, dk)
+        q_dtype, k_dtype, v_dtype, g_dtype, beta_dtype = ctx.dtypes
+        grads = (dq.to(q_dtype), dk.to(k_dtype), dv.to(v_dtype), dg.to(g_dtype), dbeta.to(beta_dtype))
+        return None, *grads, None, dh0, None, None, None, None

@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("fla.ops.gated_delta_rule", reason="needs fla-core (pip install fla-core==0.4.2)")
 
 from model.ops.gated_delta_rule import (
+    _fla_chunk_internals,
     _load_fla_kernel,
     chunk_gated_delta_rule,
     chunk_gated_delta_rule_reference,
@@ -97,3 +98,52 @@ def test_fla_matches_reference(b, seq_lengths):
         assert errors[name] < bound, (
             f"{name}: relative RMS error {errors[name]:.2e} >= {bound:.0e}; all: {errors}"
         )
+
+
+def _fla_with_repeated_heads(q, k, v, g, beta, **options):
+    """fla's own entry point with q/k repeated to the value heads beforehand (the plain path)."""
+    group = v.shape[2] // q.shape[2]
+    q, k = q.repeat_interleave(group, dim=2), k.repeat_interleave(group, dim=2)
+    o, final_state = _load_fla_kernel()(q, k, v, g, beta, use_qk_l2norm_in_kernel=True, **options)
+    return o.to(v.dtype), final_state
+
+
+def _saved_bytes(fn, inputs, cu_seqlens) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward of one forward call."""
+    storages = {}
+
+    def pack(x):
+        storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return x
+
+    leaves = {name: x.detach().clone().requires_grad_() for name, x in inputs.items()}
+    q, k, v, g, beta, h0 = (leaves[name] for name in INPUT_NAMES)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        fn(q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens)
+    return sum(storages.values())
+
+
+@pytest.mark.skipif(_fla_chunk_internals() is None, reason="fla-core 0.4 only (later: grouped heads)")
+def test_heads_repeated_inside_match_fla_and_keep_less():
+    """Our call into fla-core 0.4's kernels with q/k repeated inside matches fla's own entry point
+    with q/k repeated before it: the same forward, gradients to bf16 rounding (the copies' gradients
+    are summed in fp32 before the l2norm's backward, not after it in bf16), and keeps q and k for
+    backward at their own head count."""
+    b, t, n = 1, 1000, 3
+    cu_seqlens = torch.tensor([0, 93, 517, 1000], device="cuda")
+    inputs = make_inputs(b, t, n, seed=7)
+    upstream = {
+        "o": torch.randn(b, t, HV, DV, device="cuda"),
+        "final_state": torch.randn(n, HV, DK, DV, device="cuda"),
+    }
+    ours = forward_backward(chunk_gated_delta_rule, inputs, upstream, cu_seqlens)
+    plain = forward_backward(_fla_with_repeated_heads, inputs, upstream, cu_seqlens)
+    assert torch.equal(ours["o"], plain["o"]) and torch.equal(ours["final_state"], plain["final_state"])
+    for name in INPUT_NAMES:  # the same kernels on the same values, but for q and k's last step
+        error = rel_rms_error(ours[name], plain[name])
+        assert error < (8e-3 if name in ("q", "k") else 1e-6), f"{name}: relative RMS {error:.2e} from fla's"
+
+    kept_ours = _saved_bytes(chunk_gated_delta_rule, inputs, cu_seqlens)
+    kept_plain = _saved_bytes(_fla_with_repeated_heads, inputs, cu_seqlens)
+    repeated_qk = 2 * b * t * (HV - H) * DK * 2  # the normalised q and k's extra heads, bf16
+    assert kept_plain - kept_ours >= repeated_qk, (kept_plain, kept_ours)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from model.ops.gated_delta_rule import (
+    L2NORM_EPS,
     _run_fla,
     chunk_gated_delta_rule,
     chunk_gated_delta_rule_reference,
@@ -239,3 +240,62 @@ def test_matches_hf_qwen3_next_torch_implementation():
     o, final = run(chunk_gated_delta_rule, inputs)
     torch.testing.assert_close(o, o_hf, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(final, final_hf, atol=1e-5, rtol=1e-5)
+
+
+def fla_like_internals(calls: list[str]):
+    """Stand-ins for the fla-core 0.4 functions `_FlaWithHeadsRepeatedInside` calls, with their
+    keyword names, computing with the reference: l2norm forward/backward, the chunk indices, and the
+    delta rule's forward and backward, which (as fla-core 0.4.2's) need one q/k head a value head."""
+
+    def l2norm_fwd(x):
+        rstd = torch.rsqrt((x * x).sum(-1) + L2NORM_EPS)
+        return x * rstd[..., None], rstd
+
+    def l2norm_bwd(y, rstd, dy):
+        return (dy - (dy * y).sum(-1, keepdim=True) * y) * rstd[..., None]
+
+    def prepare_chunk_indices(cu_seqlens, chunk_size, cu_seqlens_cpu=None):
+        return None
+
+    def delta_rule(q, k, v, g, beta, scale, initial_state, cu_seqlens):
+        assert q.shape[2] == k.shape[2] == v.shape[2], "this kernel needs one q/k head a value head"
+        return chunk_gated_delta_rule_reference(
+            q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=True,
+            use_qk_l2norm=False, cu_seqlens=cu_seqlens,
+        )  # fmt: skip
+
+    def fla_fwd(*, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_indices):
+        calls.append("forward")
+        o, final_state = delta_rule(q, k, v, g, beta, scale, initial_state, cu_seqlens)
+        return g, o, None, final_state if output_final_state else None, initial_state
+
+    def fla_bwd(*, q, k, v, g, beta, A, scale, initial_state, do, dht, cu_seqlens, chunk_indices):
+        calls.append("backward")
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_() for x in (q, k, v, g, beta, initial_state)]
+            o, final_state = delta_rule(*leaves[:5], scale, leaves[5], cu_seqlens)
+            upstream = (o * do).sum() + (0 if dht is None else (final_state * dht).sum())
+            dq, dk, dv, dg, dbeta, dh0 = torch.autograd.grad(upstream, leaves)
+        return dq, dk, dv, dbeta, dg, dh0
+
+    return l2norm_fwd, l2norm_bwd, prepare_chunk_indices, fla_fwd, fla_bwd
+
+
+def test_heads_repeated_inside_fla_calls_give_the_reference_values_and_gradients():
+    """q/k normalised at their own head count and repeated only inside fla-core 0.4's calls (the
+    path CUDA takes with it): outputs and every input's gradient as the reference's, with the
+    stand-ins above in fla's place; backward goes through fla's backward once."""
+    inputs = make_inputs(1, 30, seed=31, requires_grad=True)
+    weights = random_weights((1, 30, HV, DV), (1, HV, DK, DV), torch.float64)
+    calls = []
+    internals = fla_like_internals(calls)
+    options = dict(scale=None, cu_seqlens=None, cu_seqlens_cpu=None, use_qk_l2norm=True)
+
+    def route(*args, **kwargs):
+        return _run_fla(None, *args, grouped_heads=False, internals=internals, **options, **kwargs)
+
+    expected = grads_of(chunk_gated_delta_rule_reference, inputs, weights)
+    got = grads_of(route, inputs, weights)
+    assert calls == ["forward", "backward"]
+    for name in inputs:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-10, msg=name)
