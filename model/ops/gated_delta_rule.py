@@ -13,6 +13,7 @@ serves hv // h consecutive value heads, as in HF Qwen3-Next), k key dim, v value
 (b, or len(cu_seqlens) - 1 when packed), m total tokens (b * t), c chunk length, nc chunks.
 """
 
+import contextlib
 import functools
 import itertools
 from collections.abc import Callable
@@ -467,13 +468,14 @@ def _run_fla(
 # q and k at their own head count and repeats them only while a kernel runs.
 
 
-FLA_INTERNALS_CHECKED_ON = "0.4."  # the signatures called below were read in fla-core 0.4.2
+FLA_INTERNALS_CHECKED_ON = ("0.4.2",)  # the releases whose functions below were read
 
 
 @functools.cache
 def _fla_chunk_internals() -> tuple[Callable, ...] | None:
     """(l2norm_fwd, l2norm_bwd, prepare_chunk_indices, chunk_gated_delta_rule_fwd, ..._bwd) of a
-    fla-core 0.4 release, or None (another release, or fla missing: the plain path runs)."""
+    fla-core release in FLA_INTERNALS_CHECKED_ON, or None (another release, or fla missing: the plain
+    path runs)."""
     try:
         import fla
         from fla.modules.l2norm import l2norm_bwd, l2norm_fwd
@@ -481,10 +483,19 @@ def _fla_chunk_internals() -> tuple[Callable, ...] | None:
         from fla.ops.utils.index import prepare_chunk_indices
     except ImportError:
         return None
-    if not fla.__version__.startswith(FLA_INTERNALS_CHECKED_ON):
+    if fla.__version__ not in FLA_INTERNALS_CHECKED_ON:
         return None
     fla_fwd, fla_bwd = chunk_gated_delta_rule_fwd, chunk_gated_delta_rule_bwd
     return l2norm_fwd, l2norm_bwd, prepare_chunk_indices, fla_fwd, fla_bwd
+
+
+def _contiguous(x: Tensor | None) -> Tensor | None:
+    return None if x is None else x.contiguous()
+
+
+def _on_device_of(x: Tensor):
+    """fla's kernels launch on the current CUDA device: make it x's (as fla's input_guard does)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _repeat_heads(x_bthd: Tensor, group: int) -> Tensor:
@@ -497,31 +508,32 @@ def _sum_repeated_heads(dx_btHd: Tensor, group: int) -> Tensor:
 
 
 class _FlaWithHeadsRepeatedInside(torch.autograd.Function):
-    """fla-core 0.4's ChunkGatedDeltaRuleFunction (its forward and backward, step for step), with
-    q/k normalised at their own head count and repeated to the value heads only inside each call."""
+    """fla-core 0.4.2's ChunkGatedDeltaRuleFunction (its forward and backward, step for step, every
+    tensor made contiguous and the device set as its input_guard does), with q/k normalised at their
+    own head count and repeated to the value heads only inside each call."""
 
     @staticmethod
     def forward(ctx, internals, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
                 cu_seqlens_cpu, use_qk_l2norm):  # fmt: skip
         l2norm_fwd, _, prepare_chunk_indices, fla_fwd, _ = internals
-        ctx.internals = internals
-        q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+        q, k, v, g, beta, initial_state = (_contiguous(x) for x in (q, k, v, g, beta, initial_state))
         group = v.shape[2] // q.shape[2]
-        q_rstd = k_rstd = None
-        if use_qk_l2norm:  # per (token, head): the same whether done before or after repeating
-            q, q_rstd = l2norm_fwd(q)
-            k, k_rstd = l2norm_fwd(k)
-        chunk_indices = None
-        if cu_seqlens is not None:
-            chunk_indices = prepare_chunk_indices(cu_seqlens, 64, cu_seqlens_cpu=cu_seqlens_cpu)
-        g_cum, o, A, final_state, initial_state = fla_fwd(
-            q=_repeat_heads(q, group), k=_repeat_heads(k, group), v=v, g=g, beta=beta, scale=scale,
-            initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-            chunk_indices=chunk_indices,
-        )  # fmt: skip
+        with _on_device_of(q):
+            q_rstd = k_rstd = None
+            if use_qk_l2norm:  # per (token, head): the same whether done before or after repeating
+                q, q_rstd = l2norm_fwd(q)
+                k, k_rstd = l2norm_fwd(k)
+            chunk_indices = None
+            if cu_seqlens is not None:
+                chunk_indices = prepare_chunk_indices(cu_seqlens, 64, cu_seqlens_cpu=cu_seqlens_cpu)
+            g_cum, o, A, final_state, initial_state = fla_fwd(
+                q=_repeat_heads(q, group), k=_repeat_heads(k, group), v=v, g=g, beta=beta, scale=scale,
+                initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                chunk_indices=chunk_indices,
+            )  # fmt: skip
         saved = (q, q_rstd, k, k_rstd, v, g_cum, beta, A, initial_state, cu_seqlens, chunk_indices)
         ctx.save_for_backward(*saved)
-        ctx.scale, ctx.group, ctx.use_qk_l2norm = scale, group, use_qk_l2norm
+        ctx.internals, ctx.scale, ctx.group, ctx.use_qk_l2norm = internals, scale, group, use_qk_l2norm
         ctx.dtypes = (q.dtype, k.dtype, v.dtype, g.dtype, beta.dtype)
         return o.to(q.dtype), final_state
 
@@ -529,14 +541,15 @@ class _FlaWithHeadsRepeatedInside(torch.autograd.Function):
     def backward(ctx, do, dht):
         _, l2norm_bwd, _, _, fla_bwd = ctx.internals
         q, q_rstd, k, k_rstd, v, g_cum, beta, A, initial_state, cu_seqlens, chunk_indices = ctx.saved_tensors
-        dq, dk, dv, dbeta, dg, dh0 = fla_bwd(
-            q=_repeat_heads(q, ctx.group), k=_repeat_heads(k, ctx.group), v=v, g=g_cum, beta=beta, A=A,
-            scale=ctx.scale, initial_state=initial_state, do=do.contiguous(), dht=dht, cu_seqlens=cu_seqlens,
-            chunk_indices=chunk_indices,
-        )  # fmt: skip
-        dq, dk = _sum_repeated_heads(dq, ctx.group), _sum_repeated_heads(dk, ctx.group)
-        if ctx.use_qk_l2norm:  # linear in its gradient: summing the copies first is the same sum
-            dq, dk = l2norm_bwd(q, q_rstd, dq), l2norm_bwd(k, k_rstd, dk)
+        with _on_device_of(q):
+            dq, dk, dv, dbeta, dg, dh0 = fla_bwd(
+                q=_repeat_heads(q, ctx.group), k=_repeat_heads(k, ctx.group), v=v, g=g_cum, beta=beta, A=A,
+                scale=ctx.scale, initial_state=initial_state, do=do.contiguous(), dht=_contiguous(dht),
+                cu_seqlens=cu_seqlens, chunk_indices=chunk_indices,
+            )  # fmt: skip
+            dq, dk = _sum_repeated_heads(dq, ctx.group), _sum_repeated_heads(dk, ctx.group)
+            if ctx.use_qk_l2norm:  # linear in its gradient: summing the copies first is the same sum
+                dq, dk = l2norm_bwd(q, q_rstd, dq), l2norm_bwd(k, k_rstd, dk)
         q_dtype, k_dtype, v_dtype, g_dtype, beta_dtype = ctx.dtypes
         grads = (dq.to(q_dtype), dk.to(k_dtype), dv.to(v_dtype), dg.to(g_dtype), dbeta.to(beta_dtype))
         return None, *grads, None, dh0, None, None, None, None

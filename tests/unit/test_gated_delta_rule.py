@@ -243,9 +243,12 @@ def test_matches_hf_qwen3_next_torch_implementation():
 
 
 def fla_like_internals(calls: list[str]):
-    """Stand-ins for the fla-core 0.4 functions `_FlaWithHeadsRepeatedInside` calls, with their
+    """Stand-ins for the fla-core 0.4.2 functions `_FlaWithHeadsRepeatedInside` calls, with their
     keyword names, computing with the reference: l2norm forward/backward, the chunk indices, and the
-    delta rule's forward and backward, which (as fla-core 0.4.2's) need one q/k head a value head."""
+    delta rule's forward and backward, which (as fla's) need one q/k head a value head. What fla's
+    forward hands its backward (the cumulative g, the WY matrix A, the chunk indices) are stand-in
+    objects here, and backward checks it gets those very objects back."""
+    handed = {}
 
     def l2norm_fwd(x):
         rstd = torch.rsqrt((x * x).sum(-1) + L2NORM_EPS)
@@ -255,7 +258,9 @@ def fla_like_internals(calls: list[str]):
         return (dy - (dy * y).sum(-1, keepdim=True) * y) * rstd[..., None]
 
     def prepare_chunk_indices(cu_seqlens, chunk_size, cu_seqlens_cpu=None):
-        return None
+        assert chunk_size == 64 and cu_seqlens_cpu is not None
+        handed["chunk_indices"] = torch.zeros(1)
+        return handed["chunk_indices"]
 
     def delta_rule(q, k, v, g, beta, scale, initial_state, cu_seqlens):
         assert q.shape[2] == k.shape[2] == v.shape[2], "this kernel needs one q/k head a value head"
@@ -266,36 +271,54 @@ def fla_like_internals(calls: list[str]):
 
     def fla_fwd(*, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_indices):
         calls.append("forward")
+        assert chunk_indices is handed.get("chunk_indices")
         o, final_state = delta_rule(q, k, v, g, beta, scale, initial_state, cu_seqlens)
-        return g, o, None, final_state if output_final_state else None, initial_state
+        handed["g"], handed["A"] = g.clone(), torch.ones(1)  # fla's: the chunk-local cumsum of g, and A
+        return handed["g"], o, handed["A"], final_state if output_final_state else None, initial_state
 
     def fla_bwd(*, q, k, v, g, beta, A, scale, initial_state, do, dht, cu_seqlens, chunk_indices):
         calls.append("backward")
+        assert g is handed["g"] and A is handed["A"] and chunk_indices is handed.get("chunk_indices")
         with torch.enable_grad():
-            leaves = [x.detach().requires_grad_() for x in (q, k, v, g, beta, initial_state)]
-            o, final_state = delta_rule(*leaves[:5], scale, leaves[5], cu_seqlens)
+            leaves = [None if x is None else x.detach().requires_grad_() for x in (q, k, v, g, beta)]
+            h0 = None if initial_state is None else initial_state.detach().requires_grad_()
+            o, final_state = delta_rule(*leaves, scale, h0, cu_seqlens)
             upstream = (o * do).sum() + (0 if dht is None else (final_state * dht).sum())
-            dq, dk, dv, dg, dbeta, dh0 = torch.autograd.grad(upstream, leaves)
-        return dq, dk, dv, dbeta, dg, dh0
+            grads = torch.autograd.grad(upstream, [*leaves, *([h0] if h0 is not None else [])])
+        dq, dk, dv, dg, dbeta = grads[:5]
+        return dq, dk, dv, dbeta, dg, grads[5] if h0 is not None else None
 
     return l2norm_fwd, l2norm_bwd, prepare_chunk_indices, fla_fwd, fla_bwd
 
 
-def test_heads_repeated_inside_fla_calls_give_the_reference_values_and_gradients():
-    """q/k normalised at their own head count and repeated only inside fla-core 0.4's calls (the
+@pytest.mark.parametrize("as_trained", [False, True], ids=["states-in-and-out", "packed-no-states"])
+def test_heads_repeated_inside_fla_calls_give_the_reference_values_and_gradients(as_trained):
+    """q/k normalised at their own head count and repeated only inside fla-core 0.4.2's calls (the
     path CUDA takes with it): outputs and every input's gradient as the reference's, with the
-    stand-ins above in fla's place; backward goes through fla's backward once."""
+    stand-ins above in fla's place; backward goes through fla's backward once. Both with initial and
+    final states, and as the mixer trains: packed documents, no state in or out."""
     inputs = make_inputs(1, 30, seed=31, requires_grad=True)
-    weights = random_weights((1, 30, HV, DV), (1, HV, DK, DV), torch.float64)
+    options = dict(scale=None, use_qk_l2norm=True, output_final_state=not as_trained)
+    options.update(cu_seqlens=None, cu_seqlens_cpu=None)
+    if as_trained:
+        del inputs["initial_state"]
+        bounds = [0, 7, 30]
+        options.update(cu_seqlens=torch.tensor(bounds), cu_seqlens_cpu=torch.tensor(bounds))
     calls = []
     internals = fla_like_internals(calls)
-    options = dict(scale=None, cu_seqlens=None, cu_seqlens_cpu=None, use_qk_l2norm=True)
+
+    def outputs(fn):
+        q, k, v, g, beta = (inputs[name] for name in ("q", "k", "v", "g", "beta"))
+        o, final_state = fn(q, k, v, g, beta, initial_state=inputs.get("initial_state"), **options)
+        weights = random_weights(o.shape, (1, HV, DK, DV), torch.float64)
+        loss = (o * weights["o"]).sum() + (0 if as_trained else (final_state * weights["final"]).sum())
+        return dict(zip(inputs, torch.autograd.grad(loss, list(inputs.values())), strict=True)), o
 
     def route(*args, **kwargs):
-        return _run_fla(None, *args, grouped_heads=False, internals=internals, **options, **kwargs)
+        return _run_fla(None, *args, grouped_heads=False, internals=internals, **kwargs)
 
-    expected = grads_of(chunk_gated_delta_rule_reference, inputs, weights)
-    got = grads_of(route, inputs, weights)
+    (expected, o_expected), (got, o) = outputs(chunk_gated_delta_rule_reference), outputs(route)
     assert calls == ["forward", "backward"]
+    torch.testing.assert_close(o, o_expected, rtol=1e-10, atol=1e-10)
     for name in inputs:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-10, msg=name)
