@@ -48,11 +48,11 @@ def test_compiled_model_computes_the_eager_model(monkeypatch, packed_batch, whol
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_compiled_layers_share_their_graphs_across_a_deep_stack(monkeypatch):
+@torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)  # not monkeypatch: see below
+def test_compiled_layers_share_their_graphs_across_a_deep_stack():
     """One graph per layer kind, not per layer: with 12 MoE layers and more (the 80B has 48), a graph
     that depended on a layer's position would pass dynamo's recompile limit (8), and the layers past
     it would run eagerly. Traced only (backend "eager"), which is where the guards are decided."""
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     torch._dynamo.reset()
     config = tiny_config(num_hidden_layers=12)
     model = build(config)
@@ -77,19 +77,22 @@ def test_selective_recomputation_keeps_less_and_computes_the_same(monkeypatch, p
     monkeypatch.setenv("QWEN3NEXT_COMPILE", "0")
     eager_loss, eager_grads, _ = loss_and_grads(build(config), ids, labels, pos)
     monkeypatch.setenv("QWEN3NEXT_COMPILE", "always")
-    budget_before = functorch_config.activation_memory_budget
-    monkeypatch.setattr(functorch_config, "activation_memory_budget", budget_before)  # restored after
     kept = {}
-    for budget in (1.0, 0.75):
-        torch._dynamo.reset()
-        model = build(config)
-        model.compile_layers(memory_budget=budget)
-        loss, grads, _ = loss_and_grads(model, ids, labels, pos)  # compiles, then the counted step
-        step = kept_by(lambda m=model: losses(m(ids, position_ids=pos, labels=labels)), model.parameters())
-        kept[budget] = sum(step.values())
-        torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
-        for name, grad in eager_grads.items():
-            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=f"{budget}: {name}")
+    # torch's own patch restores the process-wide budget after: pytest's monkeypatch deletes a setting
+    # of torch's config modules on the way out, and every later compilation then fails
+    with functorch_config.patch(activation_memory_budget=functorch_config.activation_memory_budget):
+        for budget in (1.0, 0.75):
+            torch._dynamo.reset()
+            model = build(config)
+            model.compile_layers(memory_budget=budget)
+            loss, grads, _ = loss_and_grads(model, ids, labels, pos)  # compiles, then the counted step
+            step = kept_by(
+                lambda m=model: losses(m(ids, position_ids=pos, labels=labels)), model.parameters()
+            )
+            kept[budget] = sum(step.values())
+            torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
+            for name, grad in eager_grads.items():
+                torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=f"{budget}: {name}")
     torch._dynamo.reset()
     # at least 3% of everything the tiny model keeps (5% when written), the LM head's saved gradients
     # and the CPU reference of the gated delta rule included (those are outside the compiled graphs);
