@@ -9,7 +9,7 @@ computes with. torch's fused AdamW updates the fp32 buffers (28 bytes a paramete
 given a `grad_scale`, since it then writes the unscaled gradients back), then a second pass reads the
 fp32 weights again to write the bf16 copy (6 more). On an H200 at the 80B width (2.8B parameters on
 one GPU) the two took 23.4 ms (27.3 with `grad_scale`) and 3.8 ms a step. Here one Triton kernel
-does both, 30 bytes a parameter, in 23.4 ms (bench/RESULTS.md).
+does both, 30 bytes a parameter, in 23.4 ms (with 2048-element blocks; bench/RESULTS.md).
 
 The arithmetic is torch's fused AdamW's, step for step: the gradient divided by `grad_scale`, the
 weight decayed by lr x weight_decay, the moments' running averages, the bias corrections of the
