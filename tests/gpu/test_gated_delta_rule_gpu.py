@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 pytest.importorskip("fla.ops.gated_delta_rule", reason="needs fla-core (pip install fla-core==0.4.2)")
 
+from bench.saved_activations import kept_by
 from model.ops.gated_delta_rule import (
     _fla_chunk_internals,
     _load_fla_kernel,
@@ -110,17 +111,16 @@ def _fla_with_repeated_heads(q, k, v, g, beta, **options):
 
 def _saved_bytes(fn, inputs, cu_seqlens) -> int:
     """Bytes of the distinct tensors autograd keeps for backward of one forward call."""
-    storages = {}
-
-    def pack(x):
-        storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
-        return x
-
     leaves = {name: x.detach().clone().requires_grad_() for name, x in inputs.items()}
     q, k, v, g, beta, h0 = (leaves[name] for name in INPUT_NAMES)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        fn(q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens)
-    return sum(storages.values())
+
+    def forward():
+        o, final_state = fn(
+            q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens
+        )
+        return o.float().sum() + final_state.float().sum()
+
+    return sum(kept_by(forward, params=[]).values())
 
 
 @pytest.mark.skipif(_fla_chunk_internals() is None, reason="fla-core 0.4 only (later: grouped heads)")
