@@ -20,7 +20,8 @@ raw step of the layout. Reported on rank 0: tokens/s over the world, ms per step
 (Megatron's counting: model FLOPs, recomputation not counted), peak memory, and from a profiled
 step the all-to-all time per MoE layer (forward and backward dispatch and combine together), the
 part of it that no compute kernel overlaps (`parallel.expert_chunks` hides the rest), and
-where the GPU time goes by op family (bench/op_families.py). On CPU the processes talk over gloo,
+where the GPU time goes by op family and by kernel, with the op that launched each
+(bench/op_families.py). On CPU the processes talk over gloo,
 which makes the numbers a functional check only.
 """
 
@@ -206,7 +207,7 @@ def write_trace_and_gaps(prof, path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
-    from bench.op_families import format_table, op_families
+    from bench.op_families import format_kernels, format_table, largest_kernels, op_families
     from model.accounting import flops_per_token
     from parallel.engine import setup_distributed
     from parallel.expert import autoep_layers
@@ -263,6 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     exposed = exposed_all_to_all_ms(prof) if on_gpu else total  # gloo: all of it
     a2a_ms = torch.tensor([total, exposed], device=device)
     families = op_families(prof, cfg.model.vocab_size) if on_gpu else []
+    kernels = largest_kernels(prof, cfg.model.vocab_size, n=60) if on_gpu else []
     dist.all_reduce(a2a_ms, op=dist.ReduceOp.MAX)  # the slowest rank's
     a2a_ms, exposed_ms = a2a_ms.tolist()
 
@@ -298,6 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         # the part of it no compute kernel overlaps (GPU; on CPU all of it)
         "a2a_exposed_ms_per_moe_layer": exposed_ms / moe_layers if moe_layers else 0.0,
         "op_families": families,
+        "largest_kernels": kernels,
     }
     if rank == 0:
         print(
@@ -318,6 +321,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         if families:
             print(f"GPU time of a profiled step by op family (rank 0):\n{format_table(families)}")
+            print(f"its largest kernels and the ops that launched them:\n{format_kernels(kernels[:30])}")
         if args.out:
             args.out.write_text(json.dumps(result, indent=2))
         if args.trace:

@@ -17,6 +17,8 @@ called from Python outside any torch op, such as model/ops/adamw.py's):
   model/ops/adamw.py's kernel;
 - communication: NCCL; copies: memcpy and memset; other: the rest, listed by name in the table.
 What the CE's softmax costs therefore lands in norms / elementwise, not in LM head + CE.
+`largest_kernels` lists the kernels of most time with the op that launched each and the nearest
+non-aten op around it (an autograd Function, a compiled region): where a family's time comes from.
 """
 
 from __future__ import annotations
@@ -144,6 +146,54 @@ def op_families(profile, vocab_size: int, steps: int = 1) -> list[dict]:
         for f in families.values()
         if f.us > 0
     ]
+
+
+def _context(event) -> str:
+    """The nearest op around `event` that is not an aten op (an autograd Function, a compiled
+    region, the optimizer step), or "" when there is none."""
+    parent = event.cpu_parent
+    while parent is not None and parent.name.startswith("aten::"):
+        parent = parent.cpu_parent
+    return "" if parent is None else parent.name
+
+
+def largest_kernels(profile, vocab_size: int, steps: int = 1, n: int = 30) -> list[dict]:
+    """The `n` (kernel, launching op, its context) triples of most GPU time, ms and launches a step,
+    with the kernel's family: which op a kernel of the family table comes from."""
+    rows: dict[tuple[str, str, str], list[float]] = defaultdict(lambda: [0.0, 0])
+    attributed: dict[str, float] = defaultdict(float)
+    for event in profile.events():
+        optimizer = _under(event, OPTIMIZER_STEP) or event.name == OPTIMIZER_STEP
+        for kernel in event.kernels or []:
+            family = family_of(event.name, event.input_shapes, kernel.name, optimizer, vocab_size)
+            row = rows[(kernel.name, f"{event.name} in {_context(event) or '-'}", family)]
+            row[0] += kernel.duration
+            row[1] += 1
+            attributed[kernel.name] += kernel.duration
+    for kernel, us in kernels_without_op(profile, attributed).items():  # launches not counted there
+        rows[(kernel, "no op", family_of("", None, kernel, False, vocab_size))][0] += us
+    ranked = sorted(rows.items(), key=lambda item: -item[1][0])[:n]
+    return [
+        {
+            "kernel": kernel,
+            "launched_by": by,
+            "family": family,
+            "ms": us / 1e3 / steps,
+            "launches": count / steps,
+        }
+        for (kernel, by, family), (us, count) in ranked
+    ]
+
+
+def format_kernels(rows: list[dict]) -> str:
+    lines = [f"{'ms/step':>8} {'launches':>8}  {'family':<14} {'kernel':<60} launched by (in)"]
+    for row in rows:
+        launches = f"{row['launches']:g}" if row["launched_by"] != "no op" else "-"
+        lines.append(
+            f"{row['ms']:>8.3f} {launches:>8}  {row['family'][:14]:<14} {row['kernel'][:60]:<60} "
+            f"{row['launched_by'][:70]}"
+        )
+    return "\n".join(lines)
 
 
 def format_table(rows: list[dict]) -> str:

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 from torch.autograd import DeviceType
 
-from bench.op_families import op_families
+from bench.op_families import format_kernels, largest_kernels, op_families
 from parallel.engine import OPTIMIZER_STEP
 
 Kernel = namedtuple("Kernel", "name duration")
@@ -47,3 +47,31 @@ def test_kernels_no_op_launched_are_charged_by_name_and_none_twice():
     )
     rows = {row["family"]: row["ms"] for row in op_families(profile, vocab_size=151936)}
     assert rows == {"routed experts": 0.3, "norms / elementwise": 0.04, "optimizer": 0.52}
+
+
+def test_largest_kernels_name_the_op_and_its_context_that_launched_them():
+    """Each (kernel, launching op, nearest non-aten op around it) row sums its launches; a kernel no op
+    launched is listed once under "no op"; largest first, cut at n."""
+    fla = op("_FlaWithHeadsRepeatedInside", [])
+    contiguous = op("aten::contiguous", [], parent=fla)
+    ops = [
+        op("aten::copy_", [("direct_copy", 30.0)], parent=contiguous),
+        op("aten::copy_", [("direct_copy", 30.0)], parent=contiguous),
+        op("aten::copy_", [("direct_copy", 5.0)]),  # the same kernel from elsewhere: its own row
+        op("aten::_grouped_mm", [("cutlass_grouped", 300.0)]),
+    ]
+    device = [DeviceEvent(name, us) for name, us in [("direct_copy", 65.0), ("cutlass_grouped", 300.0)]]
+    device.append(DeviceEvent("adamw_kernel", 100.0))
+    profile = SimpleNamespace(
+        events=lambda: ops, profiler=SimpleNamespace(kineto_results=SimpleNamespace(events=lambda: device))
+    )
+    rows = largest_kernels(profile, vocab_size=151936, steps=2, n=3)
+    assert [(r["kernel"], r["launched_by"], r["launches"]) for r in rows] == [
+        ("cutlass_grouped", "aten::_grouped_mm in -", 0.5),
+        ("adamw_kernel", "no op", 0.0),
+        ("direct_copy", "aten::copy_ in _FlaWithHeadsRepeatedInside", 1.0),
+    ]
+    assert [r["ms"] for r in rows] == [0.15, 0.05, 0.03]
+    assert [r["family"] for r in rows] == ["routed experts", "optimizer", "other"]
+    table = format_kernels(rows).splitlines()
+    assert len(table) == 4 and "_FlaWithHeadsRepeatedInside" in table[3] and " - " in table[2]
