@@ -120,21 +120,36 @@ def _under(event, range_name: str) -> bool:
     return False
 
 
-def op_families(profile, vocab_size: int, steps: int = 1) -> list[dict]:
-    """Per family: ms a step, its share of all kernel time, and its three largest kernels, from a
-    `torch.profiler.profile(record_shapes=True)` over `steps` steps; largest first in FAMILY_ORDER."""
-    families = {name: Family(name) for name in FAMILY_ORDER}
+NO_OP = "no op"  # what launched a kernel no CPU op launched
+
+
+def charged_kernels(profile, vocab_size: int) -> list[tuple[str, float, str, int, str]]:
+    """Every kernel of the profile charged once: (kernel, us, launched by, launches, family). A kernel
+    an op launched is charged to that op ("op in its nearest non-aten op around it"), one row a
+    launch; the time of kernels no op launched comes by name, one row a name, under `NO_OP` (their
+    launches not counted)."""
+    charged = []
     attributed: dict[str, float] = defaultdict(float)
     for event in profile.events():
         if not event.kernels:
             continue
         optimizer = _under(event, OPTIMIZER_STEP) or event.name == OPTIMIZER_STEP
+        launched_by = f"{event.name} in {_context(event) or '-'}"
         for kernel in event.kernels:
-            name = family_of(event.name, event.input_shapes, kernel.name, optimizer, vocab_size)
-            families[name].add(kernel.name, kernel.duration)
+            family = family_of(event.name, event.input_shapes, kernel.name, optimizer, vocab_size)
+            charged.append((kernel.name, kernel.duration, launched_by, 1, family))
             attributed[kernel.name] += kernel.duration
     for kernel, us in kernels_without_op(profile, attributed).items():
-        families[family_of("", None, kernel, False, vocab_size)].add(kernel, us)
+        charged.append((kernel, us, NO_OP, 0, family_of("", None, kernel, False, vocab_size)))
+    return charged
+
+
+def op_families(profile, vocab_size: int, steps: int = 1) -> list[dict]:
+    """Per family: ms a step, its share of all kernel time, and its three largest kernels, from a
+    `torch.profiler.profile(record_shapes=True)` over `steps` steps; largest first in FAMILY_ORDER."""
+    families = {name: Family(name) for name in FAMILY_ORDER}
+    for kernel, us, _, _, family in charged_kernels(profile, vocab_size):
+        families[family].add(kernel, us)
     total = sum(f.us for f in families.values()) or 1.0
     return [
         {
@@ -161,17 +176,10 @@ def largest_kernels(profile, vocab_size: int, steps: int = 1, n: int = 30) -> li
     """The `n` (kernel, launching op, its context) triples of most GPU time, ms and launches a step,
     with the kernel's family: which op a kernel of the family table comes from."""
     rows: dict[tuple[str, str, str], list[float]] = defaultdict(lambda: [0.0, 0])
-    attributed: dict[str, float] = defaultdict(float)
-    for event in profile.events():
-        optimizer = _under(event, OPTIMIZER_STEP) or event.name == OPTIMIZER_STEP
-        for kernel in event.kernels or []:
-            family = family_of(event.name, event.input_shapes, kernel.name, optimizer, vocab_size)
-            row = rows[(kernel.name, f"{event.name} in {_context(event) or '-'}", family)]
-            row[0] += kernel.duration
-            row[1] += 1
-            attributed[kernel.name] += kernel.duration
-    for kernel, us in kernels_without_op(profile, attributed).items():  # launches not counted there
-        rows[(kernel, "no op", family_of("", None, kernel, False, vocab_size))][0] += us
+    for kernel, us, launched_by, launches, family in charged_kernels(profile, vocab_size):
+        row = rows[(kernel, launched_by, family)]
+        row[0] += us
+        row[1] += launches
     ranked = sorted(rows.items(), key=lambda item: -item[1][0])[:n]
     return [
         {
@@ -188,7 +196,7 @@ def largest_kernels(profile, vocab_size: int, steps: int = 1, n: int = 30) -> li
 def format_kernels(rows: list[dict]) -> str:
     lines = [f"{'ms/step':>8} {'launches':>8}  {'family':<14} {'kernel':<60} launched by (in)"]
     for row in rows:
-        launches = f"{row['launches']:g}" if row["launched_by"] != "no op" else "-"
+        launches = f"{row['launches']:g}" if row["launched_by"] != NO_OP else "-"
         lines.append(
             f"{row['ms']:>8.3f} {launches:>8}  {row['family'][:14]:<14} {row['kernel'][:60]:<60} "
             f"{row['launched_by'][:70]}"
