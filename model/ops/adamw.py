@@ -18,29 +18,26 @@ step count, the update step_size x m / (sqrt(v) / sqrt(bias_correction2) + eps).
 `found_inf` != 0 changes nothing (weights, moments, step count), and nothing is read on the host.
 `step` is the fp32 0-dim step count of torch's AdamW state, on the device.
 
-On CPU and wherever Triton is missing, `adamw_flat_reference` runs: plain torch with the same
-formula, and what tests/gpu/test_adamw_gpu.py holds the kernel to (and both to torch's AdamW).
+On CPU (outside Triton's interpreter, model/ops/triton_support.py) and wherever Triton is missing,
+`adamw_flat_reference` runs: plain torch with the same formula, and what tests/gpu/test_adamw_gpu.py
+holds the kernel to (and both to torch's AdamW); tests/unit/test_triton_interpreted.py runs the
+kernel on the CPU.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from model.ops.triton_support import runs_on_triton, triton_kernels
 
 # elements a program updates, and its warps: on an H200, over 1.07B parameters, 1024 x 4 warps took
 # 8.00 ms, 2048 x 8 8.29 and 4096 x 8 8.82 (`python -m bench.adamw_kernel`, bench/RESULTS.md)
 BLOCK, NUM_WARPS = 1024, 4
 
 
-@functools.cache
-def _kernel():
-    """The Triton kernel, or None where Triton is not importable (compiled on first use)."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
+@triton_kernels
+def _kernel(triton, tl):
+    """The Triton kernel and triton.cdiv (model/ops/triton_support.py)."""
 
     @triton.jit
     def adamw_kernel(
@@ -125,7 +122,7 @@ def adamw_flat_(
     if len({t.device for t in tensors}) > 1:
         raise ValueError(f"adamw_flat_: all tensors on one device, got {[str(t.device) for t in tensors]}")
     kernel = _kernel()
-    if kernel is None or not all(t.is_cuda and t.is_contiguous() for t in tensors):
+    if kernel is None or not runs_on_triton(*tensors):
         adamw_flat_reference(
             param, grad, exp_avg, exp_avg_sq, step, bf16_out, lr=lr, betas=betas, eps=eps,
             weight_decay=weight_decay, grad_scale=grad_scale, found_inf=found_inf,

@@ -10,28 +10,24 @@
   which also takes the unvectorized path (the LM head's saved gradient times grad_output:
   2.7 ms a step there), and PyTorch rounds the factor to x's dtype before multiplying.
 
-The kernels took 4.3 and 0.65 ms there (bench/RESULTS.md). On CPU and wherever Triton is missing
-the `*_reference` functions run instead: plain torch, and what the GPU tests hold the kernels to,
-bit for bit (each element sees one fp32 operation and one rounding).
+The kernels took 4.3 and 0.65 ms there (bench/RESULTS.md). On CPU (outside Triton's interpreter,
+model/ops/triton_support.py) and wherever Triton is missing the `*_reference` functions run instead:
+plain torch, and what the GPU tests hold the kernels to, bit for bit (each element sees one fp32
+operation and one rounding); tests/unit/test_triton_interpreted.py runs the kernels on the CPU.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from model.ops.triton_support import runs_on_triton, triton_kernels
 
 BLOCK = 4096
 
 
-@functools.cache
-def _kernels():
-    """The Triton kernels, or None where Triton is not importable (compiled on first use)."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
+@triton_kernels
+def _kernels(triton, tl):
+    """The two Triton kernels and triton.cdiv (model/ops/triton_support.py)."""
 
     @triton.jit
     def add_into_fp32_kernel(dst_ptr, src_ptr, n, OVERWRITE: tl.constexpr, BLOCK: tl.constexpr):
@@ -54,7 +50,7 @@ def _kernels():
 
 
 def _on_triton(*tensors: torch.Tensor) -> bool:
-    return all(t.is_cuda and t.is_contiguous() for t in tensors) and _kernels() is not None
+    return runs_on_triton(*tensors) and _kernels() is not None
 
 
 def add_into_fp32(dst: torch.Tensor, src: torch.Tensor, *, overwrite: bool) -> torch.Tensor:

@@ -17,13 +17,12 @@ scalar) and the number of such tokens (int64 scalar): the trainer divides by the
 Legend: n tokens (rows), d hidden, v vocabulary, c rows of one chunk.
 """
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
 from model.ops.casting import scale_in_place
 from model.ops.fusion import compile_on, fused_on_cuda
+from model.ops.triton_support import runs_on_triton, triton_kernels
 
 
 def linear_cross_entropy(
@@ -151,14 +150,9 @@ def fused_loss_and_grad_logits(
 IN_PLACE_BLOCK = 4096  # vocabulary entries a program reads at once
 
 
-@functools.cache
-def _in_place_kernel():
-    """The Triton kernel of `loss_and_grad_logits_in_place`, or None where Triton is missing."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
+@triton_kernels
+def _in_place_kernel(triton, tl):
+    """The Triton kernel of `loss_and_grad_logits_in_place` (model/ops/triton_support.py)."""
 
     @triton.jit
     def loss_and_grad_logits_kernel(logits_ptr, labels_ptr, keep_ptr, loss_ptr, vocab, BLOCK: tl.constexpr):
@@ -193,14 +187,15 @@ def _in_place_kernel():
 def loss_and_grad_logits_in_place(
     logits_cv: torch.Tensor, labels_c: torch.Tensor, keep_c: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chunk loss sum, d loss / d logits written over the logits), on CUDA with Triton.
+    """(chunk loss sum, d loss / d logits written over the logits), by a Triton kernel (on CUDA, or on
+    the CPU under Triton's interpreter).
 
     `fused_loss_and_grad_logits` compiled writes the gradient into a second [c, V] buffer: 2 more
     bytes a logit at the LM head's peak (0.6 GiB for a 2048-row chunk of a 151936 vocabulary). Here
     one program a row reads its logits twice and writes their gradient once, in fp32 in registers.
     tests/gpu/test_cross_entropy_gpu.py holds it to the eager `fused_loss_and_grad_logits`.
 
-    logits_cv: contiguous [c, V] on CUDA; labels_c: [c] in [0, V) (ignored rows' labels already
+    logits_cv: contiguous [c, V]; labels_c: [c] in [0, V) (ignored rows' labels already
     replaced, `_safe_labels`); keep_c: [c] bool."""
     if not logits_cv.is_contiguous():  # the kernel would write into a copy and return stale logits
         raise ValueError("loss_and_grad_logits_in_place needs contiguous logits")
@@ -214,7 +209,7 @@ def _chunk_loss_and_grad(
     h_cd: torch.Tensor, weight_vd: torch.Tensor, labels_c: torch.Tensor, keep_c: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # trainer.compile_fusions=false (or QWEN3NEXT_COMPILE=0) leaves the eager chunk step on CUDA too
-    if h_cd.is_cuda and compile_on(h_cd) and _in_place_kernel() is not None:
+    if runs_on_triton(labels_c, keep_c) and compile_on(h_cd) and _in_place_kernel() is not None:
         return loss_and_grad_logits_in_place(h_cd @ weight_vd.T, labels_c, keep_c)
     if compile_on(h_cd):
         return fused_loss_and_grad_logits(h_cd @ weight_vd.T, labels_c, keep_c)
