@@ -3,6 +3,7 @@
     torchrun --nproc_per_node 2 launch/bench.py layout --preset small --expert 2   # ep2
     torchrun --nproc_per_node 2 launch/bench.py layout --preset small --expert 1   # ep1 x dp2
     python launch/bench.py layout --preset 80b_a3b-slice     # the 80B-A3B's layer width on one GPU
+    python launch/bench.py layout --preset 80b_a3b-slice --micro-batches 16   # the preset's accumulation
 
 `--preset` takes a conf/ preset or a named slice (SLICES): `80b_a3b-slice` is 4 layers of the
 80B-A3B (3 Gated DeltaNet + 1 gated attention) and its MTP layer at full width, 128 experts of the
@@ -23,6 +24,12 @@ part of it that no compute kernel overlaps (`parallel.expert_chunks` hides the r
 where the GPU time goes by op family and by kernel, with the op that launched each
 (bench/op_families.py). On CPU the processes talk over gloo,
 which makes the numbers a functional check only.
+
+A step is one micro-batch a rank unless `--micro-batches N` asks for N (gradient accumulation, as the
+80B preset runs 16 a step at 64 GPUs): the optimizer then steps once every N forward and backward
+passes, as in training, and tokens/s and TFLOP/s count all N. With one micro-batch a step the
+slice's optimizer works through all 2.8B parameters' state after every one; at the preset's scale
+ZeRO divides that state over the data-parallel ranks and accumulation spreads its time over 16.
 """
 
 from __future__ import annotations
@@ -59,6 +66,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--zero-stage", type=int, default=1)
     parser.add_argument("--micro-batch", type=int, default=None, help="rows per rank (default: preset's)")
     parser.add_argument("--seq", type=int, default=None, help="tokens a row (default: preset's)")
+    parser.add_argument(
+        "--micro-batches", type=int, default=1, help="micro-batches a step a rank (gradient accumulation)"
+    )
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true", help="eager layers on GPU")
@@ -71,11 +81,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "waited for the host (bench/host_gaps.py)",
     )
     parser.add_argument("overrides", nargs="*", help="further Hydra overrides, e.g. model.num_experts=64")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.micro_batches < 1:
+        parser.error(f"--micro-batches must be at least 1, got {args.micro_batches}")
+    return args
 
 
 def compose_config(args: argparse.Namespace, world: int):
-    """The preset with this layout, one micro-batch a step per data-parallel rank."""
+    """The preset with this layout, `--micro-batches` a step per data-parallel rank."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -95,7 +108,7 @@ def compose_config(args: argparse.Namespace, world: int):
             f"parallel.tensor={args.tensor}",
             f"parallel.zero_stage={args.zero_stage}",
             f"trainer.micro_batch_size={micro_batch}",
-            f"trainer.global_batch_size={micro_batch * dp}",
+            f"trainer.global_batch_size={micro_batch * dp * args.micro_batches}",
             f"data.streams={dp}",
             f"trainer.compile={not args.no_compile}",
             # eager layers cannot recompute selectively (the budget steers torch.compile's partitioner)
@@ -232,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def step() -> None:
         """As the trainer runs it: a step's results read after the next step is launched."""
-        unread.append(training.step.run([host_batch], lr=cfg.optim.lr))
+        unread.append(training.step.run([host_batch] * args.micro_batches, lr=cfg.optim.lr))
         if len(unread) > 1:
             unread.pop(0).result()
 
@@ -269,6 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     a2a_ms, exposed_ms = a2a_ms.tolist()
 
     global_tokens = cfg.trainer.global_batch_size * cfg.data.seq_len
+    passes = moe_layers * args.micro_batches  # MoE layers run in a step
     tokens_per_s = global_tokens * args.steps / elapsed
     result = {
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
@@ -278,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
         "data": layout.data,
         "zero_stage": cfg.parallel.zero_stage,
         "micro_batch": cfg.trainer.micro_batch_size,
+        "micro_batches": args.micro_batches,
         "seq_len": cfg.data.seq_len,
         "tokens_per_s": tokens_per_s,
         "ms_per_step": 1e3 * elapsed / args.steps,
@@ -296,18 +311,20 @@ def main(argv: list[str] | None = None) -> None:
         "first_step_s": first_step_s,
         "moe_layers": moe_layers,
         "a2a_ms_per_step": float(a2a_ms),
-        "a2a_ms_per_moe_layer": float(a2a_ms) / moe_layers if moe_layers else 0.0,
+        # per MoE layer's pass (forward and backward of one micro-batch)
+        "a2a_ms_per_moe_layer": float(a2a_ms) / passes if passes else 0.0,
         # the part of it no compute kernel overlaps (GPU; on CPU all of it)
-        "a2a_exposed_ms_per_moe_layer": exposed_ms / moe_layers if moe_layers else 0.0,
+        "a2a_exposed_ms_per_moe_layer": exposed_ms / passes if passes else 0.0,
         "op_families": families,
         "largest_kernels": kernels,
     }
     if rank == 0:
         print(
-            f"layout tp{layout.tensor} x dp{layout.data}, ep{layout.expert} on {world} x {result['device']}: "
+            f"layout tp{layout.tensor} x dp{layout.data}, ep{layout.expert} on {world} x {result['device']}"
+            f"{f', {args.micro_batches} micro-batches a step' if args.micro_batches > 1 else ''}: "
             f"{tokens_per_s:,.0f} tok/s  {result['ms_per_step']:.1f} ms/step  "
             f"{result['tflops_per_gpu']:.1f} TFLOP/s/gpu  all-to-all {result['a2a_ms_per_moe_layer']:.2f} "
-            f"ms per MoE layer a step ({result['a2a_exposed_ms_per_moe_layer']:.2f} not overlapped)"
+            f"ms per MoE layer a micro-batch ({result['a2a_exposed_ms_per_moe_layer']:.2f} not overlapped)"
         )
         print(
             f"start-up {result['startup_s']:.1f} s from process start (model and engine "

@@ -1,6 +1,7 @@
 """`launch/bench.py layout` on 2 gloo processes: the raw training step of a parallel layout runs, counts
-the whole world's tokens, and finds all-to-all traffic exactly when the experts are spread over ranks
-(the toy model of test_training.py; the GPU numbers are in bench/RESULTS.md)."""
+the whole world's tokens (of every micro-batch, with gradient accumulation), and finds all-to-all
+traffic exactly when the experts are spread over ranks (the toy model of test_training.py; the GPU
+numbers are in bench/RESULTS.md)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ import pytest
 from tests.distributed.test_training import MODEL, REPO, environment, free_port
 
 
-@pytest.mark.parametrize("expert", [1, 2], ids=["ep1-dp2", "ep2"])
-def test_layout_benchmark_times_the_step_and_its_all_to_all(tmp_path, expert):
+@pytest.mark.parametrize(("expert", "micro_batches"), [(1, 3), (2, 1)], ids=["ep1-dp2-accum3", "ep2"])
+def test_layout_benchmark_times_the_step_and_its_all_to_all(tmp_path, expert, micro_batches):
     out = tmp_path / "result.json"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     options = ["--preset", "tiny", "--expert", str(expert), "--micro-batch", "2", "--seq", "32"]
+    options += ["--micro-batches", str(micro_batches)]
     model = [f"model.{key}={value}" for key, value in MODEL.items()]
     result = subprocess.run(
         [*launcher, "--master_port", str(free_port()), "launch/bench.py", "layout", *options,
@@ -28,8 +30,11 @@ def test_layout_benchmark_times_the_step_and_its_all_to_all(tmp_path, expert):
     measured = json.loads(out.read_text())
     assert (measured["world"], measured["expert"], measured["data"]) == (2, expert, 2)
     assert measured["tokens_per_s"] > 0 and measured["ms_per_step"] > 0
-    # 2 ranks x 2 rows x 32 tokens a step, over the measured time
-    assert measured["tokens_per_s"] == pytest.approx(2 * 2 * 32 / (measured["ms_per_step"] / 1e3), rel=1e-6)
+    # 2 ranks x 2 rows x 32 tokens a micro-batch, micro_batches of them a step, over the measured time
+    tokens_a_step = 2 * 2 * 32 * micro_batches
+    assert measured["micro_batches"] == micro_batches
+    step_s = measured["ms_per_step"] / 1e3
+    assert measured["tokens_per_s"] == pytest.approx(tokens_a_step / step_s, rel=1e-6)
     assert measured["moe_layers"] == (
         MODEL["num_hidden_layers"] + MODEL["mtp_num_layers"] if expert > 1 else 0
     )
