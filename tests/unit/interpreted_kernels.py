@@ -10,10 +10,10 @@ masks, block loops, program ids), so what these tests catch is a wrong formula, 
 a code-generation bug: tests/gpu holds the compiled kernels to the same references on CUDA. Each
 test makes the torch fallback raise, so that it cannot pass by not running the kernel.
 
-One difference from the GPU: the interpreter (Triton 3.2-3.9) casts fp32 to bf16 by dropping the low
-bits, where the GPU rounds to nearest even. Every bf16 result is therefore held here to "the exact
-fp32 value rounded to one of its two bf16 neighbours" (`assert_a_bf16_rounding_of`), and bit for bit
-in tests/gpu; fp16 and fp32 results are bit for bit in both.
+One difference from the GPU: the interpreter (Triton 3.9, and 3.6 by its source) casts fp32 to bf16
+by dropping the low bits, where the GPU rounds to nearest even. Every bf16 result is therefore held
+here to "the exact fp32 value rounded to one of its two bf16 neighbours" (`assert_a_bf16_rounding_of`),
+and bit for bit in tests/gpu; fp16 and fp32 results are bit for bit in both.
 """
 
 import pytest
