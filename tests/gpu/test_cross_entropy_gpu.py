@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from model.ops.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from tests.kernel_checks import cross_entropy_chunk
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -81,14 +82,7 @@ def test_in_place_chunk_kernel_matches_the_fused_reference(vocab):
     from model.ops.cross_entropy import fused_loss_and_grad_logits, loss_and_grad_logits_in_place
 
     rows = 512
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    logits_cv = (torch.randn(rows, vocab, device="cuda", generator=gen) * 4).bfloat16()
-    logits_cv[3] = 0.5
-    labels_c = torch.randint(vocab, (rows,), device="cuda", generator=gen)
-    labels_c[:3] = torch.tensor([0, vocab - 1, vocab - 1])
-    keep_c = torch.rand(rows, device="cuda", generator=gen) > 0.1
-    keep_c[:4] = True
-    labels_c = torch.where(keep_c, labels_c, 0)
+    logits_cv, labels_c, keep_c = cross_entropy_chunk(rows, vocab, device="cuda", seed=1, drop=0.1)
     ref_loss, ref_grad = fused_loss_and_grad_logits.eager(logits_cv, labels_c, keep_c)
 
     torch.cuda.synchronize()

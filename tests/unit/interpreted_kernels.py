@@ -23,6 +23,7 @@ import model.ops.adamw as adamw
 import model.ops.casting as casting
 import model.ops.cross_entropy as cross_entropy
 from model.ops.triton_support import interpreting, runs_on_triton
+from tests.kernel_checks import check_adamw_steps, cross_entropy_chunk
 
 if not interpreting():
     pytest.skip(
@@ -53,27 +54,6 @@ def test_cpu_tensors_go_to_the_kernels_if_contiguous():
     assert not runs_on_triton(torch.zeros(4, 2).T)  # the kernels index flat memory
 
 
-ADAMW_HYPER = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-ADAMW_STEPS = [(1.0, 0.0), (2.5, 0.0), (1.0, 1.0), (4.0, 0.0)]  # (grad_scale, found_inf)
-
-
-def _adamw_state(param: torch.Tensor) -> dict:
-    return {
-        "param": param.clone(),
-        "exp_avg": torch.zeros_like(param),
-        "exp_avg_sq": torch.zeros_like(param),
-        "step": torch.zeros(()),
-        "bf16": torch.empty_like(param, dtype=torch.bfloat16),
-    }
-
-
-def _adamw_step(state, step_fn, grad, grad_scale, found_inf):
-    step_fn(
-        state["param"], grad, state["exp_avg"], state["exp_avg_sq"], state["step"], state["bf16"],
-        grad_scale=grad_scale, found_inf=found_inf, **ADAMW_HYPER,
-    )  # fmt: skip
-
-
 def assert_a_bf16_rounding_of(ours: torch.Tensor, exact: torch.Tensor, atol: float = 0.0) -> None:
     """Each bf16 element of `ours` is the fp32 `exact` rounded down or up to bf16 (within `atol` where
     `exact` is itself known only to fp32 rounding)."""
@@ -85,37 +65,16 @@ def assert_a_bf16_rounding_of(ours: torch.Tensor, exact: torch.Tensor, atol: flo
     assert off == 0, f"{off} of {exact.numel()} elements off by more than a bf16 ulp"
 
 
-def _normwise_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
+ADAMW_STEPS = [(1.0, 0.0), (2.5, 0.0), (1.0, 1.0), (4.0, 0.0)]  # (grad_scale, found_inf)
 
 
 def test_adamw_kernel_steps_as_its_reference_and_torchs_adamw():
     """Plain, clipped (grad_scale > 1) and skipped (found_inf) steps, with weight decay, over a length
     that is no multiple of the kernel's block."""
-    n = 2 * adamw.BLOCK + 123
-    gen = torch.Generator().manual_seed(0)
-    param = torch.randn(n, generator=gen) * 0.05
-    kernel, reference = _adamw_state(param), _adamw_state(param)
-    torch_param = torch.nn.Parameter(param.clone())
-    torch_adamw = torch.optim.AdamW([torch_param], fused=True, **ADAMW_HYPER)
-    for index, (scale, inf) in enumerate(ADAMW_STEPS):
-        grad = torch.randn(n, generator=gen) * 1e-3 * (index + 1)
-        grad_scale, found_inf = torch.tensor(scale), torch.tensor(inf)
-        before = kernel["param"].clone()
-        _adamw_step(kernel, adamw.adamw_flat_, grad, grad_scale, found_inf)
-        _adamw_step(reference, ADAMW_REFERENCE, grad, grad_scale, found_inf)
-        torch_param.grad = grad.clone()
-        torch_adamw.grad_scale, torch_adamw.found_inf = grad_scale, found_inf
-        torch_adamw.step()
-        torch_state = torch_adamw.state[torch_param]
-        assert torch.equal(kernel["param"], before) == bool(inf)
-        assert float(kernel["step"]) == float(reference["step"]) == float(torch_state["step"])
-        assert_a_bf16_rounding_of(kernel["bf16"], kernel["param"])
-        for key, theirs in (("param", torch_param.detach()), ("exp_avg", None), ("exp_avg_sq", None)):
-            theirs = torch_state[key] if theirs is None else theirs
-            # against the reference, which rounds where the kernel does: an ulp at most
-            assert _normwise_error(kernel[key], reference[key]) < 2e-7, (index, key)
-            assert _normwise_error(kernel[key], theirs) < 1e-6, (index, key)
+    check_adamw_steps(
+        adamw.adamw_flat_, ADAMW_REFERENCE, device="cpu", n=2 * adamw.BLOCK + 123, steps=ADAMW_STEPS,
+        check_bf16=assert_a_bf16_rounding_of,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("numel", [1, casting.BLOCK - 1, casting.BLOCK + 1])
@@ -147,23 +106,10 @@ def test_scale_kernel_equals_one_fp32_product_rounded_once(numel, dtype):
         assert torch.equal(ours, SCALE_REFERENCE(x.clone(), factor))
 
 
-def _cross_entropy_chunk(rows: int, vocab: int, seed: int):
-    """bf16 logits, with a row of equal logits, labels at both ends of the vocabulary and ignored rows
-    (their labels replaced by 0, as `_safe_labels` does)."""
-    gen = torch.Generator().manual_seed(seed)
-    logits_cv = (torch.randn(rows, vocab, generator=gen) * 4).bfloat16()
-    logits_cv[3] = 0.5
-    labels_c = torch.randint(vocab, (rows,), generator=gen)
-    labels_c[:3] = torch.tensor([0, vocab - 1, vocab - 1])
-    keep_c = torch.rand(rows, generator=gen) > 0.2
-    keep_c[:4] = True
-    return logits_cv, torch.where(keep_c, labels_c, 0), keep_c
-
-
 # a block and a tail; two whole blocks
 @pytest.mark.parametrize("vocab", [5000, 2 * cross_entropy.IN_PLACE_BLOCK])
 def test_cross_entropy_kernel_writes_the_gradient_over_the_logits(vocab):
-    logits_cv, labels_c, keep_c = _cross_entropy_chunk(24, vocab, seed=vocab)
+    logits_cv, labels_c, keep_c = cross_entropy_chunk(24, vocab, device="cpu", seed=vocab, drop=0.2)
     ref_loss, ref_grad = cross_entropy.fused_loss_and_grad_logits.eager(logits_cv.float(), labels_c, keep_c)
     loss, grad = cross_entropy.loss_and_grad_logits_in_place(logits_cv, labels_c, keep_c)
     assert grad.data_ptr() == logits_cv.data_ptr()
