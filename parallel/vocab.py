@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from model.ops.casting import scale_in_place
-from model.ops.cross_entropy import accumulate_grad_weight, check_labels_in_range
+from model.ops.cross_entropy import WeightGradient, check_labels_in_range
 from parallel.tensor import rank_slice, sharded_parameter
 
 
@@ -32,7 +32,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h_nd, weight_vd, labels_n, ignore_index, chunk_size, vocab_start, group):
         loss_sum = torch.zeros((), dtype=torch.float32, device=h_nd.device)
         grad_h_nd = torch.empty(h_nd.shape, dtype=torch.float32, device=h_nd.device)
-        grad_w_vd = torch.zeros(weight_vd.shape, dtype=torch.float32, device=weight_vd.device)
+        grad_w = WeightGradient(weight_vd)
         local_vocab = weight_vd.shape[0]
         for start in range(0, h_nd.shape[0], chunk_size):
             rows = slice(start, min(start + chunk_size, h_nd.shape[0]))
@@ -61,11 +61,11 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             grad_cv.scatter_add_(1, local_label_c[:, None], -mine_c.float()[:, None])
             grad_cv = grad_cv.to(h_cd.dtype)
             grad_h_nd[rows] = grad_cv @ weight_vd
-            grad_w_vd = accumulate_grad_weight(grad_w_vd, grad_cv, h_cd)
+            grad_w.add(grad_cv, h_cd)
             # freed before the next chunk's logits are made, not when their names are rebound
             del logits_cv, exp_cv, grad_cv
         _all_reduce(grad_h_nd, group)  # each rank's part covers its vocabulary rows only
-        ctx.save_for_backward(grad_h_nd.to(h_nd.dtype), grad_w_vd.to(weight_vd.dtype))
+        ctx.save_for_backward(grad_h_nd.to(h_nd.dtype), grad_w.result())
         return loss_sum
 
     @staticmethod

@@ -17,6 +17,8 @@ scalar) and the number of such tokens (int64 scalar): the trainer divides by the
 Legend: n tokens (rows), d hidden, v vocabulary, c rows of one chunk.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -237,6 +239,75 @@ def accumulate_grad_weight(
     return grad_w_vd.add_(grad_cv.T @ h_cd)
 
 
+class WeightGradient:
+    """The LM head's weight gradient, summed over row chunks in fp32 and handed back in the weight's
+    dtype without a second [V, D] buffer.
+
+    `.to(bf16)` of one fp32 [V, D] sum would hold the sum and its rounded copy at once: 6 bytes a
+    weight, 1.7 GiB at 151936 x 2048, while every layer's activations are still held. For a
+    low-precision weight the sum is kept here in two fp32 buffers instead, the vocabulary's first
+    rows and the rest, and `result` rounds the first buffer's rows into the front of its own
+    storage, the second's behind them, and drops the second: the first buffer's 4 x ceil(V / 2) x D
+    bytes then hold the whole rounded gradient, and 4 bytes a weight is the most ever held. An fp32
+    weight takes its one buffer as it is.
+    """
+
+    def __init__(self, weight_vd: torch.Tensor):
+        vocab, hidden = weight_vd.shape
+        self.dtype, self.shape = weight_vd.dtype, weight_vd.shape
+        self.split = vocab if weight_vd.dtype == torch.float32 else (vocab + 1) // 2
+        sizes = [self.split] + ([vocab - self.split] if vocab > self.split else [])
+        self.parts = [
+            torch.zeros(rows, hidden, dtype=torch.float32, device=weight_vd.device) for rows in sizes
+        ]
+
+    def add(self, grad_cv: torch.Tensor, h_cd: torch.Tensor) -> None:
+        """+= grad_cv^T h_cd (grad_cv: d loss / d logits of a chunk of rows, h_cd: their inputs)."""
+        columns = [slice(0, self.split), slice(self.split, None)]
+        for index, part in enumerate(self.parts):
+            self.parts[index] = accumulate_grad_weight(part, grad_cv[:, columns[index]], h_cd)
+
+    def result(self) -> torch.Tensor:
+        """The sum, rounded once to the weight's dtype; call once, after the last `add`."""
+        first, *rest = self.parts
+        self.parts = []
+        if self.dtype == torch.float32:
+            return first
+        grad_vd = round_into_own_storage(first, self.dtype, self.shape)
+        if rest:
+            grad_vd[self.split :].copy_(rest[0])
+        return grad_vd
+
+
+ROUNDING_CHUNK = 1 << 24  # elements a copy of `round_into_own_storage` rounds (64 MB of fp32)
+
+
+def round_into_own_storage(x: torch.Tensor, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
+    """x (contiguous fp32) rounded to a 2-byte `dtype`, written over the front of x's own storage; the
+    returned `shape` tensor starts with x's elements and may extend over the rest of that storage.
+
+    Element i's rounded value goes to bytes [2i, 2i + 2) while its fp32 value sits at [4i, 4i + 4), so
+    a copy of elements [a, a + c) overwrites fp32 elements [a / 2, (a + c) / 2): all read by the
+    copies before it once a >= c. Copies of c elements in order therefore never read what was
+    overwritten; only the first one goes through a temporary."""
+    if x.dtype != torch.float32 or not x.is_contiguous() or dtype.itemsize != 2:
+        raise ValueError(
+            f"round_into_own_storage: contiguous fp32 to a 2-byte dtype, not {x.dtype} -> {dtype}"
+        )
+    storage = x.untyped_storage()
+    if x.storage_offset() != 0 or math.prod(shape) * 2 > storage.nbytes():
+        raise ValueError(f"round_into_own_storage: {tuple(shape)} in {dtype} does not fit x's storage")
+    out = torch.empty(0, dtype=dtype, device=x.device).set_(storage, 0, shape)
+    x_n, out_n = x.view(-1), out.view(-1)
+    n = x_n.numel()
+    first = min(ROUNDING_CHUNK, n)
+    out_n[:first].copy_(x_n[:first].to(dtype))
+    for start in range(first, n, ROUNDING_CHUNK):
+        end = min(start + ROUNDING_CHUNK, n)
+        out_n[start:end].copy_(x_n[start:end])
+    return out
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Loss sum in forward with the gradients computed alongside; backward scales them."""
 
@@ -252,11 +323,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         want_grad_h, want_grad_w = ctx.needs_input_grad[:2]
         loss_sum = torch.zeros((), dtype=torch.float32, device=h_nd.device)
         grad_h_nd = torch.empty_like(h_nd) if want_grad_h else None
-        grad_w_vd = (
-            torch.zeros(weight_vd.shape, dtype=torch.float32, device=weight_vd.device)
-            if want_grad_w
-            else None
-        )
+        grad_w = WeightGradient(weight_vd) if want_grad_w else None
         for rows in _row_chunks(h_nd.shape[0], chunk_size):
             h_cd = h_nd[rows]
             labels_c, keep_c = _safe_labels(labels_n[rows], ignore_index)
@@ -265,13 +332,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if want_grad_h:
                 grad_h_nd[rows] = grad_cv @ weight_vd
             if want_grad_w:
-                grad_w_vd = accumulate_grad_weight(grad_w_vd, grad_cv, h_cd)
+                grad_w.add(grad_cv, h_cd)
             # Freed now, not when the next chunk's result rebinds the name: otherwise this chunk's
             # gradient (2 bytes x c x V) is still held while the next chunk's logits and gradient
             # are made, a third [c, V] buffer at the peak.
             del grad_cv
-        grad_w_vd = grad_w_vd.to(weight_vd.dtype) if want_grad_w else None
-        ctx.save_for_backward(grad_h_nd, grad_w_vd)
+        ctx.save_for_backward(grad_h_nd, grad_w.result() if want_grad_w else None)
         return loss_sum
 
     @staticmethod

@@ -9,7 +9,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from model.ops.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+import model.ops.cross_entropy as cross_entropy
+from model.ops.cross_entropy import (
+    WeightGradient,
+    linear_cross_entropy,
+    linear_cross_entropy_reference,
+    round_into_own_storage,
+)
 
 IGNORE = -100
 
@@ -172,3 +178,47 @@ def test_a_chunks_logit_gradient_is_freed_before_the_next_chunk_starts(monkeypat
     )
     loss_sum.backward()
     assert live_at_start == [0, 0, 0, 0, 0]  # five chunks, none begun with an earlier one's gradient
+
+
+@pytest.mark.parametrize("numel", [1, 5, 6, 23, 64])
+def test_rounding_into_own_storage_equals_a_plain_cast(monkeypatch, numel):
+    """Copies of 5 elements at a time (the first through a temporary, a short last one): each value
+    rounds as `.to(bf16)` rounds it, and the result lives in the fp32 tensor's own storage."""
+    monkeypatch.setattr(cross_entropy, "ROUNDING_CHUNK", 5)
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(numel)) * 1e3
+    expected = x.to(torch.bfloat16)
+    out = round_into_own_storage(x, torch.bfloat16, torch.Size([numel]))
+    assert out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("vocab", [1, 2, 7, 40])
+def test_weight_gradient_is_the_fp32_sum_rounded_once(monkeypatch, vocab):
+    """bf16 weight: the chunks' products summed in fp32 (by hand here) and rounded once, bit for bit,
+    held in the first half's fp32 storage (4 x ceil(V / 2) x D bytes); fp32 weight: the sum itself.
+    Integer values keep every sum exact in fp32, whatever order a GEMM adds in; most need rounding
+    in bf16 (8 significant bits)."""
+    monkeypatch.setattr(cross_entropy, "ROUNDING_CHUNK", 7)
+    gen = torch.Generator().manual_seed(vocab)
+    integers = lambda *shape: torch.randint(-60, 60, shape, generator=gen).float()
+    hidden, chunks = 6, [integers(3, vocab) for _ in range(4)]
+    inputs = [integers(3, hidden) for _ in range(4)]
+    expected = sum(g.T @ h for g, h in zip(chunks, inputs, strict=True))
+    for dtype in (torch.bfloat16, torch.float32):
+        grad = WeightGradient(torch.empty(vocab, hidden, dtype=dtype))
+        for g, h in zip(chunks, inputs, strict=True):
+            grad.add(g, h)
+        result = grad.result()
+        assert result.shape == (vocab, hidden) and result.dtype == dtype
+        torch.testing.assert_close(
+            result, expected.to(dtype), rtol=0, atol=1e-6 if dtype == torch.float32 else 0
+        )
+        if dtype == torch.bfloat16:
+            assert result.untyped_storage().nbytes() == 4 * ((vocab + 1) // 2) * hidden
+
+
+def test_rounding_into_own_storage_refuses_what_does_not_fit():
+    with pytest.raises(ValueError, match="does not fit"):
+        round_into_own_storage(torch.zeros(4), torch.bfloat16, torch.Size([9]))
+    with pytest.raises(ValueError, match="2-byte"):
+        round_into_own_storage(torch.zeros(4), torch.float32, torch.Size([4]))
