@@ -18,6 +18,7 @@ Legend: n tokens (rows), d hidden, v vocabulary, c rows of one chunk.
 """
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -234,8 +235,15 @@ def accumulate_grad_weight(
     if _ADDMM_OUT_DTYPE and grad_cv.is_cuda and grad_cv.dtype != torch.float32:
         try:
             return torch.addmm(grad_w_vd, grad_cv.T, h_cd, out_dtype=torch.float32, out=grad_w_vd)
-        except (RuntimeError, TypeError):
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, TypeError) as error:
             _ADDMM_OUT_DTYPE = False
+            warnings.warn(
+                f"addmm(out_dtype=float32) failed ({error}); the LM head's weight gradient is now a "
+                "low-precision product added into fp32, chunk by chunk: slower and less exact",
+                stacklevel=2,
+            )
     return grad_w_vd.add_(grad_cv.T @ h_cd)
 
 
@@ -247,15 +255,19 @@ class WeightGradient:
     weight, 1.7 GiB at 151936 x 2048, while every layer's activations are still held. For a
     low-precision weight the sum is kept here in two fp32 buffers instead, the vocabulary's first
     rows and the rest, and `result` rounds the first buffer's rows into the front of its own
-    storage, the second's behind them, and drops the second: the first buffer's 4 x ceil(V / 2) x D
-    bytes then hold the whole rounded gradient, and 4 bytes a weight is the most ever held. An fp32
-    weight takes its one buffer as it is.
+    storage, the second's behind them, and drops the second: the first buffer's 4 x split x D bytes
+    (split: half the vocabulary, rounded up to SPLIT_ROWS rows) then hold the whole rounded gradient,
+    and 4 bytes a weight is the most ever held. Other weights (fp32, fp64, a small vocabulary) get
+    one buffer, rounded to their dtype (an fp32 one as it is).
     """
 
     def __init__(self, weight_vd: torch.Tensor):
         vocab, hidden = weight_vd.shape
         self.dtype, self.shape = weight_vd.dtype, weight_vd.shape
-        self.split = vocab if weight_vd.dtype == torch.float32 else (vocab + 1) // 2
+        # two buffers for a 2-byte weight; the split a multiple of SPLIT_ROWS, so that the second
+        # buffer's GEMM reads the chunk's gradient from a 16-byte aligned column as the first does
+        halves = weight_vd.dtype.itemsize == 2 and vocab > SPLIT_ROWS
+        self.split = min(vocab, -(-vocab // (2 * SPLIT_ROWS)) * SPLIT_ROWS) if halves else vocab
         sizes = [self.split] + ([vocab - self.split] if vocab > self.split else [])
         self.parts = [
             torch.zeros(rows, hidden, dtype=torch.float32, device=weight_vd.device) for rows in sizes
@@ -271,14 +283,14 @@ class WeightGradient:
         """The sum, rounded once to the weight's dtype; call once, after the last `add`."""
         first, *rest = self.parts
         self.parts = []
-        if self.dtype == torch.float32:
-            return first
+        if not rest:
+            return first.to(self.dtype)  # fp32 weights: the sum itself (`to` returns it)
         grad_vd = round_into_own_storage(first, self.dtype, self.shape)
-        if rest:
-            grad_vd[self.split :].copy_(rest[0])
+        grad_vd[self.split :].copy_(rest[0])
         return grad_vd
 
 
+SPLIT_ROWS = 64  # WeightGradient's split, a multiple of this many vocabulary rows
 ROUNDING_CHUNK = 1 << 24  # elements a copy of `round_into_own_storage` rounds (64 MB of fp32)
 
 

@@ -195,26 +195,35 @@ def test_rounding_into_own_storage_equals_a_plain_cast(monkeypatch, numel):
 @pytest.mark.parametrize("vocab", [1, 2, 7, 40])
 def test_weight_gradient_is_the_fp32_sum_rounded_once(monkeypatch, vocab):
     """bf16 weight: the chunks' products summed in fp32 (by hand here) and rounded once, bit for bit,
-    held in the first half's fp32 storage (4 x ceil(V / 2) x D bytes); fp32 weight: the sum itself.
+    held in the first buffer's fp32 storage (4 x split x D bytes: SPLIT_ROWS is 2 here, so even these
+    vocabularies are split); fp32 weight: the sum itself; fp64: the fp32 sum, widened.
     Integer values keep every sum exact in fp32, whatever order a GEMM adds in; most need rounding
     in bf16 (8 significant bits)."""
     monkeypatch.setattr(cross_entropy, "ROUNDING_CHUNK", 7)
+    monkeypatch.setattr(cross_entropy, "SPLIT_ROWS", 2)
     gen = torch.Generator().manual_seed(vocab)
     integers = lambda *shape: torch.randint(-60, 60, shape, generator=gen).float()
     hidden, chunks = 6, [integers(3, vocab) for _ in range(4)]
     inputs = [integers(3, hidden) for _ in range(4)]
     expected = sum(g.T @ h for g, h in zip(chunks, inputs, strict=True))
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in (torch.bfloat16, torch.float32, torch.float64):
         grad = WeightGradient(torch.empty(vocab, hidden, dtype=dtype))
         for g, h in zip(chunks, inputs, strict=True):
             grad.add(g, h)
         result = grad.result()
         assert result.shape == (vocab, hidden) and result.dtype == dtype
-        torch.testing.assert_close(
-            result, expected.to(dtype), rtol=0, atol=1e-6 if dtype == torch.float32 else 0
-        )
-        if dtype == torch.bfloat16:
-            assert result.untyped_storage().nbytes() == 4 * ((vocab + 1) // 2) * hidden
+        assert torch.equal(result, expected.to(dtype))
+        if dtype == torch.bfloat16 and vocab > 2:  # split: half the vocabulary, rounded up to 2 rows
+            assert result.untyped_storage().nbytes() == 4 * (-(-vocab // 4) * 2) * hidden
+
+
+def test_fp64_head_matches_the_reference():
+    h_nd, weight_vd, labels_n = _inputs(40, 8, 30, torch.float64)
+    fast = _loss_count_and_grads(linear_cross_entropy, h_nd, weight_vd, labels_n, 0.5, chunk_size=16)
+    ref = _loss_count_and_grads(linear_cross_entropy_reference, h_nd, weight_vd, labels_n, 0.5)
+    assert fast[3].dtype == torch.float64
+    for a, b in zip(fast, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_rounding_into_own_storage_refuses_what_does_not_fit():
