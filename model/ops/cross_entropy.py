@@ -226,15 +226,18 @@ _ADDMM_OUT_DTYPE = True  # cleared if this torch lacks addmm(out_dtype=) on CUDA
 
 
 def accumulate_grad_weight(
-    grad_w_vd: torch.Tensor, grad_cv: torch.Tensor, h_cd: torch.Tensor
+    grad_w_vd: torch.Tensor, grad_cv: torch.Tensor, h_cd: torch.Tensor, *, overwrite: bool = False
 ) -> torch.Tensor:
-    """grad_w += grad^T h, accumulated in fp32, in place. On CUDA the GEMM adds into the fp32 buffer
-    itself (addmm with out_dtype): no bf16 [V, D] product and no pass over it per chunk. Without
-    `out=` addmm would first copy the whole buffer (4 bytes x 151936 x hidden) per chunk."""
+    """grad_w += grad^T h (or grad_w = grad^T h, whatever grad_w held, with `overwrite`), accumulated
+    in fp32, in place. On CUDA the GEMM adds into the fp32 buffer itself (addmm with out_dtype): no
+    bf16 [V, D] product and no pass over it per chunk. Without `out=` addmm would first copy the whole
+    buffer (4 bytes x 151936 x hidden) per chunk. Overwriting, it runs with beta = 0, which reads
+    nothing of the buffer: the first chunk needs neither a zeroed buffer nor a read of its zeros."""
     global _ADDMM_OUT_DTYPE
     if _ADDMM_OUT_DTYPE and grad_cv.is_cuda and grad_cv.dtype != torch.float32:
+        beta = 0.0 if overwrite else 1.0
         try:
-            return torch.addmm(grad_w_vd, grad_cv.T, h_cd, out_dtype=torch.float32, out=grad_w_vd)
+            return torch.addmm(grad_w_vd, grad_cv.T, h_cd, beta=beta, out_dtype=torch.float32, out=grad_w_vd)
         except torch.OutOfMemoryError:
             raise
         except (RuntimeError, TypeError) as error:
@@ -244,7 +247,8 @@ def accumulate_grad_weight(
                 "low-precision product added into fp32, chunk by chunk: slower and less exact",
                 stacklevel=2,
             )
-    return grad_w_vd.add_(grad_cv.T @ h_cd)
+    product_vd = grad_cv.T @ h_cd
+    return grad_w_vd.copy_(product_vd) if overwrite else grad_w_vd.add_(product_vd)
 
 
 class WeightGradient:
@@ -269,18 +273,27 @@ class WeightGradient:
         halves = weight_vd.dtype.itemsize == 2 and vocab > SPLIT_ROWS
         self.split = min(vocab, -(-vocab // (2 * SPLIT_ROWS)) * SPLIT_ROWS) if halves else vocab
         sizes = [self.split] + ([vocab - self.split] if vocab > self.split else [])
+        # not zeroed: the first `add` overwrites them (a pass over 4 bytes a weight saved)
         self.parts = [
-            torch.zeros(rows, hidden, dtype=torch.float32, device=weight_vd.device) for rows in sizes
+            torch.empty(rows, hidden, dtype=torch.float32, device=weight_vd.device) for rows in sizes
         ]
+        self.written = False
 
     def add(self, grad_cv: torch.Tensor, h_cd: torch.Tensor) -> None:
         """+= grad_cv^T h_cd (grad_cv: d loss / d logits of a chunk of rows, h_cd: their inputs)."""
         columns = [slice(0, self.split), slice(self.split, None)]
         for index, part in enumerate(self.parts):
-            self.parts[index] = accumulate_grad_weight(part, grad_cv[:, columns[index]], h_cd)
+            self.parts[index] = accumulate_grad_weight(
+                part, grad_cv[:, columns[index]], h_cd, overwrite=not self.written
+            )
+        self.written = True
 
     def result(self) -> torch.Tensor:
-        """The sum, rounded once to the weight's dtype; call once, after the last `add`."""
+        """The sum, rounded once to the weight's dtype; call once, after the last `add` (zeros if
+        there was none)."""
+        if not self.written:
+            for part in self.parts:
+                part.zero_()
         first, *rest = self.parts
         self.parts = []
         if not rest:

@@ -104,7 +104,8 @@ def test_in_place_chunk_kernel_matches_the_fused_reference(vocab):
 def test_weight_gradient_rounds_its_fp32_sum_in_its_own_storage_on_cuda(vocab):
     """bf16 chunks' products summed in fp32 on the GEMM (addmm into fp32, one buffer a part of the
     vocabulary) and rounded into the first part's storage: the plain fp32 sum of the same products
-    rounded once, to fp32 rounding of the two GEMMs' orders; the fp32-output GEMM still in use. At
+    rounded once, to fp32 rounding of the two GEMMs' orders; the fp32-output GEMM still in use, and
+    the first chunk's overwriting the NaN the buffers start with. At
     the model's vocabulary, no more than 4 bytes a weight allocated at any time, beside the first
     rounded copy's temporary (32 MiB) and the GEMM's workspace: a plain `.to(bf16)` of one fp32 sum
     would add 2 bytes a weight (297 MiB here)."""
@@ -116,6 +117,8 @@ def test_weight_gradient_rounds_its_fp32_sum_in_its_own_storage_on_cuda(vocab):
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     grad = WeightGradient(torch.empty(vocab, HIDDEN, device="cuda", dtype=torch.bfloat16))
+    for part in grad.parts:  # unzeroed memory: the first GEMM (beta = 0) must not read it
+        part.fill_(float("nan"))
     for g, h in zip(grads, inputs, strict=True):
         grad.add(g, h)
     result = grad.result()

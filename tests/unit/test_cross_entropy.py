@@ -198,7 +198,7 @@ def test_weight_gradient_is_the_fp32_sum_rounded_once(monkeypatch, vocab):
     held in the first buffer's fp32 storage (4 x split x D bytes: SPLIT_ROWS is 2 here, so even these
     vocabularies are split); fp32 weight: the sum itself; fp64: the fp32 sum, widened.
     Integer values keep every sum exact in fp32, whatever order a GEMM adds in; most need rounding
-    in bf16 (8 significant bits)."""
+    in bf16 (8 significant bits). The buffers start as NaN: the first chunk overwrites them."""
     monkeypatch.setattr(cross_entropy, "ROUNDING_CHUNK", 7)
     monkeypatch.setattr(cross_entropy, "SPLIT_ROWS", 2)
     gen = torch.Generator().manual_seed(vocab)
@@ -208,6 +208,8 @@ def test_weight_gradient_is_the_fp32_sum_rounded_once(monkeypatch, vocab):
     expected = sum(g.T @ h for g, h in zip(chunks, inputs, strict=True))
     for dtype in (torch.bfloat16, torch.float32, torch.float64):
         grad = WeightGradient(torch.empty(vocab, hidden, dtype=dtype))
+        for part in grad.parts:  # unzeroed memory: the first chunk must overwrite, not add to it
+            part.fill_(float("nan"))
         for g, h in zip(chunks, inputs, strict=True):
             grad.add(g, h)
         result = grad.result()
@@ -215,6 +217,14 @@ def test_weight_gradient_is_the_fp32_sum_rounded_once(monkeypatch, vocab):
         assert torch.equal(result, expected.to(dtype))
         if dtype == torch.bfloat16 and vocab > 2:  # split: half the vocabulary, rounded up to 2 rows
             assert result.untyped_storage().nbytes() == 4 * (-(-vocab // 4) * 2) * hidden
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_weight_gradient_of_no_chunk_is_zero(dtype):
+    grad = WeightGradient(torch.empty(9, 4, dtype=dtype))
+    for part in grad.parts:
+        part.fill_(float("nan"))
+    assert torch.equal(grad.result(), torch.zeros(9, 4, dtype=dtype))
 
 
 def test_fp64_head_matches_the_reference():
