@@ -36,6 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from model.ops.experts import sort_key_dtype
+
 
 class _Exchange:
     """One chunk's all-to-all in flight, and later the all-to-all of its gradient."""
@@ -112,7 +114,7 @@ def _route_chunk(layer, x: torch.Tensor, experts: torch.Tensor):
     from deepspeed.module_inject.auto_ep_layer import compute_split_plan
     from deepspeed.moe.ep_count import count_tokens_per_expert
 
-    order = torch.argsort(experts.reshape(-1), stable=True)
+    order = torch.argsort(experts.reshape(-1).to(sort_key_dtype(layer.num_experts)), stable=True)
     rows = x[order // layer.top_k]
     counts = count_tokens_per_expert(experts, layer.num_experts)
     plan = compute_split_plan(

@@ -89,8 +89,7 @@ def routed_experts_grouped_mm(
     """Sort the (token, slot) pairs by expert, one grouped GEMM per projection (the routing weight
     scaling the activation between them), unsort, sum each token's slots."""
     num_tokens, top_k = topk_idx_tk.shape
-    order_s, offs_e = _sort_pairs_by_expert(topk_idx_tk, gate_up_proj_eih.shape[0])
-    inverse_s = torch.argsort(order_s)
+    order_s, inverse_s, offs_e = _sort_pairs_by_expert(topk_idx_tk, gate_up_proj_eih.shape[0])
 
     x_th = x_td.to(gate_up_proj_eih.dtype)
     gate_up_s2i = _GatherThenGroupedMM.apply(x_th, gate_up_proj_eih, order_s, inverse_s, offs_e, top_k)
@@ -118,12 +117,28 @@ def _grouped_mm_fast_path_applies(
     return aligned and gate_up_proj_eih.is_contiguous() and down_proj_ehi.is_contiguous()
 
 
-def _sort_pairs_by_expert(topk_idx_tk: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat pair ids (t*k + slot) ordered by expert, and each expert's cumulative end row (int32 [E])."""
+def _sort_pairs_by_expert(
+    topk_idx_tk: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat pair ids (t*k + slot) ordered by expert, the inverse permutation (the row each pair
+    lands on) and each expert's cumulative end row (int32 [E])."""
     # Stable, so that the order inside an expert's group (hence the result) does not vary run to run.
-    order_s = torch.argsort(topk_idx_tk.reshape(-1), stable=True)
+    # The keys in the narrowest integer type that holds the expert ids: the GPU's radix sort makes a
+    # pass per key byte, 1 or 2 for these where int64 ids took 8.
+    order_s = torch.argsort(topk_idx_tk.reshape(-1).to(sort_key_dtype(num_experts)), stable=True)
+    # the inverse of a permutation is a scatter, not a second sort
+    positions_s = torch.arange(order_s.numel(), device=order_s.device)
+    inverse_s = torch.empty_like(order_s).scatter_(0, order_s, positions_s)
     offs_e = torch.cumsum(expert_token_counts(topk_idx_tk, num_experts), dim=0, dtype=torch.int32)
-    return order_s, offs_e
+    return order_s, inverse_s, offs_e
+
+
+def sort_key_dtype(num_experts: int) -> torch.dtype:
+    """The narrowest integer dtype that holds the ids 0 .. num_experts - 1."""
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        if num_experts - 1 <= torch.iinfo(dtype).max:
+            return dtype
+    return torch.int64
 
 
 def _grouped_mm(a_sk: torch.Tensor, b_ekn: torch.Tensor, offs_e: torch.Tensor) -> torch.Tensor:

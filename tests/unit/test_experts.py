@@ -12,10 +12,12 @@ import torch.nn.functional as F
 
 from model.ops.experts import (
     _grouped_mm_loop,
+    _sort_pairs_by_expert,
     expert_token_counts,
     routed_experts,
     routed_experts_grouped_mm,
     routed_experts_reference,
+    sort_key_dtype,
 )
 
 # grouped_mm needs 16-byte row strides, so h and i are multiples of 8 (bf16) / 4 (fp32).
@@ -156,6 +158,34 @@ def test_expert_token_counts_match_a_counter(kind):
     tally = Counter(idx_tk.flatten().tolist())
     assert counts_e.dtype == torch.int64
     assert counts_e.tolist() == [tally[e] for e in range(NUM_EXPERTS)]
+
+
+@pytest.mark.parametrize("num_experts", [8, 256, 257, 512, 70_000])
+def test_pairs_sorted_by_expert_match_a_stable_python_sort(num_experts):
+    # ids drawn from the top of the range too, where a too-narrow key type would wrap
+    gen = torch.Generator().manual_seed(num_experts)
+    idx_tk = torch.randint(max(0, num_experts - 20), num_experts, (60, 4), generator=gen)
+    idx_tk[::7] = torch.randint(0, num_experts, (idx_tk[::7].shape), generator=gen)
+    ids = idx_tk.flatten().tolist()
+
+    order_s, inverse_s, offs_e = _sort_pairs_by_expert(idx_tk, num_experts)
+
+    expected_order = sorted(range(len(ids)), key=lambda pair: (ids[pair], pair))
+    assert order_s.tolist() == expected_order
+    assert [inverse_s[pair].item() for pair in expected_order] == list(range(len(ids)))
+    tally = Counter(ids)
+    ends, total = [], 0
+    for expert in range(num_experts):
+        total += tally[expert]
+        ends.append(total)
+    assert offs_e.dtype == torch.int32 and offs_e.tolist() == ends
+
+
+def test_sort_key_dtype_is_the_narrowest_that_holds_every_id():
+    for num_experts, dtype in [(1, torch.uint8), (256, torch.uint8), (257, torch.int16), (512, torch.int16)]:
+        assert sort_key_dtype(num_experts) == dtype
+        assert torch.iinfo(dtype).max >= num_experts - 1
+    assert sort_key_dtype(32_769) == torch.int32
 
 
 @needs_cpu_grouped_mm
