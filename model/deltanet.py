@@ -61,7 +61,10 @@ class GatedDeltaNet(nn.Module):
             self.in_proj_qkvz(x_btd), self.in_proj_ba(x_btd)
         )
         qkv_btc = causal_conv1d_silu(torch.cat([q, k, v], dim=-1), self.conv1d.weight, layout.segment_pos_bt)
-        q, k, v = qkv_btc.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        # Contiguous here, where a compiled layer writes them so from the convolution's own kernel:
+        # fla's entry would otherwise copy these strided slices eagerly, a strided copy kernel each.
+        widths = [self.key_dim, self.key_dim, self.value_dim]
+        q, k, v = (x.contiguous() for x in qkv_btc.split(widths, dim=-1))
 
         beta_bth = beta_logit_bth.sigmoid()
         g_bth = -self.A_log.float().exp() * F.softplus(a_bth.float() + self.dt_bias.float())

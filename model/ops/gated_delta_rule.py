@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from model.ops.fusion import fused_on_cuda
+
 __all__ = [
     "chunk_gated_delta_rule",
     "chunk_gated_delta_rule_reference",
@@ -499,9 +501,17 @@ def _on_device_of(x: Tensor):
 
 
 def _repeat_heads(x_bthd: Tensor, group: int) -> Tensor:
-    return x_bthd.repeat_interleave(group, dim=2) if group > 1 else x_bthd
+    return _repeat_heads_fused(x_bthd, group) if group > 1 else x_bthd
 
 
+# Compiled on CUDA (model/ops/fusion.py): eager, each is a strided copy or reduction kernel over a
+# [T, 32, 128] tensor, run twice a layer in forward and twice in backward.
+@fused_on_cuda
+def _repeat_heads_fused(x_bthd: Tensor, group: int) -> Tensor:
+    return x_bthd.repeat_interleave(group, dim=2)
+
+
+@fused_on_cuda
 def _sum_repeated_heads(dx_btHd: Tensor, group: int) -> Tensor:
     """The gradient of `_repeat_heads`: each head's copies summed, in fp32 at least."""
     return dx_btHd.unflatten(2, (-1, group)).sum(3, dtype=torch.promote_types(dx_btHd.dtype, torch.float32))

@@ -14,7 +14,9 @@ import torch.nn.functional as F
 
 from model.ops.gated_delta_rule import (
     L2NORM_EPS,
+    _repeat_heads,
     _run_fla,
+    _sum_repeated_heads,
     chunk_gated_delta_rule,
     chunk_gated_delta_rule_reference,
     naive_recurrent_gated_delta_rule,
@@ -322,3 +324,17 @@ def test_heads_repeated_inside_fla_calls_give_the_reference_values_and_gradients
     torch.testing.assert_close(o, o_expected, rtol=1e-10, atol=1e-10)
     for name in inputs:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.slow
+def test_compiled_head_repeat_and_its_gradient_sum_equal_plain_torch(monkeypatch):
+    """The two compiled helpers around fla-core 0.4.2's calls (inductor's C++ backend here, Triton on
+    CUDA): a copy and a sum of two bf16 values in fp32, so equal bit for bit to the eager ops."""
+    monkeypatch.setenv("QWEN3NEXT_COMPILE", "always")
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 24, 3, 8, generator=gen).bfloat16()
+    dx = torch.randn(1, 24, 6, 8, generator=gen).bfloat16()
+    assert torch.equal(_repeat_heads(x, 2), x.repeat_interleave(2, dim=2))
+    summed = _sum_repeated_heads(dx, 2)
+    assert summed.dtype == torch.float32
+    assert torch.equal(summed, dx[:, :, 0::2].float() + dx[:, :, 1::2].float())
