@@ -21,9 +21,9 @@ for stage in $stages; do
     case $stage in
     tests)
         # TEST_ARGS picks tests, e.g. TEST_ARGS='-k "not compiled"' (pytest options)
-        eval timeout "${TEST_TIMEOUT:-300}" python -m pytest tests/gpu -q -rfE --tb=short -p no:cacheprovider \
+        eval timeout "${TEST_TIMEOUT:-300}" python -m pytest tests/gpu -q -rfE --tb=short -p no:cacheprovider --durations=15 \
             "${TEST_ARGS:-}" > "$out/gpu_tests.log" 2>&1
-        tail -25 "$out/gpu_tests.log" ;;
+        tail -45 "$out/gpu_tests.log" ;;
     bench)
         python launch/bench.py model --preset small --steps 6 --warmup 3 \
             --variants ${BENCH_VARIANTS:-ours ours-compiled ours-compiled+mtp hf} --out "$out/bench.json" \
