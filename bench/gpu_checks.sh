@@ -10,7 +10,8 @@
 # `bench-ep` and `loop-ep` (2 GPUs) compare expert parallelism with data parallelism on conf=small,
 # as the raw step (launch/bench.py layout) and as the training loop; `start-80b` measures the start-up
 # and peak memory at the 80B width on one GPU (EXPERTS="384 256" picks the expert counts); `slice`
-# times the step at the 80B's layer width (4 layers + MTP, 128 experts) with its op-family table.
+# times the step at the 80B's layer width (4 layers + MTP, 128 experts) with its op-family table;
+# `attention` times the attention kernels torch ships at the 80B's attention shape.
 set -uo pipefail
 out=${OUT:-.}
 export TRITON_CACHE_AUTOTUNING=1 PYTHONUNBUFFERED=1
@@ -55,6 +56,11 @@ for stage in $stages; do
             --out "$out/slice${SLICE_TAG:-}.json" --trace "$out/slice${SLICE_TAG:-}_trace.json.gz" ${SLICE_ARGS:-} \
             > "$out/slice${SLICE_TAG:-}.log" 2>&1
         grep -v "^ *\(W\|I\)[0-9]" "$out/slice${SLICE_TAG:-}.log" | tail -${SLICE_TAIL:-50} ;;
+    attention)
+        # the gated attention's shape (16 query heads, 2 KV heads, head dim 256, 8192 tokens): torch's
+        # varlen flash (the model's path), SDPA's backends and flex attention, against the fp32 reference
+        python bench/attention_kernels.py --out "$out/attention.jsonl" > "$out/attention.log" 2>&1
+        grep -v Warning "$out/attention.log" | tail -12 ;;
     bench-ep)
         # 2 GPUs (nvidia-h100-x2): the raw step of conf=small with experts over both GPUs (ep2) against
         # plain data parallel (ep1 x dp2), and the all-to-all time per MoE layer (issue 5)
