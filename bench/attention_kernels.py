@@ -11,13 +11,16 @@ the backends that keep documents apart run. Backends:
 - varlen: model/ops/attention.py's path for packed rows, torch's variable-length flash attention
   (what the model trains with on CUDA);
 - sdpa-flash, sdpa-cudnn, sdpa-efficient: F.scaled_dot_product_attention with `is_causal`, one
-  backend forced (single-document rows only);
-- flex: torch's flex_attention, compiled, with a document-causal block mask.
+  backend forced (single-document rows only); the efficient backend takes no grouped KV heads, so
+  its timing includes repeating K and V to the query heads;
+- flex: torch's flex_attention, compiled, with a document-causal block mask (built once, outside
+  the timing; training would build one a batch).
 Printed per (backend, layout): forward and forward + backward milliseconds (CUDA events, median of
---iters after --warmup), TFLOP/s of forward + backward (the causal blocks' 2 x 2 x d multiply-adds
-a score, backward 2.5 x forward), and the relative RMS error ||x - ref|| / ||ref|| of the output and
-of dq, dk, dv against `causal_attention_reference` run in fp32 on the same bf16 values. A backend
-that fails prints its error and the others still run.
+--iters after --warmup; backward from a fixed bf16 output gradient, through torch.autograd.grad),
+TFLOP/s of forward + backward (the causal blocks' 2 x 2 x d multiply-adds a score, backward 2.5 x
+forward), and the relative RMS error ||x - ref|| / ||ref|| of the output and of dq, dk, dv against
+`causal_attention_reference` run in fp32 on the same bf16 values. A backend that fails prints its
+error and the others still run.
 """
 
 from __future__ import annotations
@@ -91,9 +94,15 @@ def backend_fn(name: str, rows: int, lengths: list[int]):
             "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
         }[name]
 
+        repeat_kv = name == "sdpa-efficient"  # its kernel refuses grouped KV heads
+
         def sdpa(q, k, v):
+            if repeat_kv:
+                k, v = (x.repeat_interleave(HEADS // KV_HEADS, dim=1) for x in (k, v))
             with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+                return F.scaled_dot_product_attention(
+                    q, k, v, is_causal=True, scale=scale, enable_gqa=not repeat_kv
+                )
 
         return sdpa
     if name == "flex":
@@ -110,10 +119,10 @@ def backend_fn(name: str, rows: int, lengths: list[int]):
 
 
 def forward_backward(fn, inputs: dict, upstream_o: torch.Tensor, dtype=None) -> dict[str, torch.Tensor]:
-    leaves = {n: (x if dtype is None else x.to(dtype)).detach().requires_grad_() for n, x in inputs.items()}
-    o = fn(*(leaves[n] for n in GRADIENTS))
-    (o.float() * upstream_o).sum().backward()
-    return {"o": o.detach(), **{n: leaves[n].grad for n in GRADIENTS}}
+    leaves = [(x if dtype is None else x.to(dtype)).detach().requires_grad_() for x in inputs.values()]
+    o = fn(*leaves)
+    grads = torch.autograd.grad(o, leaves, upstream_o.to(o.dtype))
+    return {"o": o.detach(), **dict(zip(GRADIENTS, grads, strict=True))}
 
 
 def run_case(name: str, layout: str, warmup: int, iters: int) -> dict:
@@ -121,7 +130,8 @@ def run_case(name: str, layout: str, warmup: int, iters: int) -> dict:
     seq = sum(lengths)
     inputs = make_inputs(rows, seq)
     upstream_gen = torch.Generator("cuda").manual_seed(1)
-    upstream_o = torch.randn(rows, HEADS, seq, HEAD_DIM, device="cuda", generator=upstream_gen)
+    # bf16 values, so that the fp32 reference sees the very gradient the backend gets
+    upstream_o = torch.randn(rows, HEADS, seq, HEAD_DIM, device="cuda", generator=upstream_gen).bfloat16()
     fn = backend_fn(name, rows, lengths)
     ours = forward_backward(fn, inputs, upstream_o)
     ids = segment_ids(rows, lengths)
@@ -129,14 +139,14 @@ def run_case(name: str, layout: str, warmup: int, iters: int) -> dict:
     expected = forward_backward(reference, inputs, upstream_o, dtype=torch.float32)
     errors = {n: rel_rms(ours[n], expected[n]) for n in expected}
     del ours, expected
-    leaves = {n: x.detach().requires_grad_() for n, x in inputs.items()}
+    leaves = [x.detach().requires_grad_() for x in inputs.values()]
 
     def forward():
         with torch.no_grad():
-            fn(*(inputs[n] for n in GRADIENTS))
+            fn(*inputs.values())
 
     def step():
-        (fn(*(leaves[n] for n in GRADIENTS)).float() * upstream_o).sum().backward()
+        torch.autograd.grad(fn(*leaves), leaves, upstream_o)
 
     result = dict(backend=name, layout=layout, forward_ms=median_ms(forward, warmup, iters))
     result["forward_backward_ms"] = median_ms(step, warmup, iters)

@@ -31,7 +31,12 @@ def compile_on(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda and _enabled
 
 
-def fused_on_cuda(fn):
+def fused_on_cuda(fn=None, *, dynamic: bool | None = False):
+    """fn compiled on CUDA, as the module says. `dynamic=None` (torch.compile's automatic dynamic
+    shapes) suits a function called eagerly at several shapes: after one recompilation its graph takes
+    any size, where the default compiles a graph a shape."""
+    if fn is None:
+        return functools.partial(fused_on_cuda, dynamic=dynamic)
     compiled = None
 
     @functools.wraps(fn)
@@ -42,7 +47,7 @@ def fused_on_cuda(fn):
         if torch.compiler.is_compiling() or not compile_on(first):
             return fn(*args, **kwargs)
         if compiled is None:
-            compiled = torch.compile(fn, dynamic=False)
+            compiled = torch.compile(fn, dynamic=dynamic)
         return compiled(*args, **kwargs)
 
     wrapper.eager = fn

@@ -505,13 +505,14 @@ def _repeat_heads(x_bthd: Tensor, group: int) -> Tensor:
 
 
 # Compiled on CUDA (model/ops/fusion.py): eager, each is a strided copy or reduction kernel over a
-# [T, 32, 128] tensor, run twice a layer in forward and twice in backward.
-@fused_on_cuda
+# [T, 32, 128] tensor, run twice a layer in forward and twice in backward. Called at every batch
+# shape the layer sees (evaluation, tests), hence dynamic shapes.
+@fused_on_cuda(dynamic=None)
 def _repeat_heads_fused(x_bthd: Tensor, group: int) -> Tensor:
     return x_bthd.repeat_interleave(group, dim=2)
 
 
-@fused_on_cuda
+@fused_on_cuda(dynamic=None)
 def _sum_repeated_heads(dx_btHd: Tensor, group: int) -> Tensor:
     """The gradient of `_repeat_heads`: each head's copies summed, in fp32 at least."""
     return dx_btHd.unflatten(2, (-1, group)).sum(3, dtype=torch.promote_types(dx_btHd.dtype, torch.float32))
