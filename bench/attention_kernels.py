@@ -13,6 +13,9 @@ the backends that keep documents apart run. Backends:
 - sdpa-flash, sdpa-cudnn, sdpa-efficient: F.scaled_dot_product_attention with `is_causal`, one
   backend forced (single-document rows only); the efficient backend takes no grouped KV heads, so
   its timing includes repeating K and V to the query heads;
+- cudnn-varlen, cudnn-varlen-repeat: cuDNN's attention over the same packed documents, through
+  aten's `_cudnn_attention_forward` with cumulative document bounds (the op torch's nested tensors
+  use), the KV heads as they are or repeated to the query heads (timed with the repeat);
 - flex: torch's flex_attention, compiled, with a document-causal block mask (built once, outside
   the timing; training would build one a batch).
 Printed per (backend, layout): forward and forward + backward milliseconds (CUDA events, median of
@@ -44,8 +47,16 @@ LAYOUTS = {  # (rows, document lengths of each row)
     "two_rows": (2, [4096]),
     "uneven_docs": (1, [301, 1873, 96, 2500, 777, 1024, 1621]),
 }
-BACKENDS = ("varlen", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex")
-DOCUMENT_AWARE = {"varlen", "flex"}
+BACKENDS = (
+    "varlen",
+    "cudnn-varlen",
+    "cudnn-varlen-repeat",
+    "sdpa-flash",
+    "sdpa-cudnn",
+    "sdpa-efficient",
+    "flex",
+)
+DOCUMENT_AWARE = {"varlen", "cudnn-varlen", "cudnn-varlen-repeat", "flex"}
 GRADIENTS = ("q", "k", "v")
 
 
@@ -73,8 +84,8 @@ def backend_fn(name: str, rows: int, lengths: list[int]):
     """fn(q, k, v) -> o [b, h, t, d] for the named backend, on this layout."""
     scale = HEAD_DIM**-0.5
     seq = sum(lengths)
+    bounds = torch.tensor([0, *torch.tensor(lengths * rows).cumsum(0).tolist()], device="cuda")
     if name == "varlen":
-        bounds = torch.tensor([0, *torch.tensor(lengths * rows).cumsum(0).tolist()], device="cuda")
 
         def as_one_row(x_bhtd):  # the rows as one stream of documents, as the model packs them: a view
             return x_bhtd.transpose(1, 2).reshape(1, rows * seq, x_bhtd.shape[1], HEAD_DIM).transpose(1, 2)
@@ -85,6 +96,23 @@ def backend_fn(name: str, rows: int, lengths: list[int]):
             return o.transpose(1, 2).reshape(rows, seq, HEADS, HEAD_DIM).transpose(1, 2)
 
         return varlen
+    if name.startswith("cudnn-varlen"):
+        bounds32, longest = bounds.to(torch.int32), max(lengths)
+        repeat_kv = name == "cudnn-varlen-repeat"
+
+        def tokens_heads_dim(x_bhtd):  # [b * t, h, d]: a view of the projections' [b, t, h, d]
+            return x_bhtd.transpose(1, 2).reshape(rows * seq, x_bhtd.shape[1], HEAD_DIM)
+
+        def cudnn_varlen(q, k, v):
+            q, k, v = (tokens_heads_dim(x) for x in (q, k, v))
+            if repeat_kv:
+                k, v = (x.repeat_interleave(HEADS // KV_HEADS, dim=1) for x in (k, v))
+            o = torch.ops.aten._cudnn_attention_forward(
+                q, k, v, None, bounds32, bounds32, longest, longest, True, 0.0, True, False, scale=scale
+            )[0]
+            return o.view(rows, seq, HEADS, HEAD_DIM).transpose(1, 2)
+
+        return cudnn_varlen
     if name.startswith("sdpa-"):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
