@@ -6,8 +6,8 @@ any CUDA call that makes the host wait for the device (a `.item()`, a copy to pa
 stream synchronisation): the engine's optimizer step decides clipping and skipping on the device,
 and the losses and gradient norm travel back behind the step's kernels. Then the results read after
 the next step was launched must equal those read at once. The `tiny` preset, one GPU, ZeRO 1 in bf16
-(the engine's device-side step), eager layers. Runs in a child process: it starts torch.distributed.
-Skipped without CUDA.
+(the engine's device-side step), eager layers, DeltaNet heads of 128. Runs in a child process: it
+starts torch.distributed. Skipped without CUDA.
 """
 
 import os
@@ -32,7 +32,10 @@ def run_steps() -> None:
     from train.config import validate_layout
 
     pin_autotuned_kernels("fla")  # as in the tests' own process (conftest.py)
-    args = parse(["--preset", "tiny", "--no-compile", "--micro-batch", "2"])
+    # DeltaNet heads as test_model_gpu.py's (2 / 4 heads of 128): fla's kernels compiled for those
+    # tests come from Triton's disk cache here instead of compiling again at tiny's head dim 32
+    heads = ["model.linear_key_head_dim=128", "model.linear_value_head_dim=128"]
+    args = parse(["--preset", "tiny", "--no-compile", "--micro-batch", "2", *heads])
     cfg = compose_config(args, world=1)
     device, _ = setup_distributed()
     training = build_training(cfg, validate_layout(cfg, 1), 0, device)
