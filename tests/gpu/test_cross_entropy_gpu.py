@@ -113,10 +113,11 @@ def test_weight_gradient_rounds_its_fp32_sum_in_its_own_storage_on_cuda(vocab):
     grads = [torch.randn(512, vocab, device="cuda", generator=gen).bfloat16() for _ in range(3)]
     inputs = [torch.randn(512, HIDDEN, device="cuda", generator=gen).bfloat16() for _ in range(3)]
     expected = sum(g.float().T @ h.float() for g, h in zip(grads, inputs, strict=True))
+    weight = torch.empty(vocab, HIDDEN, device="cuda", dtype=torch.bfloat16)  # not counted: the model's
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    grad = WeightGradient(torch.empty(vocab, HIDDEN, device="cuda", dtype=torch.bfloat16))
+    grad = WeightGradient(weight)
     for part in grad.parts:  # unzeroed memory: the first GEMM (beta = 0) must not read it
         part.fill_(float("nan"))
     for g, h in zip(grads, inputs, strict=True):
