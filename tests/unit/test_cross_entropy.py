@@ -241,3 +241,39 @@ def test_rounding_into_own_storage_refuses_what_does_not_fit():
         round_into_own_storage(torch.zeros(4), torch.bfloat16, torch.Size([9]))
     with pytest.raises(ValueError, match="2-byte"):
         round_into_own_storage(torch.zeros(4), torch.float32, torch.Size([4]))
+
+
+class _NewStorageBytes(TorchDispatchMode):
+    """Adds up the bytes of every storage an aten op returns that none of its inputs had."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        known = {t.untyped_storage().data_ptr() for t in inputs}
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in known:
+                self.total += t.untyped_storage().nbytes()
+                known.add(t.untyped_storage().data_ptr())
+        return out
+
+
+def test_rounding_the_weight_gradient_allocates_no_vocabulary_sized_buffer(monkeypatch):
+    """What the split is for: `result` rounds the fp32 sum into its own storage and frees the second
+    buffer, allocating one rounding chunk's temporary and nothing of the weight's size (a plain
+    `.to(bf16)` of the sum would allocate 2 bytes a weight while the 4 are still held)."""
+    import weakref
+
+    monkeypatch.setattr(cross_entropy, "ROUNDING_CHUNK", 64)
+    vocab, hidden = 1000, 16
+    grad = WeightGradient(torch.empty(vocab, hidden, dtype=torch.bfloat16))
+    grad.add(torch.randn(3, vocab).bfloat16(), torch.randn(3, hidden).bfloat16())
+    second = weakref.ref(grad.parts[1])
+    with _NewStorageBytes() as allocated:
+        result = grad.result()
+    assert allocated.total <= 2 * 64  # the first chunk's bf16 temporary
+    assert second() is None
+    assert result.untyped_storage().nbytes() == 4 * grad.split * hidden < 6 * vocab * hidden
