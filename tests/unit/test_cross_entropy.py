@@ -108,18 +108,25 @@ def test_frozen_weight_and_no_grad_mode():
     torch.testing.assert_close(eval_loss, ref_loss, rtol=1e-5, atol=0)
 
 
-class _LargestTensorSeen(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an aten op returns."""
+class _OpOutputs(TorchDispatchMode):
+    """Watches what aten ops return: the largest number of elements of any tensor, and the bytes of
+    every storage that none of the op's inputs had (new allocations)."""
 
     def __init__(self):
         super().__init__()
         self.largest = 0
+        self.new_bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        known = {t.untyped_storage().data_ptr() for t in inputs}
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
+                if t.untyped_storage().data_ptr() not in known:
+                    self.new_bytes += t.untyped_storage().nbytes()
+                    known.add(t.untyped_storage().data_ptr())
         return out
 
 
@@ -128,7 +135,7 @@ def test_no_tensor_as_large_as_all_logits_is_made():
     num_tokens, hidden, vocab, chunk = 96, 8, 50, 16
     h_nd, weight_vd, labels_n = _inputs(num_tokens, hidden, vocab, torch.float32)
     h_leaf, w_leaf = h_nd.requires_grad_(), weight_vd.requires_grad_()
-    with _LargestTensorSeen() as seen:
+    with _OpOutputs() as seen:
         loss_sum, _ = linear_cross_entropy(h_leaf, w_leaf, labels_n, chunk_size=chunk)
         loss_sum.backward()
     assert seen.largest == chunk * vocab < num_tokens * vocab
@@ -243,24 +250,6 @@ def test_rounding_into_own_storage_refuses_what_does_not_fit():
         round_into_own_storage(torch.zeros(4), torch.float32, torch.Size([4]))
 
 
-class _NewStorageBytes(TorchDispatchMode):
-    """Adds up the bytes of every storage an aten op returns that none of its inputs had."""
-
-    def __init__(self):
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
-        known = {t.untyped_storage().data_ptr() for t in inputs}
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in known:
-                self.total += t.untyped_storage().nbytes()
-                known.add(t.untyped_storage().data_ptr())
-        return out
-
-
 def test_rounding_the_weight_gradient_allocates_no_vocabulary_sized_buffer(monkeypatch):
     """What the split is for: `result` rounds the fp32 sum into its own storage and frees the second
     buffer, allocating one rounding chunk's temporary and nothing of the weight's size (a plain
@@ -272,8 +261,8 @@ def test_rounding_the_weight_gradient_allocates_no_vocabulary_sized_buffer(monke
     grad = WeightGradient(torch.empty(vocab, hidden, dtype=torch.bfloat16))
     grad.add(torch.randn(3, vocab).bfloat16(), torch.randn(3, hidden).bfloat16())
     second = weakref.ref(grad.parts[1])
-    with _NewStorageBytes() as allocated:
+    with _OpOutputs() as allocated:
         result = grad.result()
-    assert allocated.total <= 2 * 64  # the first chunk's bf16 temporary
+    assert allocated.new_bytes <= 2 * 64  # the first chunk's bf16 temporary
     assert second() is None
     assert result.untyped_storage().nbytes() == 4 * grad.split * hidden < 6 * vocab * hidden
