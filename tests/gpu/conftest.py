@@ -7,9 +7,7 @@ import os
 import pytest
 import torch
 
-from tests.gpu.pinned_autotune import FULL_AUTOTUNE_ENV, pin_autotuned_kernels
-
-FLA_MODULES = ("fla.ops.gated_delta_rule", "fla.modules.l2norm")
+from tests.gpu.pinned_autotune import FLA_MODULES, FULL_AUTOTUNE_ENV, pin_autotuned_kernels
 
 
 def _fla_importable() -> bool:

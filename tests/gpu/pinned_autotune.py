@@ -20,10 +20,14 @@ run will pick).
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Iterable
 
 FULL_AUTOTUNE_ENV = "QWEN3NEXT_FULL_AUTOTUNE"
+# the fla modules whose kernels the model runs; model/ops/gated_delta_rule.py imports them at its first
+# call, so a process that has not run the model yet must import them before it can pin their autotuners
+FLA_MODULES = ("fla.ops.gated_delta_rule", "fla.modules.l2norm")
 
 
 def least_demanding(configs: list) -> object:
@@ -68,3 +72,12 @@ def pin_autotuned_kernels(package: str = "fla") -> int:
     for tuner in tuners:
         tuner.configs = [least_demanding(tuner.configs)]
     return len(tuners)
+
+
+def import_and_pin_kernels(modules: Iterable[str] = FLA_MODULES) -> int:
+    """Import `modules` (dotted names), then pin the autotuners of their packages
+    (`pin_autotuned_kernels`); returns how many were pinned. For a process of its own, before its
+    first DeltaNet call."""
+    for name in modules:
+        importlib.import_module(name)
+    return sum(pin_autotuned_kernels(package) for package in {name.split(".")[0] for name in modules})

@@ -1,13 +1,20 @@
 """The GPU tests' autotuning pin (tests/gpu/pinned_autotune.py) on Triton autotuners built here:
 which configuration each keeps, and that it finds them behind `triton.heuristics`. Needs no GPU."""
 
+import sys
+import textwrap
 import types
 
 import pytest
 
 triton = pytest.importorskip("triton")
 
-from tests.gpu.pinned_autotune import autotuners_in, least_demanding, pin_autotuned_kernels  # noqa: E402
+from tests.gpu.pinned_autotune import (  # noqa: E402
+    autotuners_in,
+    import_and_pin_kernels,
+    least_demanding,
+    pin_autotuned_kernels,
+)
 
 
 def configs(*specs):
@@ -53,8 +60,44 @@ def test_finds_autotuners_also_under_heuristics_and_pins_each_to_one():
 
 def test_pin_reduces_the_package_modules_autotuners(monkeypatch):
     module = _kernel_module()
-    monkeypatch.setitem(__import__("sys").modules, "fakefla.ops.kernels", module)
+    monkeypatch.setitem(sys.modules, "fakefla.ops.kernels", module)
     assert pin_autotuned_kernels("fakefla") == 2
     for tuner in (module.plain, module.wrapped.fn):
         (kept,) = tuner.configs
         assert (kept.kwargs, kept.num_warps, kept.num_stages) == ({"BV": 32}, 4, 3)
+
+
+KERNEL_FILE = """
+import triton
+
+
+@triton.autotune(
+    configs=[
+        triton.Config({"BV": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BV": 32}, num_warps=4, num_stages=3),
+    ],
+    key=[],
+)
+@triton.jit
+def kernel(x_ptr, BV: triton.language.constexpr):
+    pass
+"""
+
+
+def test_a_package_imported_late_is_pinned_once_imported(tmp_path, monkeypatch):
+    # as fla in a fresh process: the model imports it at its first call, after the tests pinned
+    (tmp_path / "latefla" / "ops").mkdir(parents=True)
+    (tmp_path / "latefla" / "__init__.py").write_text("")
+    (tmp_path / "latefla" / "ops" / "__init__.py").write_text("from latefla.ops.kernels import kernel\n")
+    (tmp_path / "latefla" / "ops" / "kernels.py").write_text(textwrap.dedent(KERNEL_FILE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("latefla", "latefla.ops", "latefla.ops.kernels"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    assert pin_autotuned_kernels("latefla") == 0  # not imported yet: nothing to pin
+    try:
+        assert import_and_pin_kernels(["latefla.ops"]) == 1
+        (kept,) = sys.modules["latefla.ops.kernels"].kernel.configs
+        assert (kept.kwargs, kept.num_stages) == ({"BV": 32}, 3)
+    finally:
+        for name in ("latefla", "latefla.ops", "latefla.ops.kernels"):
+            sys.modules.pop(name, None)
