@@ -4,7 +4,8 @@ torch.profiler attaches a GPU kernel to the CPU op that launched it. Each kernel
 family by that op and the kernel's name, or by its name alone when no op launched it (a Triton kernel
 called from Python outside any torch op, such as model/ops/adamw.py's):
 - routed experts: `aten::_grouped_mm` (the experts' GEMMs);
-- LM head + CE: GEMMs with the vocabulary in a shape (the head's forward and both gradients);
+- LM head + CE: GEMMs with the vocabulary in a shape (the head's forward and both gradients), or one
+  of the vocabulary parts the weight gradient is summed in (model/ops/cross_entropy.py);
 - dense GEMMs: the other GEMMs (DeltaNet and attention projections, router, shared expert, MTP fc);
 - DeltaNet: fla's Gated DeltaNet kernels and the short convolution;
 - attention: flash / varlen attention kernels;
@@ -27,6 +28,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from model.ops.cross_entropy import weight_gradient_rows
 from parallel.engine import OPTIMIZER_STEP
 
 GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"}
@@ -90,7 +92,8 @@ def family_of(op_name: str, shapes, kernel_name: str, under_optimizer: bool, voc
         return "routed experts"
     if op_name in GEMM_OPS:
         flat = {d for shape in shapes or [] if isinstance(shape, list | tuple) for d in shape}
-        return "LM head + CE" if vocab_size in flat else "dense GEMMs"
+        vocab_rows = {vocab_size, *weight_gradient_rows(vocab_size)}
+        return "LM head + CE" if flat & vocab_rows else "dense GEMMs"
     for family, pattern in KERNEL_FAMILIES:
         if pattern.search(kernel_name):
             return family

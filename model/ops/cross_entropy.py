@@ -268,11 +268,8 @@ class WeightGradient:
     def __init__(self, weight_vd: torch.Tensor):
         vocab, hidden = weight_vd.shape
         self.dtype, self.shape = weight_vd.dtype, weight_vd.shape
-        # two buffers for a 2-byte weight; the split a multiple of SPLIT_ROWS, so that the second
-        # buffer's GEMM reads the chunk's gradient from a 16-byte aligned column as the first does
-        halves = weight_vd.dtype.itemsize == 2 and vocab > SPLIT_ROWS
-        self.split = min(vocab, -(-vocab // (2 * SPLIT_ROWS)) * SPLIT_ROWS) if halves else vocab
-        sizes = [self.split] + ([vocab - self.split] if vocab > self.split else [])
+        sizes = weight_gradient_rows(vocab, weight_vd.dtype.itemsize)
+        self.split = sizes[0]
         # not zeroed: the first `add` overwrites them (a pass over 4 bytes a weight saved)
         self.parts = [
             torch.empty(rows, hidden, dtype=torch.float32, device=weight_vd.device) for rows in sizes
@@ -304,6 +301,19 @@ class WeightGradient:
 
 
 SPLIT_ROWS = 64  # WeightGradient's split, a multiple of this many vocabulary rows
+
+
+def weight_gradient_rows(vocab: int, itemsize: int = 2) -> list[int]:
+    """The vocabulary rows of each of `WeightGradient`'s fp32 buffers (and of its GEMMs' outputs) for
+    a weight of `itemsize` bytes an element: two parts for a 2-byte weight, else one."""
+    if itemsize != 2 or vocab <= SPLIT_ROWS:
+        return [vocab]
+    # the split a multiple of SPLIT_ROWS, so that the second buffer's GEMM reads the chunk's gradient
+    # from a 16-byte aligned column as the first does
+    split = min(vocab, -(-vocab // (2 * SPLIT_ROWS)) * SPLIT_ROWS)
+    return [split] + ([vocab - split] if vocab > split else [])
+
+
 ROUNDING_CHUNK = 1 << 24  # elements a copy of `round_into_own_storage` rounds (64 MB of fp32)
 
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 from torch.autograd import DeviceType
 
-from bench.op_families import format_kernels, largest_kernels, op_families
+from bench.op_families import family_of, format_kernels, largest_kernels, op_families
 from parallel.engine import OPTIMIZER_STEP
 
 Kernel = namedtuple("Kernel", "name duration")
@@ -75,3 +75,21 @@ def test_largest_kernels_name_the_op_and_its_context_that_launched_them():
     assert [r["family"] for r in rows] == ["routed experts", "optimizer", "other"]
     table = format_kernels(rows).splitlines()
     assert len(table) == 4 and "_FlaWithHeadsRepeatedInside" in table[3] and " - " in table[2]
+
+
+def test_the_lm_heads_gemms_are_told_from_dense_ones_by_a_vocabulary_shape():
+    vocab, hidden, rows = 151936, 2048, 8192
+    half = vocab // 2  # WeightGradient's two parts at this vocabulary: 75968 rows each
+    gemms = {
+        "logits": [[rows, hidden], [hidden, vocab]],
+        "weight gradient, a part": [[half, hidden], [half, rows], [rows, hidden]],
+        "projection": [[rows, hidden], [hidden, 8192]],
+    }
+    families = {
+        what: family_of("aten::addmm", shapes, "nvjet", False, vocab) for what, shapes in gemms.items()
+    }
+    assert families == {
+        "logits": "LM head + CE",
+        "weight gradient, a part": "LM head + CE",
+        "projection": "dense GEMMs",
+    }
