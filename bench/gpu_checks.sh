@@ -10,7 +10,8 @@
 # `bench-ep` and `loop-ep` (2 GPUs) compare expert parallelism with data parallelism on conf=small,
 # as the raw step (launch/bench.py layout) and as the training loop; `start-80b` measures the start-up
 # and peak memory at the 80B width on one GPU (EXPERTS="384 256" picks the expert counts); `slice`
-# times the step at the 80B's layer width (4 layers + MTP, 128 experts) with its op-family table;
+# times the step at the 80B's layer width (4 layers + MTP, 128 experts) with its op-family table,
+# `slice-peak` lists what holds memory at its peak;
 # `attention` times the attention kernels torch ships at the 80B's attention shape.
 set -uo pipefail
 out=${OUT:-.}
@@ -56,6 +57,11 @@ for stage in $stages; do
             --out "$out/slice${SLICE_TAG:-}.json" --trace "$out/slice${SLICE_TAG:-}_trace.json.gz" ${SLICE_ARGS:-} \
             > "$out/slice${SLICE_TAG:-}.log" 2>&1
         grep -v "^ *\(W\|I\)[0-9]" "$out/slice${SLICE_TAG:-}.log" | tail -${SLICE_TAIL:-50} ;;
+    slice-peak)
+        # what holds GPU memory at the slice's peak, by the source line that allocated it (bench/memory_peak.py)
+        python -m bench.memory_peak --preset 80b_a3b-slice --steps 1 --warmup 1 \
+            --out "$out/slice_peak${SLICE_TAG:-}.json" ${SLICE_ARGS:-} > "$out/slice_peak${SLICE_TAG:-}.log" 2>&1
+        grep -v "^ *\(W\|I\)[0-9]" "$out/slice_peak${SLICE_TAG:-}.log" | tail -60 ;;
     attention)
         # the gated attention's shape (16 query heads, 2 KV heads, head dim 256, 8192 tokens): torch's
         # varlen flash (the model's path), SDPA's backends and flex attention, against the fp32 reference
