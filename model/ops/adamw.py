@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from model.ops.triton_support import runs_on_triton, triton_kernels
+from model.ops.triton_support import LAUNCH_OPTIONS, runs_on_triton, triton_kernels
 
 # elements a program updates, and its warps: on an H200, over 1.07B parameters, 1024 x 4 warps took
 # 8.00 ms, 2048 x 8 8.29 and 4096 x 8 8.82 (`python -m bench.adamw_kernel`, bench/RESULTS.md)
@@ -134,7 +134,7 @@ def adamw_flat_(
     n = param.numel()
     adamw_kernel[(cdiv(n, BLOCK),)](
         param, grad, exp_avg, exp_avg_sq, bf16_out, n, hyper, found_inf.float(),
-        BLOCK=BLOCK, num_warps=NUM_WARPS,
+        BLOCK=BLOCK, num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
     )  # fmt: skip
 
 

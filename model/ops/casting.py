@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from model.ops.triton_support import runs_on_triton, triton_kernels
+from model.ops.triton_support import LAUNCH_OPTIONS, runs_on_triton, triton_kernels
 
 BLOCK = 4096
 
@@ -64,7 +64,7 @@ def add_into_fp32(dst: torch.Tensor, src: torch.Tensor, *, overwrite: bool) -> t
         return add_into_fp32_reference(dst, src, overwrite=overwrite)
     kernel, _, cdiv = _kernels()
     n = dst.numel()
-    kernel[(cdiv(n, BLOCK),)](dst, src, n, OVERWRITE=overwrite, BLOCK=BLOCK, num_warps=8)
+    kernel[(cdiv(n, BLOCK),)](dst, src, n, OVERWRITE=overwrite, BLOCK=BLOCK, num_warps=8, **LAUNCH_OPTIONS)
     return dst
 
 
@@ -81,7 +81,7 @@ def scale_in_place(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         return scale_in_place_reference(x, factor)
     _, kernel, cdiv = _kernels()
     n = x.numel()
-    kernel[(cdiv(n, BLOCK),)](x, factor, n, BLOCK=BLOCK, num_warps=8)
+    kernel[(cdiv(n, BLOCK),)](x, factor, n, BLOCK=BLOCK, num_warps=8, **LAUNCH_OPTIONS)
     return x
 
 

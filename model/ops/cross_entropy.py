@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from model.ops.casting import scale_in_place
 from model.ops.fusion import compile_on, fused_on_cuda
-from model.ops.triton_support import runs_on_triton, triton_kernels
+from model.ops.triton_support import LAUNCH_OPTIONS, runs_on_triton, triton_kernels
 
 
 def linear_cross_entropy(
@@ -204,7 +204,9 @@ def loss_and_grad_logits_in_place(
         raise ValueError("loss_and_grad_logits_in_place needs contiguous logits")
     rows, vocab = logits_cv.shape
     loss_c = torch.empty(rows, dtype=torch.float32, device=logits_cv.device)
-    _in_place_kernel()[(rows,)](logits_cv, labels_c, keep_c, loss_c, vocab, BLOCK=IN_PLACE_BLOCK, num_warps=8)
+    _in_place_kernel()[(rows,)](
+        logits_cv, labels_c, keep_c, loss_c, vocab, BLOCK=IN_PLACE_BLOCK, num_warps=8, **LAUNCH_OPTIONS
+    )
     return loss_c.sum(), logits_cv
 
 

@@ -11,20 +11,25 @@ triton = pytest.importorskip("triton")
 import model.ops.adamw as adamw  # noqa: E402
 import model.ops.casting as casting  # noqa: E402
 import model.ops.cross_entropy as cross_entropy  # noqa: E402
+from model.ops.triton_support import LAUNCH_OPTIONS  # noqa: E402
 
-pytestmark = [
-    pytest.mark.skipif("nvidia" not in triton.backends.backends, reason="Triton without its CUDA backend"),
-    pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION"),
-]
+pytestmark = pytest.mark.skipif(
+    "nvidia" not in triton.backends.backends, reason="Triton without its CUDA backend"
+)
 
 
-def compile_for_hopper(kernel, signature: dict[str, str], constexprs: dict, num_warps: int):
+def compile_for_hopper(kernel, signature: dict[str, str], constexprs: dict, num_warps: int, options=None):
+    """The cubin of `kernel` for sm_90, compiled with the options its wrapper launches it with (or
+    `options`)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     signature = {**signature, **dict.fromkeys(constexprs, "constexpr")}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    options = LAUNCH_OPTIONS if options is None else options
+    return triton.compile(
+        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, **options}
+    )
 
 
 def _cases():
@@ -53,3 +58,15 @@ def test_kernel_compiles_to_a_hopper_cubin(case):
     compiled = compile_for_hopper(kernel, signature, constexprs, num_warps)
     assert len(compiled.asm["cubin"]) > 0
     assert ".target sm_90" in compiled.asm["ptx"]
+
+
+def test_the_launch_options_keep_fused_multiply_adds_where_triton_would_drop_them(monkeypatch):
+    # Triton 3.10's default (TRITON_DEFAULT_FP_FUSION=0 here): without our options AdamW's arithmetic
+    # compiles to separately rounded multiplies and adds (`mul.rn`, `add.rn`), rounding twice where
+    # the GPU tests measured one fused multiply-add
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "0")
+    _, kernel, signature, constexprs, num_warps = next(case for case in _cases() if case[0] == "adamw")
+    ours = compile_for_hopper(kernel, signature, constexprs, num_warps)
+    default = compile_for_hopper(kernel, signature, constexprs, num_warps, options={})
+    assert "fma.rn." in ours.asm["ptx"]
+    assert "fma.rn." not in default.asm["ptx"]
