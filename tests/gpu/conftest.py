@@ -1,25 +1,11 @@
 """GPU tests: fla's kernels run on one autotuning configuration each (tests/gpu/pinned_autotune.py),
 unless QWEN3NEXT_FULL_AUTOTUNE=1."""
 
-import importlib
-import os
-
 import pytest
-import torch
 
-from tests.gpu.pinned_autotune import FLA_MODULES, FULL_AUTOTUNE_ENV, pin_autotuned_kernels
+from tests.gpu.pinned_autotune import pin_autotuned_kernels, pinning_wanted
 
-
-def _fla_importable() -> bool:
-    try:
-        for name in FLA_MODULES:
-            importlib.import_module(name)
-    except ImportError:
-        return False
-    return True
-
-
-PIN = torch.cuda.is_available() and os.environ.get(FULL_AUTOTUNE_ENV) != "1" and _fla_importable()
+PIN = pinning_wanted()
 
 
 @pytest.fixture(autouse=True)

@@ -21,6 +21,7 @@ run will pick).
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Iterable
 
@@ -28,6 +29,21 @@ FULL_AUTOTUNE_ENV = "QWEN3NEXT_FULL_AUTOTUNE"
 # the fla modules whose kernels the model runs; model/ops/gated_delta_rule.py imports them at its first
 # call, so a process that has not run the model yet must import them before it can pin their autotuners
 FLA_MODULES = ("fla.ops.gated_delta_rule", "fla.modules.l2norm")
+
+
+def pinning_wanted() -> bool:
+    """Whether the GPU tests pin fla's autotuners: on CUDA with fla installed, unless
+    QWEN3NEXT_FULL_AUTOTUNE=1. Imports fla's modules when it can."""
+    import torch
+
+    if not torch.cuda.is_available() or os.environ.get(FULL_AUTOTUNE_ENV) == "1":
+        return False
+    try:
+        for name in FLA_MODULES:
+            importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
 
 
 def least_demanding(configs: list) -> object:
@@ -78,6 +94,7 @@ def import_and_pin_kernels(modules: Iterable[str] = FLA_MODULES) -> int:
     """Import `modules` (dotted names), then pin the autotuners of their packages
     (`pin_autotuned_kernels`); returns how many were pinned. For a process of its own, before its
     first DeltaNet call."""
+    modules = tuple(modules)  # read twice
     for name in modules:
         importlib.import_module(name)
     return sum(pin_autotuned_kernels(package) for package in {name.split(".")[0] for name in modules})

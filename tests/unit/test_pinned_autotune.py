@@ -95,7 +95,7 @@ def test_a_package_imported_late_is_pinned_once_imported(tmp_path, monkeypatch):
         monkeypatch.delitem(sys.modules, name, raising=False)
     assert pin_autotuned_kernels("latefla") == 0  # not imported yet: nothing to pin
     try:
-        assert import_and_pin_kernels(["latefla.ops"]) == 1
+        assert import_and_pin_kernels(name for name in ["latefla.ops"]) == 1
         (kept,) = sys.modules["latefla.ops.kernels"].kernel.configs
         assert (kept.kwargs, kept.num_stages) == ({"BV": 32}, 3)
     finally:
