@@ -9,7 +9,10 @@ allocation with its Python stack (`torch.cuda.memory._record_memory_history`), t
   `--out`; a trace peak below it means the trace dropped early events, and `--max-entries` keeps
   more);
 - the allocations live at that peak by site, largest first: a site is the innermost frames in this
-  repository (model/, parallel/, train/, ...), or the innermost frames of any file when none is;
+  repository (model/, parallel/, train/, ...), or the innermost frames of any file when none is.
+  Backward runs on autograd's C++ thread: its allocations have Python frames only inside a Python
+  `autograd.Function` or a compiled graph's backward, and the others come under "no Python frame"
+  unless `--cpp-stacks` records C++ frames too (slower);
 - the allocations and frees just before the peak, which name the moment it was reached.
 
 A block counts from its allocation to its free request (the allocator holds a block freed while
@@ -59,11 +62,13 @@ def live_at(trace: list[dict], index: int) -> list[dict]:
 
 
 def site(event: dict, root: Path = REPO, depth: int = 3) -> str:
-    """Where `event` happened: its innermost `depth` frames in files under `root`, innermost first,
-    or the innermost two frames of any file when none is under it."""
+    """Where `event` happened: its innermost `depth` frames in files under `root`, innermost first;
+    when none is under it, the innermost backward node among C++ frames (`...Backward0::apply`), or
+    else the innermost two frames of any file."""
     frames = event.get("frames") or []
     ours = [f for f in frames if _under(f["filename"], root)]
-    chosen = ours[:depth] if ours else frames[:2]
+    backward = [f for f in frames if "Backward" in f["name"]]
+    chosen = ours[:depth] or backward[:1] or frames[:2]
     return " < ".join(_frame(f, root) for f in chosen) or "no Python frame"
 
 
@@ -94,7 +99,7 @@ def report(trace: list[dict], root: Path = REPO, top: int = 30, before: int = 12
         return "no allocation in the trace"
     rows = holders(live_at(trace, at), root, depth)
     lines = [
-        f"peak in the trace: {peak / GiB:.3f} GiB at event {at} of {len(trace)}",
+        f"peak in the trace: {peak / GiB:.3f} GiB at event {at + 1} of {len(trace)}",
         "",
         "live at the peak:",
     ]
@@ -111,16 +116,20 @@ def report(trace: list[dict], root: Path = REPO, top: int = 30, before: int = 12
 def main(argv: list[str] | None = None) -> None:
     import torch
 
-    parser = argparse.ArgumentParser(prog="python -m bench.memory_peak", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.memory_peak", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     parser.add_argument("--top", type=int, default=30, help="sites listed (default 30)")
     parser.add_argument("--depth", type=int, default=3, help="project frames a site names (default 3)")
     parser.add_argument("--max-entries", type=int, default=1_000_000, help="events the trace keeps")
+    parser.add_argument("--cpp-stacks", action="store_true", help="record C++ frames too (backward's sites)")
     args, layout_argv = parser.parse_known_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench.memory_peak: needs CUDA (torch records allocation history on GPUs only)")
     from bench import layout
 
-    torch.cuda.memory._record_memory_history(max_entries=args.max_entries, stacks="python")
+    stacks = "all" if args.cpp_stacks else "python"
+    torch.cuda.memory._record_memory_history(max_entries=args.max_entries, stacks=stacks)
     try:
         layout.main(layout_argv)
         trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]

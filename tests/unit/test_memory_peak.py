@@ -55,6 +55,13 @@ def test_a_site_is_the_innermost_project_frames_or_else_any_frames():
     assert site(alloc(1, 1, LAYER), ROOT) == "model/layer.py:88 forward"  # torch's frame skipped
     assert site(alloc(1, 1, TORCH_ONLY), ROOT) == "graph.py:5 run_backward"
     assert site(alloc(1, 1, []), ROOT) == "no Python frame"
+    cpp = [  # autograd's thread with C++ frames (--cpp-stacks): the backward node names the op
+        frame("??", 0, "c10::cuda::CUDACachingAllocator::Native::DeviceCachingAllocator::malloc"),
+        frame("??", 0, "at::native::empty_cuda"),
+        frame("??", 0, "torch::autograd::generated::MmBackward0::apply"),
+        frame("??", 0, "torch::autograd::Engine::evaluate_function"),
+    ]
+    assert site(alloc(1, 1, cpp), ROOT) == "??:0 torch::autograd::generated::MmBackward0::apply"
     venv = [frame("/project/.venv/lib/site-packages/fla/ops/chunk.py", 3, "fwd")]
     assert site(alloc(1, 1, venv), ROOT) == "chunk.py:3 fwd"  # a package installed in the project
 
@@ -71,7 +78,7 @@ def test_holders_group_the_live_blocks_by_site_largest_first():
 def test_the_report_names_the_peak_its_holders_and_the_events_before_it():
     trace = [alloc(1, 100, LAYER), alloc(2, 50, HEAD), free(1, 100), alloc(3, 30, HEAD)]
     text = report(trace, ROOT, top=1, before=1, depth=1)
-    assert "peak in the trace: 0.146 GiB at event 1 of 4" in text
+    assert "peak in the trace: 0.146 GiB at event 2 of 4" in text
     assert "100.0 MiB      1 blocks  model/layer.py:88 forward" in text
     assert "50.0 MiB in 1 other sites" in text
     assert text.splitlines()[-1].split() == [
