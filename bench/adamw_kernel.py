@@ -19,6 +19,7 @@ import argparse
 import torch
 
 import model.ops.adamw as adamw
+from model.ops.triton_support import LAUNCH_OPTIONS
 
 BYTES_A_PARAMETER = 30  # read grad, weight and both moments (fp32); write those three and the bf16 weight
 
@@ -91,7 +92,9 @@ def main() -> None:
     kernel, cdiv = adamw._kernel()
 
     def launch(triton_kernel, block: int, warps: int):
-        return lambda: triton_kernel[(cdiv(n, block),)](*state, BLOCK=block, num_warps=warps)
+        return lambda: triton_kernel[(cdiv(n, block),)](
+            *state, BLOCK=block, num_warps=warps, **LAUNCH_OPTIONS
+        )
 
     for block in (1024, 2048, 4096, 8192):
         for warps in (4, 8, 16):

@@ -23,6 +23,7 @@ import torch
 # Compile options every kernel of ours launches with. FMA contraction is pinned on: Triton's default
 # until 3.9 (3.10 turns it off), what the GPU tests' tolerances were measured with, and what nvcc
 # does for torch's own CUDA kernels, whose fused AdamW arithmetic model/ops/adamw.py keeps.
+# (TRITON_FORCE_DISABLE_FP_FUSION=1 in the environment still turns it off.)
 LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 
 
