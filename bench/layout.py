@@ -276,8 +276,9 @@ def main(argv: list[str] | None = None) -> None:
     total = all_to_all_ms(prof, on_gpu)
     exposed = exposed_all_to_all_ms(prof) if on_gpu else total  # gloo: all of it
     a2a_ms = torch.tensor([total, exposed], device=device)
-    families = op_families(prof, cfg.model.vocab_size) if on_gpu else []
-    kernels = largest_kernels(prof, cfg.model.vocab_size, n=60) if on_gpu else []
+    head_rows = training.model.lm_head.weight.shape[0]  # the vocabulary, or this rank's shard of it
+    families = op_families(prof, head_rows) if on_gpu else []
+    kernels = largest_kernels(prof, head_rows, n=60) if on_gpu else []
     dist.all_reduce(a2a_ms, op=dist.ReduceOp.MAX)  # the slowest rank's
     a2a_ms, exposed_ms = a2a_ms.tolist()
 

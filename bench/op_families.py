@@ -86,6 +86,7 @@ class Family:
 
 
 def family_of(op_name: str, shapes, kernel_name: str, under_optimizer: bool, vocab_size: int) -> str:
+    """`vocab_size`: the LM head's rows on this rank (the vocabulary, or its tensor-parallel shard)."""
     if under_optimizer:
         return "optimizer"
     if op_name == "aten::_grouped_mm":
