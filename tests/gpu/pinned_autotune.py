@@ -33,13 +33,19 @@ FLA_MODULES = ("fla.ops.gated_delta_rule", "fla.modules.l2norm")
 
 def pinning_wanted() -> bool:
     """Whether the GPU tests pin fla's autotuners: on CUDA with fla installed, unless
-    QWEN3NEXT_FULL_AUTOTUNE=1. Imports fla's modules when it can."""
+    QWEN3NEXT_FULL_AUTOTUNE=1. Imports fla's modules when it can, so that a `pin_autotuned_kernels`
+    after it finds their autotuners."""
     import torch
 
     if not torch.cuda.is_available() or os.environ.get(FULL_AUTOTUNE_ENV) == "1":
         return False
+    return imported(FLA_MODULES)
+
+
+def imported(modules: Iterable[str]) -> bool:
+    """Import `modules` (dotted names); whether all of them could be."""
     try:
-        for name in FLA_MODULES:
+        for name in modules:
             importlib.import_module(name)
     except ImportError:
         return False
@@ -88,13 +94,3 @@ def pin_autotuned_kernels(package: str = "fla") -> int:
     for tuner in tuners:
         tuner.configs = [least_demanding(tuner.configs)]
     return len(tuners)
-
-
-def import_and_pin_kernels(modules: Iterable[str] = FLA_MODULES) -> int:
-    """Import `modules` (dotted names), then pin the autotuners of their packages
-    (`pin_autotuned_kernels`); returns how many were pinned. For a process of its own, before its
-    first DeltaNet call."""
-    modules = tuple(modules)  # read twice
-    for name in modules:
-        importlib.import_module(name)
-    return sum(pin_autotuned_kernels(package) for package in {name.split(".")[0] for name in modules})

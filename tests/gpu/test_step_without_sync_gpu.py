@@ -27,15 +27,15 @@ if not torch.cuda.is_available():
 def run_steps() -> None:
     from bench.layout import compose_config, parse, random_batch
     from parallel.engine import setup_distributed
-    from tests.gpu.pinned_autotune import import_and_pin_kernels, pinning_wanted
+    from tests.gpu.pinned_autotune import pin_autotuned_kernels, pinning_wanted
     from train.build import build_training
     from train.config import validate_layout
 
-    # as in the tests' own process (conftest.py). fla is imported here first: the model imports it only
-    # at its first DeltaNet call, and pinning before that pinned nothing: fla autotuned in full, and this
-    # test took 182-202 s of tests/gpu's 231-261 s on an H200
+    # as in the tests' own process (conftest.py). `pinning_wanted` imports fla first: the model imports it
+    # only at its first DeltaNet call, and pinning before that pinned nothing: fla autotuned in full, and
+    # this test took 182-202 s of tests/gpu's 231-261 s on an H200
     if pinning_wanted():
-        assert import_and_pin_kernels() > 0, "no fla autotuner found to pin"
+        assert pin_autotuned_kernels("fla") > 0, "no fla autotuner found to pin"
     # DeltaNet heads as test_model_gpu.py's (2 / 4 heads of 128): fla's kernels compiled for those
     # tests come from Triton's disk cache here instead of compiling again at tiny's head dim 32
     heads = ["model.linear_key_head_dim=128", "model.linear_value_head_dim=128"]

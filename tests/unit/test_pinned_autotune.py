@@ -11,7 +11,7 @@ triton = pytest.importorskip("triton")
 
 from tests.gpu.pinned_autotune import (  # noqa: E402
     autotuners_in,
-    import_and_pin_kernels,
+    imported,
     least_demanding,
     pin_autotuned_kernels,
 )
@@ -95,9 +95,11 @@ def test_a_package_imported_late_is_pinned_once_imported(tmp_path, monkeypatch):
         monkeypatch.delitem(sys.modules, name, raising=False)
     assert pin_autotuned_kernels("latefla") == 0  # not imported yet: nothing to pin
     try:
-        assert import_and_pin_kernels(name for name in ["latefla.ops"]) == 1
+        assert imported(["latefla.ops"])
+        assert pin_autotuned_kernels("latefla") == 1
         (kept,) = sys.modules["latefla.ops.kernels"].kernel.configs
         assert (kept.kwargs, kept.num_stages) == ({"BV": 32}, 3)
+        assert not imported(["latefla.ops", "latefla.missing"])  # as a machine without fla
     finally:
         for name in ("latefla", "latefla.ops", "latefla.ops.kernels"):
             sys.modules.pop(name, None)
