@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import types
 import warnings
 from collections.abc import Callable
@@ -107,12 +106,6 @@ def skip_cpu_shm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def find_free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def setup_distributed(allow_untested_deepspeed: bool = False) -> tuple[torch.device, bool]:
     """torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU; a world of one without
     torchrun), this rank's device, and whether it is a GPU."""
@@ -134,7 +127,9 @@ def setup_distributed(allow_untested_deepspeed: bool = False) -> tuple[torch.dev
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
             os.environ.setdefault(key, value)
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(find_free_port()))
+        # port 0: the rendezvous store binds one the system picks; a free port found first could be
+        # taken by another process before the store binds it
+        os.environ.setdefault("MASTER_PORT", "0")
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
     return device, on_gpu
 

@@ -6,12 +6,15 @@
 module) because the processes are spawned, not forked: a fork would copy the parent's torch threads
 and state. Never hangs: collectives time out, and so does the wait for the processes, which are
 killed if they overrun; a rank's exception comes back as the test's failure, with its traceback.
+
+The rendezvous store is hosted by the calling process on a port the system picks as it binds, and
+the ranks join it as clients. Choosing a free port first and binding it later in rank 0 raced: under
+`pytest -n 2` the other worker's gloo connections took such a port in between (EADDRINUSE in CI).
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import time
 import traceback
 from datetime import timedelta
@@ -21,24 +24,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+TIMEOUT = timedelta(seconds=60)  # a collective or the rendezvous that waits longer has hung
 
 
 def _rank_main(fn, rank: int, world_size: int, port: int, out_dir: str, args: tuple) -> None:
     torch.set_num_threads(1)  # N processes share the machine's few cores
     out = Path(out_dir)
     try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world_size,
-            timeout=timedelta(seconds=60),
-        )
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=TIMEOUT)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=TIMEOUT)
         try:
             result = fn(rank, world_size, *args)
             torch.save(result, out / f"rank{rank}.pt.part")
@@ -55,9 +49,9 @@ def run_on_ranks(fn, world_size: int, tmp_path: Path, *args, timeout: float = 12
     out_dir = Path(tmp_path) / f"ranks-{fn.__name__}"
     out_dir.mkdir(parents=True, exist_ok=True)
     context = mp.get_context("spawn")
-    port = free_port()
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=TIMEOUT)
     procs = [
-        context.Process(target=_rank_main, args=(fn, rank, world_size, port, str(out_dir), args))
+        context.Process(target=_rank_main, args=(fn, rank, world_size, store.port, str(out_dir), args))
         for rank in range(world_size)
     ]
     for proc in procs:
@@ -69,6 +63,7 @@ def run_on_ranks(fn, world_size: int, tmp_path: Path, *args, timeout: float = 12
             if proc.is_alive():
                 proc.kill()
                 proc.join(5)
+        del store  # the ranks are gone; the port goes with it
     errors = [
         f"rank {r}:\n{p.read_text()}" for r in range(world_size) if (p := out_dir / f"rank{r}.error").exists()
     ]

@@ -7,22 +7,20 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
-from tests.distributed.test_training import MODEL, REPO, environment, free_port
+from tests.distributed.test_training import MODEL, REPO, environment, torchrun
 
 
 @pytest.mark.parametrize(("expert", "micro_batches"), [(1, 3), (2, 1)], ids=["ep1-dp2-accum3", "ep2"])
 def test_layout_benchmark_times_the_step_and_its_all_to_all(tmp_path, expert, micro_batches):
     out = tmp_path / "result.json"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     options = ["--preset", "tiny", "--expert", str(expert), "--micro-batch", "2", "--seq", "32"]
     options += ["--micro-batches", str(micro_batches)]
     model = [f"model.{key}={value}" for key, value in MODEL.items()]
     result = subprocess.run(
-        [*launcher, "--master_port", str(free_port()), "launch/bench.py", "layout", *options,
+        [*torchrun(2), "launch/bench.py", "layout", *options,
          "--steps", "2", "--warmup", "1", "--out", str(out), *model],
         cwd=REPO, env=environment(), capture_output=True, text=True, timeout=240,
     )  # fmt: skip

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.gloo import free_port
 from tests.distributed.test_training import REPO, overrides, read_metrics, write_corpus
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
@@ -123,7 +122,7 @@ FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
 def submit(slurm: dict, tmp_path: Path, args: list[str]) -> str:
     """sbatch the script with Hydra overrides `args` on 2 CPU processes; the job id."""
     env = dict(slurm, PYTHON=sys.executable, NPROC_PER_NODE="2", OMP_NUM_THREADS="1")
-    env["MASTER_PORT"] = str(free_port())  # the one node is this machine
+    env["MASTER_PORT"] = "0"  # one node: the rendezvous binds a port the system picks, none to race for
     submitted = subprocess.run(
         ["sbatch", "--parsable", "--chdir", str(REPO), "--output", str(tmp_path / "slurm-%j.out"),
          "launch/slurm/pretrain.sbatch", *args],

@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_config
-from tests.distributed.gloo import free_port, run_on_ranks
+from tests.distributed.gloo import run_on_ranks
 from tests.unit.test_loader import write_shard
 
 REPO = Path(__file__).resolve().parents[2]
@@ -132,8 +132,13 @@ def overrides(corpus: Path, run_dir: Path, **extra) -> list[str]:
 def command(nproc: int, args: list[str]) -> list[str]:
     if nproc == 1:
         return [sys.executable, "launch/pretrain.py", *args]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
-    return [*launcher, "--master_port", str(free_port()), "launch/pretrain.py", *args]
+    return [*torchrun(nproc), "launch/pretrain.py", *args]
+
+
+def torchrun(nproc: int) -> list[str]:
+    """torchrun on this machine; `--standalone` lets its rendezvous bind a port the system picks,
+    where a port chosen beforehand could be taken by another test's connections before it is bound."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
 
 
 def environment() -> dict[str, str]:

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.gloo import free_port
-
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -49,8 +47,8 @@ def test_a_dry_run_leaves_no_run_directory(tmp_path):
 def test_under_torchrun_a_config_error_is_shown_once_and_last():
     """torchrun follows a failed worker with its traceback and failure table: the message must be
     the table's root cause, at the end of the output, and nowhere else."""
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port")
-    result = pretrain("conf=tiny", "data.streams=3", launcher=(*launcher, str(free_port())))
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    result = pretrain("conf=tiny", "data.streams=3", launcher=launcher)
     assert result.returncode != 0
     assert result.stderr.count("pretrain.py: ") == 1, result.stderr
     root_cause = result.stderr.rpartition("Root Cause")[2]
