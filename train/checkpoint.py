@@ -295,8 +295,8 @@ def save_checkpoint(
     except CollectiveFailure as failure:
         if main:
             shutil.rmtree(root / STAGING, ignore_errors=True)
-        _barrier()
-        raise _save_failed(failure, step, final, size_hint) from None
+        # rank 0 words it, once the staging directory is gone: every rank reads the same free space
+        raise from_main(_save_failed(failure, step, final, size_hint) if main else None) from None
     if main:
         _remove_old_checkpoints(root, step, keep)
     _barrier()
@@ -353,7 +353,8 @@ def _remove_old_checkpoints(root: Path, step: int, keep: int) -> None:
 
 
 def _save_failed(failure: CollectiveFailure, step: int, final: Path, size_hint: int | None) -> Exception:
-    """The error every rank raises for a failed save (after the staging directory went)."""
+    """The error every rank raises for a failed save (after the staging directory went), as rank 0
+    words it: the free space it names, and whether the disk is deemed full, are read on one rank."""
     root = final.parent
     kept = complete_checkpoints(root)
     kept_text = f"the previous checkpoint {kept[-1][1]} is kept" if kept else "no earlier checkpoint exists"
