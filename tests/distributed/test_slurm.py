@@ -159,11 +159,12 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, tmp_path):
     while its workers save and exit 0, and the script still counts the stop a success and requeues."""
     corpus = write_corpus(tmp_path / "corpus")
     run_dir = tmp_path / "run"
-    steps = 60
+    steps = 150  # many more than run before the signals land (about 0.1 s a step): it must not end first
     args = overrides(corpus, run_dir, **{"trainer.max_steps": steps, "optim.schedule_steps": steps})
     job_id = submit(slurm, tmp_path, args)
     metrics = run_dir / "metrics.jsonl"
-    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 120, "no steps logged")
+    logged = lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3
+    wait_for(logged, 120, "no steps logged", interval=0.1)
     subprocess.run(["scancel", "--signal=TERM", job_id], env=slurm, check=True)  # the tasks, not the script
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=slurm, check=True)
     # a requeued job waits two minutes before it may start again (Slurm's rule); let it start now

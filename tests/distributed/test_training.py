@@ -142,7 +142,15 @@ def torchrun(nproc: int) -> list[str]:
 
 
 def environment() -> dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    """This process's environment without a process group's variables: a run started from a test
+    sets up its own (an inherited MASTER_PORT would have both test workers' runs bind that port)."""
+    inherited = {k: v for k, v in os.environ.items() if not is_process_group_variable(k)}
+    return dict(inherited, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def is_process_group_variable(name: str) -> bool:
+    rendezvous = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+    return name in rendezvous or name == "GROUP_RANK" or name.startswith("TORCHELASTIC_")
 
 
 def pretrain(nproc: int, args: list[str], timeout: float = 240) -> str:
