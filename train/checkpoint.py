@@ -355,6 +355,15 @@ def _remove_old_checkpoints(root: Path, step: int, keep: int) -> None:
 def _save_failed(failure: CollectiveFailure, step: int, final: Path, size_hint: int | None) -> Exception:
     """The error every rank raises for a failed save (after the staging directory went), as rank 0
     words it: the free space it names, and whether the disk is deemed full, are read on one rank."""
+    try:
+        return _describe_save_failure(failure, step, final, size_hint)
+    except Exception as error:  # rank 0 must still answer: the other ranks wait for its word
+        return CheckpointError(f"could not save step {step} to {final} ({failure}; then {describe(error)})")
+
+
+def _describe_save_failure(
+    failure: CollectiveFailure, step: int, final: Path, size_hint: int | None
+) -> Exception:
     root = final.parent
     kept = complete_checkpoints(root)
     kept_text = f"the previous checkpoint {kept[-1][1]} is kept" if kept else "no earlier checkpoint exists"

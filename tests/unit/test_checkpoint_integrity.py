@@ -295,6 +295,18 @@ def test_another_save_failure_is_reported_as_it_is(tmp_path):
     assert not (tmp_path / "checkpoints" / ".staging").exists()
 
 
+def test_a_save_failure_that_cannot_be_looked_into_is_still_reported(tmp_path, monkeypatch):
+    """Rank 0 words a failed save for every rank, which wait for it: an error while it reads the disk
+    (here: listing the checkpoints) still gives an error naming both, not a rank that never answers."""
+
+    def unreadable(root):
+        raise PermissionError(13, "Permission denied", str(root))
+
+    monkeypatch.setattr("train.checkpoint.complete_checkpoints", unreadable)
+    with pytest.raises(CheckpointError, match=r"rank 0: ValueError: boom; then PermissionError: .*denied"):
+        save(tmp_path, 2, FakeEngine(fail_with=ValueError("boom")))
+
+
 def test_out_of_space_kinds():
     assert out_of_space_kind(OSError(errno.ENOSPC, "x")) == "enospc"
     assert out_of_space_kind(OSError(errno.EDQUOT, "x")) == "enospc"
