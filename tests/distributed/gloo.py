@@ -15,6 +15,7 @@ the ranks join it as clients. Choosing a free port first and binding it later in
 from __future__ import annotations
 
 import os
+import sys
 import time
 import traceback
 from datetime import timedelta
@@ -25,6 +26,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 TIMEOUT = timedelta(seconds=60)  # a collective or the rendezvous that waits longer has hung
+
+
+def torchrun(nproc: int) -> list[str]:
+    """torchrun on this machine, for tests that start it; `--standalone` lets its rendezvous bind a
+    port the system picks (a port chosen beforehand could be taken before it is bound, as above)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
 
 
 def _rank_main(fn, rank: int, world_size: int, port: int, out_dir: str, args: tuple) -> None:

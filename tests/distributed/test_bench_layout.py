@@ -10,7 +10,8 @@ import subprocess
 
 import pytest
 
-from tests.distributed.test_training import MODEL, REPO, environment, torchrun
+from tests.distributed.gloo import torchrun
+from tests.distributed.test_training import MODEL, REPO, environment
 
 
 @pytest.mark.parametrize(("expert", "micro_batches"), [(1, 3), (2, 1)], ids=["ep1-dp2-accum3", "ep2"])

@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_config
-from tests.distributed.gloo import run_on_ranks
+from tests.distributed.gloo import run_on_ranks, torchrun
 from tests.unit.test_loader import write_shard
 
 REPO = Path(__file__).resolve().parents[2]
@@ -135,22 +135,20 @@ def command(nproc: int, args: list[str]) -> list[str]:
     return [*torchrun(nproc), "launch/pretrain.py", *args]
 
 
-def torchrun(nproc: int) -> list[str]:
-    """torchrun on this machine; `--standalone` lets its rendezvous bind a port the system picks,
-    where a port chosen beforehand could be taken by another test's connections before it is bound."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-
-
 def environment() -> dict[str, str]:
     """This process's environment without a process group's variables: a run started from a test
     sets up its own (an inherited MASTER_PORT would have both test workers' runs bind that port)."""
-    inherited = {k: v for k, v in os.environ.items() if not is_process_group_variable(k)}
+    inherited = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in PROCESS_GROUP_VARIABLES and not k.startswith("TORCHELASTIC_")
+    }
     return dict(inherited, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
-def is_process_group_variable(name: str) -> bool:
-    rendezvous = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
-    return name in rendezvous or name == "GROUP_RANK" or name.startswith("TORCHELASTIC_")
+PROCESS_GROUP_VARIABLES = {
+    "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"
+}  # fmt: skip
 
 
 def pretrain(nproc: int, args: list[str], timeout: float = 240) -> str:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.distributed.gloo import torchrun
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -47,8 +49,7 @@ def test_a_dry_run_leaves_no_run_directory(tmp_path):
 def test_under_torchrun_a_config_error_is_shown_once_and_last():
     """torchrun follows a failed worker with its traceback and failure table: the message must be
     the table's root cause, at the end of the output, and nowhere else."""
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
-    result = pretrain("conf=tiny", "data.streams=3", launcher=launcher)
+    result = pretrain("conf=tiny", "data.streams=3", launcher=tuple(torchrun(2)))
     assert result.returncode != 0
     assert result.stderr.count("pretrain.py: ") == 1, result.stderr
     root_cause = result.stderr.rpartition("Root Cause")[2]
