@@ -33,32 +33,36 @@ REPO = Path(__file__).resolve().parent.parent
 GiB = 2**30
 
 
-def running_peak(trace: list[dict]) -> tuple[int, int]:
-    """(most bytes allocated at once, index of the event that reached it) over the trace's allocations
-    and free requests; a free of a block allocated before the trace began is not counted."""
-    live: dict[int, int] = {}
-    total = peak = 0
-    at = -1
+def replay(trace: list[dict]):
+    """After each event of the trace: (its index, the live allocation events by address, their bytes).
+    A block counts from its allocation to its free request; a free of a block allocated before the
+    trace began is not counted. The dict is the same object throughout, updated in place."""
+    live: dict[int, dict] = {}
+    total = 0
     for index, event in enumerate(trace):
         if event["action"] == "alloc":
-            live[event["addr"]] = event["size"]
+            live[event["addr"]] = event
             total += event["size"]
-            if total > peak:
-                peak, at = total, index
-        elif event["action"] == "free_requested":
-            total -= live.pop(event["addr"], 0)
+        elif event["action"] == "free_requested" and event["addr"] in live:
+            total -= live.pop(event["addr"])["size"]
+        yield index, live, total
+
+
+def running_peak(trace: list[dict]) -> tuple[int, int]:
+    """(most bytes allocated at once, index of the event that reached it; -1 when none did)."""
+    peak, at = 0, -1
+    for index, _, total in replay(trace):
+        if total > peak:
+            peak, at = total, index
     return peak, at
 
 
 def live_at(trace: list[dict], index: int) -> list[dict]:
     """The allocation events whose blocks are live just after `trace[index]`."""
-    live: dict[int, dict] = {}
-    for event in trace[: index + 1]:
-        if event["action"] == "alloc":
-            live[event["addr"]] = event
-        elif event["action"] == "free_requested":
-            live.pop(event["addr"], None)
-    return list(live.values())
+    for at, live, _ in replay(trace):
+        if at == index:
+            return list(live.values())
+    return []
 
 
 def site(event: dict, root: Path = REPO, depth: int = 3) -> str:
