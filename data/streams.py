@@ -50,6 +50,7 @@ import os
 import queue
 import random
 import re
+import signal
 import tarfile
 import time
 import traceback
@@ -691,11 +692,26 @@ class _WorkerLoop:
         return ("states", states)
 
 
-def run_worker(task: WorkerTask, windows, commands, replies) -> None:
+def run_worker(task: WorkerTask, windows, commands, replies, siblings=()) -> None:
+    for channel in siblings:  # forked: the other workers' queues came along; only they may write them
+        close_writing_end(channel)
     # Exiting on "stop" must not wait for the main process to drain this worker's queue.
     windows.cancel_join_thread()
     replies.cancel_join_thread()
     _WorkerLoop(task, windows, commands, replies).run()
+
+
+def close_writing_end(channel: multiprocessing.queues.Queue) -> None:
+    """Close this process' copy of the pipe end a queue is written through.
+
+    A queue a worker writes must have that worker as the only process holding its writing end:
+    then the worker's death is an end-of-file for the reader. Otherwise a worker killed halfway
+    through a message leaves the reader waiting for the rest of it, forever, with no deadline that
+    can interrupt the read. That is the usual case, not a rare one: a chunk of windows at a real
+    seq_len (about 512 KB) is far larger than a pipe's buffer (64 KB), so whenever a chunk waits to
+    be consumed the worker's feeder thread is blocked partway through writing it.
+    """
+    channel._writer.close()  # multiprocessing.Queue offers no public way to drop one end
 
 
 @dataclass
@@ -757,6 +773,11 @@ class WorkerPool:
         self._timeout = timeout
         self._owner = {stream: k % workers for k, stream in enumerate(local_streams)}
         self._pending: list[deque[Window]] = [deque() for _ in range(workers)]
+        # Each worker's (windows, commands, replies): it writes windows and replies, this process commands.
+        channels = [
+            (context.Queue(maxsize=prefetch), context.Queue(), context.Queue()) for _ in range(workers)
+        ]
+        forked = context.get_start_method() == "fork"  # a forked worker holds every queue made before it
         self._workers: list[_WorkerHandle] = []
         for index in range(workers):
             owned = local_streams[index::workers]
@@ -767,13 +788,19 @@ class WorkerPool:
             task = WorkerTask(
                 config, owned_states, tuple(local_streams), first_sequence, index, workers, chunk, history
             )
-            channels = (context.Queue(maxsize=prefetch), context.Queue(), context.Queue())
+            siblings = [channels[other][end] for other in range(workers) if other != index for end in (0, 2)]
             process = context.Process(
-                target=run_worker, args=(task, *channels), daemon=True, name=f"token-loader-{index}"
+                target=run_worker,
+                args=(task, *channels[index], siblings if forked else []),
+                daemon=True,
+                name=f"token-loader-{index}",
             )
-            self._workers.append(_WorkerHandle(index, process, *channels))
+            self._workers.append(_WorkerHandle(index, process, *channels[index]))
         for worker in self._workers:  # all forks before this process starts any queue thread
             worker.process.start()
+        for worker in self._workers:  # see close_writing_end: a dead worker must read as end-of-file
+            close_writing_end(worker.windows)
+            close_writing_end(worker.replies)
         self._stop = weakref.finalize(self, stop_workers, self._workers)
 
     def next_window(self, stream: int) -> Window:
@@ -812,11 +839,11 @@ class WorkerPool:
         while True:
             try:
                 message = getattr(worker, channel).get(timeout=0.25)
+            except (EOFError, OSError):  # every writing end closed: the worker is gone, maybe mid-message
+                raise worker_exited(worker) from None
             except queue.Empty:
                 if not worker.process.is_alive():
-                    raise RuntimeError(
-                        f"token loader worker {worker.index} exited (exit code {worker.process.exitcode})"
-                    ) from None
+                    raise worker_exited(worker) from None
                 if time.monotonic() > deadline:
                     raise RuntimeError(
                         f"token loader worker {worker.index}: nothing received for {self._timeout:.0f} s"
@@ -825,6 +852,17 @@ class WorkerPool:
             if message[0] == "error":
                 raise worker_error(message, worker.index)
             return message
+
+
+def worker_exited(worker: _WorkerHandle) -> RuntimeError:
+    worker.process.join(timeout=5.0)  # its pipe closes as it dies; the exit code comes a moment later
+    code, who = worker.process.exitcode, f"token loader worker {worker.index}"
+    if code is None or code >= 0:
+        return RuntimeError(f"{who} exited (exit code {code})")
+    known = -code in {member.value for member in signal.Signals}
+    name = signal.Signals(-code).name if known else f"signal {-code}"
+    hint = " (out of memory? the kernel log tells: dmesg)" if -code == signal.SIGKILL else ""
+    return RuntimeError(f"{who} was killed by {name}{hint}")
 
 
 def default_start_method() -> str:

@@ -26,7 +26,7 @@ import webdataset as wds
 
 from data.loader import TokenLoader, check_index, merge_states
 from data.packing import Packer, windows_to_batch
-from data.streams import ShardError, shards_of_stream
+from data.streams import ShardError, chunk_windows, shards_of_stream
 
 EOS = 151643
 MODEL_VOCAB = 151936
@@ -176,11 +176,13 @@ def assert_same_batches(actual: list[dict], expected: list[dict]) -> None:
 # ----------------------------------------------------------------------------- running the loader
 
 
-def make_loader(directory, *, global_batch=4, micro=1, dp_rank=0, dp=1, streams=STREAMS, **options):
+def make_loader(
+    directory, *, global_batch=4, micro=1, dp_rank=0, dp=1, streams=STREAMS, seq_len=SEQ_LEN, **options
+):
     options.setdefault("timeout", 30.0)  # a stuck worker fails the test instead of hanging it
     return TokenLoader(
         directory,
-        seq_len=SEQ_LEN,
+        seq_len=seq_len,
         global_batch_size=global_batch,
         micro_batch_size=micro,
         dp_rank=dp_rank,
@@ -385,16 +387,36 @@ def test_state_from_workers_running_far_ahead(shard_dir):
         assert_same_batches(take(loader, 37), expected[3:])
 
 
-def test_a_killed_worker_is_an_error_not_a_hang(shard_dir):
-    with make_loader(shard_dir, num_workers=1, timeout=5.0) as loader:
+@pytest.fixture
+def long_document_dir(tmp_path: Path) -> Path:
+    """Documents long enough for a real seq_len's windows."""
+    directory, rng = tmp_path / "long", np.random.default_rng(1)
+    directory.mkdir()
+    entries = []
+    for number in range(STREAMS):
+        documents = [np.append(rng.integers(0, 1000, 20_000), EOS).astype(np.uint32) for _ in range(2)]
+        entries.append(write_shard(directory / f"shard-{number:06d}.tar", f"s{number}", documents))
+    index = {"tokenizer": "qwen2.5-72b-instruct", "vocab_size": 151665, "eos_id": EOS, "shards": entries}
+    (directory / "index.json").write_text(json.dumps(index))
+    return directory
+
+
+@pytest.mark.timeout(120)  # the failure this guards against is a read that never returns
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_a_killed_worker_is_an_error_not_a_hang(long_document_dir, start_method):
+    """Killed while its queue is full: a chunk at this seq_len is far larger than a pipe's 64 KiB, so
+    the worker dies partway through writing one, and the trainer's read must not wait for the rest.
+    With two workers, the other one must not keep the dead one's pipe open either."""
+    seq_len = 4096
+    assert chunk_windows(seq_len) * (seq_len + 1) * 2 * 4 > 1 << 16  # a chunk's tokens and positions
+    options = dict(seq_len=seq_len, num_workers=2, timeout=5.0, mp_context=start_method)
+    with make_loader(long_document_dir, **options) as loader:
         batches = iter(loader)
         next(batches)
-        # killed once its queue is full and it waits: killed while writing a message, it would leave
-        # part of one in the pipe, and reading that waits for the rest (a gap this test does not cover)
-        time.sleep(0.5)
+        time.sleep(1.0)  # both queues fill; each feeder thread waits inside a message
         loader._runner._workers[0].process.kill()
         started = time.monotonic()
-        with pytest.raises(RuntimeError, match="worker 0 exited"):
+        with pytest.raises(RuntimeError, match="worker 0 was killed by SIGKILL"):
             for _ in range(10_000):  # past whatever the worker had queued
                 next(batches)
     assert time.monotonic() - started < 5
