@@ -51,7 +51,10 @@ those that match: the documents between their first and last keys are not parsed
 missing or damaged shards are rebuilt, byte-identical, and an interrupted run resumes after its
 last complete shard. A directory whose index.json comes from other settings or inputs is
 refused unless `overwrite` (then its shards are deleted and rebuilt): a mistyped `--output` must
-not destroy another dataset. Concurrent runs into one directory are not supported.
+not destroy another dataset. So is one whose index.json this tool cannot have written (unreadable,
+no build settings), and one with shard files but no index.json: a run writes index.json before its
+first shard is in place, so such shards are not its own. Concurrent runs into one directory are not
+supported.
 """
 
 from __future__ import annotations
@@ -231,12 +234,43 @@ def write_index(output: Path, shards: list[ShardEntry], build: dict, complete: b
     write_atomically(output / INDEX_NAME, text.encode())
 
 
+NOT_OURS = "pass --overwrite to replace it and the shards beside it, or choose another --output"
+
+
 def read_index(output: Path) -> dict | None:
-    """The existing index.json, or None if there is none or it is unreadable."""
+    """The existing index.json, None when there is none. InputError when it cannot be one this tool
+    wrote (it writes index.json atomically): unreadable, not JSON, or without build settings."""
+    path = output / INDEX_NAME
     try:
-        return json.loads((output / INDEX_NAME).read_text())
-    except (OSError, ValueError):
+        index = json.loads(path.read_text())
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise InputError(f"{path}: unreadable ({exc}); {NOT_OURS}") from exc
+    if not isinstance(index, dict) or not isinstance(index.get("build"), dict):
+        raise InputError(f"{path}: not an index.json this tool wrote (no build settings); {NOT_OURS}")
+    return index
+
+
+def output_directory(output: str | Path) -> Path:
+    output = Path(output)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise InputError(f"--output {output}: exists and is not a directory") from None
+    return output
+
+
+def unindexed_shards(output: Path) -> str | None:
+    """Shard files in a directory without index.json, for the refusal: another data set's, since a
+    run of this tool writes index.json before its first shard is in place."""
+    names = sorted(path.name for path in output.iterdir() if SHARD_FILE.fullmatch(path.name))
+    if not names:
+        return None
+    return (
+        f"{output} holds {len(names)} shard files ({names[0]}, ...) but no {INDEX_NAME}: not a data set "
+        "this tool is building; pass --overwrite to replace them, or choose another --output"
+    )
 
 
 def shards_of(index: dict) -> list[ShardEntry]:
@@ -367,9 +401,11 @@ class ShardWriter:
 
 
 def remove_partial_files(output: Path) -> None:
-    """Leftovers of a run that was killed before it could clean up."""
+    """Leftovers of a run that was killed before it could clean up (its own file names only)."""
     for path in output.glob(f".*{PARTIAL_SUFFIX}"):
-        path.unlink()
+        name = path.name[1 : -len(PARTIAL_SUFFIX)]
+        if name == INDEX_NAME or SHARD_FILE.fullmatch(name):
+            path.unlink()
 
 
 def remove_shards_except(output: Path, keep: set[str]) -> None:
@@ -612,6 +648,16 @@ class TokenizedStream:
 # The run
 
 
+def read_index_unless_overwriting(output: Path, overwrite: bool) -> dict | None:
+    """read_index; with `overwrite`, an index that is not one of ours is as good as none."""
+    try:
+        return read_index(output)
+    except InputError:
+        if overwrite:
+            return None
+        raise
+
+
 def refusal_to_overwrite(output: Path, previous: dict, build: dict) -> str:
     """Why a run will not replace `output`'s shards: a mistyped --output must not wipe a dataset."""
     differing = sorted(k for k in build.keys() | previous.keys() if build.get(k) != previous.get(k))
@@ -659,14 +705,15 @@ def prepare(
         raise ValueError(
             f"shard_size_bytes must hold a token ({BYTES_PER_TOKEN} bytes), not {shard_size_bytes}"
         )
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    remove_partial_files(output)
+    output = output_directory(output)
     workers = default_workers() if workers is None else workers
     build = build_settings(sources, shard_size_bytes, text_key, errors)
-    previous = read_index(output)
-    if previous is not None and previous.get("build") != build and not overwrite:
-        raise InputError(refusal_to_overwrite(output, previous.get("build") or {}, build))
+    previous = read_index_unless_overwriting(output, overwrite)
+    if previous is not None and previous["build"] != build and not overwrite:
+        raise InputError(refusal_to_overwrite(output, previous["build"], build))
+    if previous is None and not overwrite and (refusal := unindexed_shards(output)):
+        raise InputError(refusal)
+    remove_partial_files(output)
     listed = shards_of(previous) if previous and previous.get("build") == build else []
     entries: list[ShardEntry | None] = [e if is_intact(output, e) else None for e in listed]
     if previous and previous.get("complete") and listed and all(entries):
@@ -674,7 +721,8 @@ def prepare(
 
     reused = [e for e in entries if e is not None]
     remove_shards_except(output, {e.file for e in reused})
-    if previous is not None:  # it no longer describes the directory
+    indexed = previous is not None
+    if indexed:  # it no longer describes the directory
         write_index(output, done_prefix(entries), build, complete=False)
 
     result = PrepareResult(output, [], 0, len(reused))
@@ -697,6 +745,9 @@ def prepare(
             tokenized.fill(writer, shard_size_bytes, count)
             if count is not None and writer.documents != count:
                 raise InputError(stale_index(output, writer.path.name))
+            if not indexed:  # an index before the first shard is in place: see unindexed_shards
+                write_index(output, [], build, complete=False)
+                indexed = True
             entry = writer.finish()
             writer = None
             if count is not None and entry != listed[number]:

@@ -370,6 +370,36 @@ def test_other_inputs_need_overwrite(tmp_path, prepare_data, capsys, reference):
     assert [t for _, t in read_with_tarfile(shard_paths(out))] == [reference("second corpus")]
 
 
+@pytest.mark.parametrize("index", [None, b"{not json", b"[]", b'{"build": 5}'])
+def test_a_directory_this_tool_did_not_write_is_left_alone(tmp_path, prepare_data, capsys, reference, index):
+    """Shards under webdataset's usual names beside no index.json, or one this tool cannot have
+    written: refused, every file as it was (a hidden .partial of someone else's too), until --overwrite."""
+    write_bytes(tmp_path / "corpus.txt", b"new corpus")
+    out = tmp_path / "other"
+    for number in range(3):
+        write_bytes(out / f"shard-{number:06d}.tar", b"another data set's shard %d" % number)
+    write_bytes(out / ".notes.partial", b"someone's download")
+    if index is not None:
+        write_bytes(out / "index.json", index)
+    before = file_hashes(out)
+    assert prepare_data("--input", tmp_path / "corpus.txt", "--output", out, "--no-progress") == 1
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and str(out) in err and "Traceback" not in err
+    assert file_hashes(out) == before
+    assert (
+        prepare_data("--input", tmp_path / "corpus.txt", "--output", out, "--overwrite", "--no-progress") == 0
+    )
+    assert [t for _, t in read_with_tarfile(shard_paths(out))] == [reference("new corpus")]
+    assert json.loads((out / "index.json").read_text())["complete"]
+
+
+def test_an_output_that_is_a_file_is_named(tmp_path, prepare_data, capsys):
+    write_bytes(tmp_path / "corpus.txt", b"a document")
+    write_bytes(tmp_path / "taken", b"a file")
+    assert prepare_data("--input", tmp_path / "corpus.txt", "--output", tmp_path / "taken") == 1
+    assert f"--output {tmp_path / 'taken'}: exists and is not a directory" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input
 
