@@ -66,8 +66,21 @@ class ModelConfig:
     mtp_num_layers: int = 1
 
     def __post_init__(self) -> None:
+        self._check_scalar_types()
         self._resolve_layer_pattern()
         self.validate()
+
+    def _check_scalar_types(self) -> None:
+        """A config built from a dict (an HF config.json) gets no type checks from OmegaConf: a string
+        where a number belongs is named here rather than failing in a comparison later."""
+        accepted = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+        accepted["int | None"] = (int, type(None))
+        for spec in dataclasses.fields(self):
+            types, value = accepted.get(spec.type), getattr(self, spec.name)
+            if types is None:  # lists: checked where they are used
+                continue
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                raise ValueError(f"model.{spec.name} must be {spec.type}, got {value!r}")
 
     def _resolve_layer_pattern(self) -> None:
         """Fill `layer_types` from the interval (or check that both agree), then set the interval to

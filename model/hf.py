@@ -94,11 +94,14 @@ def model_config_from_hf(hf: dict, mtp_num_layers: int | None = None) -> ModelCo
     if values.get("layer_types") is not None:
         values.pop("full_attention_interval", None)
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"config.json: rope_scaling is {rope!r}, not an object")
     for key in ("rope_theta", "partial_rotary_factor"):
         if key not in values and key in rope:
             values[key] = rope[key]
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"config.json: rope_type {rope['rope_type']!r} is not supported (only 'default')")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))  # "type": the older configs' name
+    if rope_type != "default":
+        raise ValueError(f"config.json: rope_type {rope_type!r} is not supported (only 'default')")
     if mtp_num_layers is not None:
         values["mtp_num_layers"] = mtp_num_layers
     else:
@@ -134,10 +137,14 @@ class WeightFiles:
         if not self.directory.is_dir():
             raise FileNotFoundError(f"{self.directory}: no such directory")
         self._headers = {file: read_safetensors_header(file) for file in self._listed_files()}
-        self._num_experts = self.model_config().num_experts
+        config = self.model_config()
+        self._num_experts = config.num_experts
         self._parts = StoredParts()
         self._missing_parts: dict[str, list[str]] = {}  # fused name -> the per-expert keys it lacks
         self._index_parts()
+        if config.tie_word_embeddings and "lm_head.weight" not in self._parts:
+            # transformers saves a tied model's embedding alone: the head reads it
+            self._parts.alias("lm_head.weight", "model.embed_tokens.weight")
 
     # -- what the files hold
     def model_config(self, mtp_num_layers: int | None = None) -> ModelConfig:
@@ -153,10 +160,15 @@ class WeightFiles:
             hf = json.loads(path.read_text())
         except ValueError as error:
             raise ValueError(f"{path}: not valid JSON ({error})") from error
+        if not isinstance(hf, dict):
+            raise ValueError(f"{path}: holds a JSON {type(hf).__name__}, not a config object")
         if mtp_num_layers is None and "num_nextn_predict_layers" not in hf:
             keys = (key for header in self._headers.values() for key in header)
             mtp_num_layers = len({key.split(".")[2] for key in keys if key.startswith("mtp.layers.")})
-        return model_config_from_hf(hf, mtp_num_layers)
+        try:
+            return model_config_from_hf(hf, mtp_num_layers)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: {str(error).removeprefix('config.json: ')}") from error
 
     def names(self) -> set[str]:
         """Our parameter names the files can provide (a fused expert name only when every expert's
@@ -199,8 +211,10 @@ class WeightFiles:
             return files
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (ValueError, KeyError) as error:
+        except (ValueError, KeyError, TypeError) as error:
             raise ValueError(f"{index_path}: not a safetensors index ({error})") from error
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index_path}: not a safetensors index (weight_map must map names to files)")
         files = [self.directory / name for name in sorted(set(weight_map.values()))]
         for file in files:
             if not file.exists():

@@ -209,6 +209,11 @@ class StoredParts:
         for dim, (_, stop) in enumerate(part.box):
             shape[dim] = max(shape[dim], stop)
 
+    def alias(self, name: str, of: str) -> None:
+        """`name` is stored as `of` is (nothing, if `of` is not stored)."""
+        for part in self._spanning.get(of, ()):
+            self.add(name, part)
+
     def names(self) -> set[str]:
         return set(self._shapes)
 
@@ -249,18 +254,32 @@ def group_by_file(
 # -- reading -----------------------------------------------------------------------------------------
 
 
+LFS_POINTER = b"version https://git-lfs"
+
+
 def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """key -> (safetensors dtype, shape) from a file's header, without mapping its data."""
+    """key -> (safetensors dtype, shape) from a file's header, without mapping its data. The file must
+    be as long as the header says: a truncated download fails here, naming the file, rather than
+    when a conversion reaches its tensors."""
     try:
         with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
+            size = os.fstat(handle.fileno()).st_size
+            start = handle.read(len(LFS_POINTER))
+            if start == LFS_POINTER:
+                raise ValueError("a git-lfs pointer, not the weights: fetch them with `git lfs pull`")
+            (length,) = struct.unpack("<Q", start[:8])
+            if length > size - 8:
+                raise ValueError(f"its header would be {length:,} bytes, more than the file's {size:,}")
+            handle.seek(8)
             header = json.loads(handle.read(length))
-        return {
-            key: (entry["dtype"], tuple(entry["shape"]))
-            for key, entry in header.items()
-            if key != "__metadata__"
-        }
-    except (OSError, struct.error, ValueError, KeyError, TypeError) as error:
+            entries = {key: entry for key, entry in header.items() if key != "__metadata__"}
+            data_end = 8 + length + max((entry["data_offsets"][1] for entry in entries.values()), default=0)
+        if data_end > size:
+            raise ValueError(
+                f"truncated: its header places data up to byte {data_end:,}, the file has {size:,}"
+            )
+        return {key: (entry["dtype"], tuple(entry["shape"])) for key, entry in entries.items()}
+    except (OSError, struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
         raise ValueError(f"{path}: not a readable safetensors file ({error})") from error
 
 
@@ -354,10 +373,16 @@ def write_safetensors_files(
     out.mkdir(parents=True, exist_ok=True)
     plan = plan_files(outputs, max_file_bytes)
     names = [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
-    for name, file_outputs in zip(names, plan, strict=True):
-        save_file(read_outputs(reader, file_outputs), str(out / f"{name}.partial"), metadata={"format": "pt"})
-        if on_file is not None:
-            on_file(name, sum(o.nbytes for o in file_outputs))
+    try:
+        for name, file_outputs in zip(names, plan, strict=True):
+            tensors = read_outputs(reader, file_outputs)
+            save_file(tensors, str(out / f"{name}.partial"), metadata={"format": "pt"})
+            if on_file is not None:
+                on_file(name, sum(o.nbytes for o in file_outputs))
+    except BaseException:  # a failed or interrupted conversion leaves none of its files behind
+        for name in names:
+            (out / f"{name}.partial").unlink(missing_ok=True)
+        raise
     mode = readable_file_mode()
     for name in names:
         os.chmod(out / f"{name}.partial", mode)  # safetensors creates its files 0600

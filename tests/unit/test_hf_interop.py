@@ -126,3 +126,73 @@ def test_save_hf_writes_bos_and_eos_only_inside_the_vocabulary(vocab_size, writt
     saved = hf_config_dict(tiny_config(vocab_size=vocab_size), torch.float32)
     expected = {"bos_token_id": 151643, "eos_token_id": 151643} if written else {}
     assert {key: saved[key] for key in ("bos_token_id", "eos_token_id") if key in saved} == expected
+
+
+def test_a_tied_model_saved_by_transformers_loads_with_its_logits(tmp_path):
+    """transformers saves a tied model's embedding alone; the head is read from it."""
+    config = tiny_config(mtp_num_layers=0)
+    hf_model = random_hf_model(config, tie_word_embeddings=True)
+    hf_model.save_pretrained(tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(next(tmp_path.glob("*.safetensors")), framework="pt") as handle:
+        saved = list(handle.keys())
+    assert "lm_head.weight" not in saved
+    ours = load_hf(tmp_path).eval()
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    ids = torch.randint(0, config.vocab_size, (2, 29))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, hf_model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def edit_json(path, edit):
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
+
+def truncate(path, by=100):
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size - by)
+
+
+DAMAGED_HUBS = {
+    # what is done to a saved hub directory, the file the error must name, what it must say
+    "truncated weights": (lambda d: truncate(next(d.glob("model-00002-*"))), "model-00002-", "truncated"),
+    "git-lfs pointer": (
+        lambda d: next(d.glob("model-00003-*")).write_bytes(
+            b"version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 12345\n"
+        ),
+        "model-00003-",
+        "git lfs pull",
+    ),
+    "config is a list": (lambda d: (d / "config.json").write_text("[]"), "config.json", "not a config"),
+    "a number as a string": (
+        lambda d: edit_json(d / "config.json", lambda c: {**c, "hidden_size": "32"}),
+        "config.json",
+        "hidden_size must be int",
+    ),
+    "rope scaling in the older spelling": (
+        lambda d: edit_json(
+            d / "config.json", lambda c: {**c, "rope_scaling": {"type": "yarn", "factor": 4.0}}
+        ),
+        "config.json",
+        "rope_type 'yarn' is not supported",
+    ),
+    "index without a file name": (
+        lambda d: edit_json(
+            d / "model.safetensors.index.json",
+            lambda i: {**i, "weight_map": {**i["weight_map"], "lm_head.weight": None}},
+        ),
+        "model.safetensors.index.json",
+        "not a safetensors index",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGED_HUBS)
+def test_a_damaged_hub_directory_is_named_before_anything_is_read(tmp_path, case):
+    damage, file, message = DAMAGED_HUBS[case]
+    save_hf(build(tiny_config(mtp_num_layers=0)), tmp_path, max_shard_bytes=20_000)
+    damage(tmp_path)
+    with pytest.raises(ValueError, match=message) as caught:
+        load_hf(tmp_path)
+    assert str(tmp_path) in str(caught.value) and file in str(caught.value)

@@ -239,6 +239,25 @@ def test_save_hf_holds_one_output_file_at_a_time(model, tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*.partial"))
 
 
+def test_a_conversion_that_fails_midway_leaves_none_of_its_files(model, tmp_path, monkeypatch):
+    """Disk full, a read error, Ctrl-C: the files written so far go too (they are only ever .partial)."""
+    from safetensors.torch import save_file
+
+    written = []
+
+    def failing_on_the_fourth(tensors, path, metadata=None):
+        if len(written) == 3:
+            raise OSError(28, "No space left on device")
+        written.append(path)
+        save_file(tensors, path, metadata)
+
+    monkeypatch.setattr("safetensors.torch.save_file", failing_on_the_fourth)
+    with pytest.raises(OSError, match="No space left"):
+        save_hf(model, tmp_path, max_shard_bytes=SMALL_FILES)
+    assert len(written) == 3 and all(path.endswith(".partial") for path in written)
+    assert not list(tmp_path.iterdir())
+
+
 # -- DeepSpeed checkpoints: the layouts parallel/checkpoint_files.py reads, written as the trainer would
 
 
