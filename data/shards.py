@@ -68,6 +68,7 @@ import re
 import signal
 import sys
 import tarfile
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -533,7 +534,17 @@ def init_worker() -> None:
     # Ctrl-C is the main process's to handle: it stops feeding work and cleans up, while the
     # workers finish their task quietly instead of each printing a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler, inherited
+    threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
     load_tokenizer()
+
+
+def exit_with_parent(parent: int, interval_s: float = 1.0) -> None:
+    """A worker whose main process was killed (SIGKILL, OOM) would wait for work forever: an orphan
+    is re-parented, so its parent's pid changes, and it then exits."""
+    while os.getppid() == parent:
+        time.sleep(interval_s)
+    os._exit(1)
 
 
 def make_executor(workers: int) -> Executor:

@@ -156,6 +156,18 @@ def discover_sources(paths: Iterable[str | Path]) -> list[SourceFile]:
             raise InputError(f"{path}: no such file or directory")
     if not sources:
         raise InputError(f"no input files of a supported format ({supported_names()}) in {list(paths)}")
+    return each_once(sources)
+
+
+def each_once(sources: list[SourceFile]) -> list[SourceFile]:
+    """The sources, refused if one file comes twice (named twice, or also inside a named directory):
+    its documents would be trained on twice, unnoticed."""
+    first: dict[Path, Path] = {}
+    for source in sources:
+        resolved = source.path.resolve()
+        if resolved in first:
+            raise InputError(f"{source.path}: given twice (also as {first[resolved]}); list each input once")
+        first[resolved] = source.path
     return sources
 
 
@@ -169,7 +181,7 @@ def discover_tagged_sources(paths: Iterable[str | Path]) -> list[SourceFile]:
             raise InputError(f"{given}: its domain name {domain!r} is already that of {named_by[domain]}")
         named_by[domain] = given
         tagged += [replace(source, domain=domain) for source in discover_sources([given])]
-    return tagged
+    return each_once(tagged)
 
 
 def domain_of_input(path: Path) -> str:
@@ -443,6 +455,8 @@ def json_text(line: str, text_key: str, block: Block, number: int) -> str | None
         # some of json's messages end in " at" ("Unterminated string starting at"): said once
         message = f"not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})"
         raise InputError(f"{where(block, number)}: {message}") from None
+    except RecursionError:
+        raise InputError(f"{where(block, number)}: JSON nested too deeply to parse") from None
     if not isinstance(record, dict):
         raise InputError(f"{where(block, number)}: expected a JSON object, got {type(record).__name__}")
     if text_key not in record:

@@ -20,14 +20,17 @@ an `--output` built from other inputs or settings needs `--overwrite`.
 The default shard size suits any corpus: one smaller than a shard makes a single shard, which the
 loader splits by document among its `data.streams` streams (data/streams.py); only a corpus with
 fewer documents than `data.streams` needs that setting lowered (the training run says to what).
-Exit status: 0 done, 1 bad input (the message names the file and line), 2 bad arguments,
-130 interrupted.
+Exit status: 0 done, 1 bad input (the message names the file and line) or a failure to write or
+of a worker, 2 bad arguments, 130 interrupted (Ctrl-C or SIGTERM); after 1 or 130 the complete shards
+stay, and a rerun resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -156,8 +159,21 @@ def data_sets(args: argparse.Namespace) -> list[tuple[list[SourceFile], Path, in
     return [(sources, args.output, args.shard_size or DEFAULT_SHARD_SIZE)]
 
 
+def interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM (kill, a batch system's stop) ends the run as Ctrl-C does
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        return run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(args: argparse.Namespace) -> int:
+    kept = "complete shards are kept, rerun to resume"
     try:
         for sources, output, shard_size in data_sets(args):
             result = prepare(
@@ -174,8 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"prepare_data: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # disk full, a file gone, permissions: the message names the file
+        print(f"prepare_data: error: {exc}; {kept}", file=sys.stderr)
+        return 1
+    except BrokenProcessPool:
+        print(
+            f"prepare_data: error: a tokenizer worker died (killed, out of memory?); {kept}", file=sys.stderr
+        )
+        return 1
     except KeyboardInterrupt:
-        print("prepare_data: interrupted; complete shards are kept, rerun to resume", file=sys.stderr)
+        print(f"prepare_data: interrupted; {kept}", file=sys.stderr)
         return 130
     return 0
 

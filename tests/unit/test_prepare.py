@@ -11,10 +11,13 @@ import hashlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 import unicodedata
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +29,7 @@ import zstandard
 from bench.prepare import bench_prepare
 from data import shards
 from data.shards import parse_size, prepare, tar_header, tar_header_by_tarfile
-from data.sources import InputError, SourceFile, demo_sources, discover_sources
+from data.sources import InputError, SourceFile, demo_sources, discover_sources, discover_tagged_sources
 from data.tokenizer import npy_header
 
 EOS = 151643
@@ -441,6 +444,102 @@ def test_bad_input_names_file_and_line_and_leaves_nothing(tmp_path, prepare_data
     err = capsys.readouterr().err
     assert message in err and str(tmp_path) in err
     assert not out.exists() or (not leftovers(out) and not (out / "index.json").exists())
+
+
+def test_an_input_given_twice_is_refused(tmp_path):
+    write_jsonl(tmp_path / "corpus" / "c.jsonl", [{"text": "a document"}])
+    for given in (
+        [tmp_path / "corpus" / "c.jsonl"] * 2,
+        [tmp_path / "corpus", tmp_path / "corpus" / "c.jsonl"],
+    ):
+        with pytest.raises(InputError, match=r"c\.jsonl: given twice"):
+            discover_sources(given)
+    with pytest.raises(InputError, match="given twice"):
+        discover_tagged_sources([tmp_path / "corpus", tmp_path / "corpus" / "c.jsonl"])
+
+
+def test_json_nested_too_deeply_names_file_and_line(tmp_path, prepare_data, capsys):
+    write_bytes(tmp_path / "deep.jsonl", b'{"text": "fine"}\n' + b"[" * 100_000 + b"\n")
+    assert (
+        prepare_data("--input", tmp_path / "deep.jsonl", "--output", tmp_path / "out", "--no-progress") == 1
+    )
+    err = capsys.readouterr().err
+    assert "deep.jsonl: line 2: JSON nested too deeply" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("failure", "message"),
+    [
+        (OSError(28, "No space left on device"), "No space left on device"),
+        (BrokenProcessPool("terminated abruptly"), "a tokenizer worker died"),
+    ],
+)
+def test_a_failure_to_write_or_of_a_worker_keeps_complete_shards(
+    tmp_path, prepare_data, capsys, monkeypatch, failure, message
+):
+    write_corpus(tmp_path / "corpus")
+    finish = shards.ShardWriter.finish
+
+    def failing_at_shard_three(writer):
+        if writer.number == 3:
+            raise failure
+        return finish(writer)
+
+    monkeypatch.setattr(shards.ShardWriter, "finish", failing_at_shard_three)
+    arguments = ("--input", tmp_path / "corpus", "--output", tmp_path / "out", "--shard-size", "400")
+    assert prepare_data(*arguments, "--no-progress") == 1
+    err = capsys.readouterr().err
+    assert message in err and "rerun to resume" in err and "Traceback" not in err
+    assert [entry["file"] for entry in index_of(tmp_path / "out")["shards"]] == [
+        f"shard-{n:06d}.tar" for n in range(3)
+    ]
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, prepare_data, capsys, monkeypatch):
+    write_corpus(tmp_path / "corpus")
+    finish = shards.ShardWriter.finish
+
+    def terminated_at_shard_three(writer):
+        if writer.number == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return finish(writer)
+
+    monkeypatch.setattr(shards.ShardWriter, "finish", terminated_at_shard_three)
+    before = signal.getsignal(signal.SIGTERM)
+    arguments = ("--input", tmp_path / "corpus", "--output", tmp_path / "out", "--shard-size", "400")
+    assert prepare_data(*arguments, "--no-progress") == 130
+    assert "interrupted; complete shards are kept" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert index_of(tmp_path / "out")["complete"] is False and not leftovers(tmp_path / "out")
+
+
+def running(pid: int) -> bool:
+    """Neither gone nor a zombie (the container's init may not reap orphans)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_tokenizer_workers_exit_when_the_main_process_is_killed():
+    """SIGKILL or the OOM killer leave the workers no message: they notice that they are orphans."""
+    script = (
+        "import os, time\n"
+        "from data.shards import make_executor\n"
+        "executor = make_executor(2)\n"
+        "print(*{f.result() for f in [executor.submit(os.getpid) for _ in range(8)]}, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    main = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    workers = [int(pid) for pid in main.stdout.readline().split()]
+    assert workers and all(map(running, workers))
+    main.kill()
+    main.wait()
+    deadline = time.monotonic() + 15
+    while any(map(running, workers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(running, workers))
 
 
 def test_missing_input_fails_before_writing(tmp_path, prepare_data, capsys):
