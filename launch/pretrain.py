@@ -17,6 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 REPO = Path(__file__).resolve().parent.parent
+# torchrun's agent, for watch_launcher: read before the slow imports below. Read later, a launcher that
+# died meanwhile would show as init's pid, and the orphaned worker would watch that forever.
+LAUNCHER_PID = os.getppid()
 
 HELP = """usage: torchrun --nproc_per_node N launch/pretrain.py conf=PRESET [KEY=VALUE ...]
        python launch/pretrain.py conf=PRESET [KEY=VALUE ...]          (one process)
@@ -112,7 +115,7 @@ def main(raw: DictConfig) -> None:
 
     from train.run_dir import RunDirInUse, watch_launcher
 
-    watch_launcher()  # under torchrun: a worker stops when its launcher dies (they run in their own sessions)
+    watch_launcher(LAUNCHER_PID)  # under torchrun: a worker stops when its launcher dies (own sessions)
     try:
         cfg = OmegaConf.to_object(raw)  # also runs the model config's own validation
         world = planned_world_size(cfg) if cfg.trainer.dry_run else int(os.environ.get("WORLD_SIZE", "1"))

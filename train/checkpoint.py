@@ -86,15 +86,23 @@ def step_tag(step: int) -> str:
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint under `root`, oldest first."""
+    """(step, path) of every complete checkpoint under `root`, oldest first: every published one,
+    damaged or not (`check_checkpoint` tells)."""
     if not root.is_dir():
         return []
     found = []
     for entry in root.iterdir():
         match = STEP_DIR.match(entry.name)
-        if match and (entry / TRAINER_STATE).is_file():
+        if match and published(entry):
             found.append((int(match.group(1)), entry))
     return sorted(found)
+
+
+def published(path: Path) -> bool:
+    """Whether `path` is a checkpoint a save published (renamed into place whole). It then has its
+    trainer_state.json, and since manifests exist its manifest.json: one of the two missing is damage,
+    for the checks to report, not an unfinished save to sweep away."""
+    return (path / TRAINER_STATE).is_file() or (path / MANIFEST).is_file()
 
 
 class CheckpointLoadError(CheckpointError):
@@ -235,6 +243,30 @@ def model_config_of(checkpoint: Path):
             saved = OmegaConf.load(candidate).model
             return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), saved))
     raise FileNotFoundError(f"no config.yaml in {checkpoint} (or its step_N directory)")
+
+
+def refuse_another_model(path: Path, model) -> None:
+    """A checkpoint whose model has other tensors than this run's (another width, expert count,
+    layer count...) is refused before anything is loaded: such a load fails on every checkpoint of
+    the run, and auto-resume would take the failure for damage and fall back past intact ones.
+    Settings that change no tensor (rope_theta, say) may differ."""
+    from model.tensor_files import model_shapes
+
+    try:
+        saved = model_config_of(path)
+    except FileNotFoundError:
+        return  # nothing to compare with: the load itself names what does not fit
+    if model_shapes(saved) == model_shapes(model):
+        return
+    differing = [
+        f"{name}: {getattr(saved, name)!r} there, {getattr(model, name)!r} here"
+        for name in saved.__dataclass_fields__
+        if getattr(saved, name) != getattr(model, name)
+    ]
+    raise CheckpointError(
+        f"{path} holds another model than this run's ({'; '.join(differing)}): resume it with the model "
+        "settings it was saved with; a new model trains in another run.dir"
+    )
 
 
 def read_trainer_state(path: Path) -> dict:
@@ -397,16 +429,16 @@ def remove_checkpoint(path: Path) -> None:
 
 def sweep_leftovers(root: Path) -> list[str]:
     """Main rank, as a run starts (no save or conversion under way): clear what interrupted saves and
-    removals left under `root`, the staging directory and the trash. A `step_N` without
-    trainer_state.json (left by an interrupted removal of an older version) is removed when empty and
-    otherwise set aside in checkpoints/.abandoned/, never deleted: it might hold data. Returns a line
-    for each thing done."""
+    removals left under `root`, the staging directory and the trash. A `step_N` with neither
+    trainer_state.json nor manifest.json (left by an interrupted removal of an older version) is
+    removed when empty and otherwise set aside in checkpoints/.abandoned/, never deleted: it might
+    hold data. Returns a line for each thing done."""
     done = []
     for leftover in (root / STAGING, root / TRASH):
         if leftover.exists():
             shutil.rmtree(leftover, ignore_errors=True)
             done.append(f"removed {leftover}")
-    incomplete = [path for path in _step_dirs(root) if not (path / TRAINER_STATE).is_file()]
+    incomplete = [path for path in _step_dirs(root) if not published(path)]
     for path in incomplete:
         if not any(path.iterdir()):
             path.rmdir()
@@ -415,7 +447,7 @@ def sweep_leftovers(root: Path) -> list[str]:
             aside = root / ABANDONED / f"incomplete-{time.strftime('%Y%m%d-%H%M%S')}"
             aside.mkdir(parents=True, exist_ok=True)
             os.replace(path, aside / path.name)
-            done.append(f"moved the incomplete {path} (no {TRAINER_STATE}) to {aside}")
+            done.append(f"moved the incomplete {path} (no {TRAINER_STATE}, no {MANIFEST}) to {aside}")
     return done
 
 
@@ -457,10 +489,13 @@ def convert_to_universal(path: Path, poll_seconds: float = 5.0) -> Path:
     target = universal_path(path)
     identity = read_trainer_state(path).get("saved_at", "")
     failed = path.parent / f".{target.name}.failed"
+    converted = (target / "source").is_file() and (target / "source").read_text() == identity
+    if rank() == 0 and not converted:
+        shutil.rmtree(target, ignore_errors=True)
+        failed.unlink(missing_ok=True)
+    _barrier()  # below, no rank sees a stale conversion or an earlier attempt's failure
     if rank() == 0:
-        if not (target / "source").is_file() or (target / "source").read_text() != identity:
-            shutil.rmtree(target, ignore_errors=True)
-            failed.unlink(missing_ok=True)
+        if not converted:
             try:
                 _run_ds_to_universal(path, target, identity)
             except Exception as error:

@@ -164,11 +164,14 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ  # torchrun's agent sets it for its workers
 
 
-def watch_launcher(interval_s: float = 1.0, grace_s: float = LAUNCHER_GONE_GRACE_S) -> None:
-    """Under torchrun: a daemon thread that stops this worker when its launcher dies."""
+def watch_launcher(
+    launcher: int | None = None, interval_s: float = 1.0, grace_s: float = LAUNCHER_GONE_GRACE_S
+) -> None:
+    """Under torchrun: a daemon thread that stops this worker when its launcher dies. `launcher`: its
+    pid as read when the process started (default: the parent's now)."""
     if not launched_by_torchrun():
         return
-    launcher = os.getppid()
+    launcher = os.getppid() if launcher is None else launcher
     watcher = threading.Thread(
         target=stop_when_orphaned, args=(launcher, interval_s, grace_s), name="launcher-watch", daemon=True
     )

@@ -50,6 +50,7 @@ from train.checkpoint import (
     needs_universal,
     newest_intact,
     read_trainer_state,
+    refuse_another_model,
     refuse_past_max_steps,
     rng_state,
     save_checkpoint,
@@ -203,6 +204,7 @@ class Trainer:
         state = read_trainer_state(path) if path else {}
         if path is not None:
             refuse_past_max_steps(path, state["step"], self.cfg.trainer.max_steps)
+            refuse_another_model(path, self.cfg.model)
         self._set_aside_later_checkpoints(state.get("step", 0))
         if path is None:
             return None, False
@@ -271,6 +273,8 @@ class Trainer:
                 break
             except CheckpointLoadError as error:
                 path = self._fallback_after_load_error(path, error)
+        if path != self.resume_from:  # only once a fallback has loaded: what failed goes aside
+            self._set_aside_later_checkpoints(trainer_state["step"])
         self.resume_from = path
         self.step = trainer_state["step"]
         self.tokens_seen = trainer_state["tokens"]
@@ -284,8 +288,8 @@ class Trainer:
     def _fallback_after_load_error(self, path: Path, error: CheckpointLoadError) -> Path:
         """After `path` passed its checks but failed to load (every rank knows): with
         checkpoint.resume=auto the newest intact checkpoint before it, loaded into the same engine
-        (a new load replaces all the failed one set), with later ones set aside; otherwise stop,
-        listing the intact ones."""
+        (a new load replaces all the failed one set; once one has loaded, the later ones are set
+        aside); otherwise stop, listing the intact ones."""
         root = checkpoint_root(self.run_dir)
         if self.cfg.checkpoint.resume != "auto":
             raise CheckpointError(
@@ -304,9 +308,9 @@ class Trainer:
                 f"{error}\nThe newest intact checkpoint before it, {fallback}, was saved in another layout: "
                 f"resume from it with checkpoint.resume={fallback}"
             )
+        refuse_another_model(fallback, self.cfg.model)
         if self.resume_universal:
             convert_to_universal(fallback)
-        self._set_aside_later_checkpoints(state["step"])
         return fallback
 
     def _message_early(self, text: str) -> None:

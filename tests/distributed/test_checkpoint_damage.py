@@ -4,7 +4,8 @@
   closing barrier): the disk filling up on one rank only fails the save on both, with the same
   message, no rank left waiting in a collective; the manifest is checked in shares, and damage in
   rank 1's share is reported on both ranks.
-- End to end (`torchrun launch/pretrain.py`, conf=tiny as in test_training.py): a flipped byte in
+- End to end (`torchrun launch/pretrain.py`, conf=tiny as in test_training.py): a run of another
+  model in the same run.dir is refused before anything is loaded or set aside. A flipped byte in
   the newest checkpoint's model-states file. Named explicitly (checkpoint.resume=PATH) it stops the
   run, naming the file and listing the intact checkpoints; with checkpoint.resume=auto the run warns,
   naming the file, and resumes from the checkpoint before it, with the losses of the run that
@@ -99,6 +100,18 @@ def test_a_damaged_checkpoint_is_refused_by_name_and_skipped_by_auto(corpus, tmp
     pretrain(2, overrides(corpus, run_dir, **settings))
     expected = losses(run_dir)
     step_1, step_2 = run_dir / "checkpoints" / "step_1", run_dir / "checkpoints" / "step_2"
+
+    # another model by mistake: refused before any load, nothing set aside (a load failure would
+    # have been taken for damage, and auto would have fallen back past both checkpoints)
+    wider = overrides(
+        corpus, run_dir, **{**settings, "trainer.max_steps": 3, "model.moe_intermediate_size": 24}
+    )
+    result = subprocess.run(command(2, wider), cwd=REPO, env=environment(), capture_output=True, text=True)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    assert f"{step_2} holds another model than this run's (moe_intermediate_size: " in output
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_1", "step_2"]
+
     flip_a_byte(step_2 / MODEL_FILE)
 
     named = overrides(corpus, run_dir, **settings, **{"checkpoint.resume": step_2})

@@ -16,6 +16,7 @@ train/checkpoint_integrity.py, train/disk_space.py), in one process with a fake 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 from pathlib import Path
@@ -174,6 +175,38 @@ def test_auto_falls_back_to_the_newest_intact_checkpoint_naming_the_damaged_file
     said = Said()
     assert choose_checkpoint("auto", tmp_path, said) == tmp_path / "checkpoints" / "step_2"
     assert "WARNING" in said.text() and str(newest / MODEL_FILE) in said.text()
+
+
+@pytest.mark.parametrize("lost", [ckpt.TRAINER_STATE, MANIFEST])
+def test_a_checkpoint_that_lost_its_trainer_state_or_manifest_is_damage_not_a_leftover(tmp_path, lost):
+    """A published step_N lacking either file is damaged: reported and skipped past, never swept away
+    as an unfinished save (with nothing older, the run would have started over, exit 0)."""
+    save(tmp_path, 2)
+    newest = save(tmp_path, 4)
+    (newest / lost).unlink()
+    root = tmp_path / "checkpoints"
+    assert sweep_leftovers(root) == [] and newest.is_dir()
+    said = Said()
+    assert choose_checkpoint("auto", tmp_path, said) == root / "step_2"
+    assert f"WARNING: checkpoint {newest} is damaged" in said.text() and lost in said.text()
+    (root / "step_2" / lost).unlink()
+    with pytest.raises(CheckpointError, match="no intact checkpoint"):
+        choose_checkpoint("auto", tmp_path, Said())
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_the_settings(tmp_path):
+    from omegaconf import OmegaConf
+
+    from tests.conftest import tiny_config
+
+    config = tiny_config()
+    checkpoint = tmp_path / "step_2"
+    checkpoint.mkdir()
+    (checkpoint / "config.yaml").write_text(OmegaConf.to_yaml({"model": OmegaConf.structured(config)}))
+    wider = dataclasses.replace(config, moe_intermediate_size=config.moe_intermediate_size + 8)
+    with pytest.raises(CheckpointError, match=r"another model .*moe_intermediate_size: \d+ there, \d+ here"):
+        ckpt.refuse_another_model(checkpoint, wider)
+    ckpt.refuse_another_model(checkpoint, dataclasses.replace(config, rope_theta=config.rope_theta * 4))
 
 
 def test_a_damaged_checkpoint_named_explicitly_stops_the_run_listing_the_intact_ones(tmp_path):
