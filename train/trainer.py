@@ -210,7 +210,7 @@ class Trainer:
             return None, False
         saved = state.get("partitioning", {})
         if saved.get("tensor", 1) != self.layout.tensor:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path} was saved with parallel.tensor={saved.get('tensor', 1)}; changing the tensor-"
                 "parallel size across a resume is not supported yet (DeepSpeed's universal checkpoint would "
                 "need our head-slicing rules): resume with that parallel.tensor"
@@ -222,13 +222,13 @@ class Trainer:
                 if saved_autoep
                 else "parallel.expert=1 parallel.autoep=false, the layout it was saved with"
             )
-            raise ValueError(
+            raise CheckpointError(
                 f"{path} holds the MoE in {'AutoEP' if saved_autoep else 'our'} parameter layout, this run "
                 f"uses {'AutoEP' if self.autoep else 'ours'}; resume it with {hint}"
             )
         universal = needs_universal(path, state.get("partitioning"), self.partitioning)
         if universal and self.layout.tensor > 1:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path} was saved partitioned as {saved}; resharding it under tensor parallelism is not "
                 "supported yet (DeepSpeed's universal checkpoint would need our head-slicing rules): resume "
                 "with the layout it was saved with"

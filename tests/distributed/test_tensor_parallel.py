@@ -130,7 +130,9 @@ def test_tp2_dp2_trains_like_one_process(tmp_path, shared_single):
         command(2, overrides(corpus, parallel, **{**common, "trainer.max_steps": 4})),
         cwd=REPO, env=environment(), capture_output=True, text=True,
     )  # fmt: skip
-    assert result.returncode != 0 and "parallel.tensor=2" in result.stderr + result.stdout
+    output = result.stderr + result.stdout
+    assert result.returncode != 0 and "parallel.tensor=2" in output
+    assert "ValueError" not in output, "said in one message, not in a traceback"
 
 
 def test_tp4_with_kv_heads_kept_by_rank_pairs_trains_like_one_process(tmp_path):
