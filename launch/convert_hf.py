@@ -41,7 +41,14 @@ from model.tensor_files import (
     write_text_atomically,
 )
 from parallel.checkpoint_files import CheckpointFiles
-from train.checkpoint import checkpoint_root, complete_checkpoints, model_config_of
+from train.checkpoint import (
+    CheckpointError,
+    check_checkpoint,
+    checkpoint_root,
+    complete_checkpoints,
+    model_config_of,
+    newest_intact,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
@@ -60,16 +67,32 @@ def parse_size(text: str) -> int:
     return size
 
 
+def say(text: str) -> None:
+    print(f"convert_hf.py: {text}", file=sys.stderr, flush=True)
+
+
 def resolve_checkpoint(path: Path) -> Path:
-    """A step_N(_universal) directory as given, or the latest complete checkpoint of a run directory."""
+    """A step_N(_universal) directory as given, or the newest intact checkpoint of a run directory
+    (damaged newer ones skipped with a warning, as a resuming run does). A step_N is checked against
+    its manifest first: an export of flipped bytes would load in transformers and be wrong. A
+    step_N_universal was made from a checked step_N."""
     if (path / "mp_rank_00_model_states.pt").exists():
+        if path.name.endswith("_universal"):
+            return path
+        verdict = check_checkpoint(path, say)
+        if not verdict.intact:
+            raise SystemExit(
+                f"convert_hf.py: {path} is damaged, not exporting it:\n  " + "\n  ".join(verdict.problems)
+            )
         return path
-    found = complete_checkpoints(checkpoint_root(path))
-    if not found:
+    if not complete_checkpoints(checkpoint_root(path)):
         raise SystemExit(
             f"convert_hf.py: {path} is neither a checkpoint (step_N/) nor a run dir with checkpoints"
         )
-    return found[-1][1]
+    try:
+        return newest_intact(checkpoint_root(path), say)
+    except CheckpointError as error:
+        raise SystemExit(f"convert_hf.py: {error}") from None
 
 
 def report(name: str, nbytes: int) -> None:

@@ -63,7 +63,11 @@ def load_lazily(path: Path) -> dict:
 
 def tensors_of(path: Path, loaded: dict) -> Mapping[str, torch.Tensor]:
     """The tensors of a loaded checkpoint file by key: a module file's "module", any other file itself."""
-    return loaded["module"] if MODULE_FILE.match(path.name) else loaded
+    if not MODULE_FILE.match(path.name):
+        return loaded
+    if not isinstance(loaded, dict) or "module" not in loaded:
+        raise ValueError(f"{path}: holds no 'module' entry (not a DeepSpeed model-states file)")
+    return loaded["module"]
 
 
 def contiguous_runs(index: torch.Tensor) -> list[tuple[int, int, int]]:

@@ -413,3 +413,19 @@ def test_sweep_clears_staging_trash_and_incomplete_step_directories(tmp_path):
     assert len(done) == 4, done
     assert sorted(p.name for p in root.iterdir()) == [".abandoned", "step_2"]
     assert [p.name for p in (root / ".abandoned").glob("incomplete-*/*")] == ["step_8"]
+
+
+def test_to_hf_exports_no_damaged_checkpoint(tmp_path, capsys):
+    """convert_hf.py to-hf checks what it exports as a resuming run does: a damaged step_N named
+    explicitly is refused naming the file; from a run dir, the newest intact one is taken."""
+    from launch.convert_hf import resolve_checkpoint
+
+    older = save(tmp_path, 2)
+    newest = save(tmp_path, 4)
+    assert resolve_checkpoint(newest) == newest and resolve_checkpoint(tmp_path) == newest
+    flip_a_byte(newest / MODEL_FILE)
+    with pytest.raises(SystemExit, match=f"{newest} is damaged, not exporting it") as caught:
+        resolve_checkpoint(newest)
+    assert str(newest / MODEL_FILE) in str(caught.value)
+    assert resolve_checkpoint(tmp_path) == older
+    assert f"WARNING: checkpoint {newest} is damaged" in capsys.readouterr().err
