@@ -62,3 +62,12 @@ def prepare_data():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return lambda *args: module.main([str(a) for a in args])
+
+
+def running(pid: int) -> bool:
+    """Exists and is not a zombie (an orphan's exit is reaped by whoever adopted it, maybe never)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -367,8 +367,7 @@ class Trainer:
                 self.stop_file.unlink(missing_ok=True)  # spent: the resumed run must not stop at once
             if stopped_by:
                 self.monitor.message(
-                    f"{stopped_by}: stopped after step {self.step} with a checkpoint; rerun the same "
-                    "command to resume"
+                    f"{stopped_by}: stopped after step {self.step} with a checkpoint; {self._how_to_resume()}"
                 )
             else:
                 self.monitor.message(
@@ -582,6 +581,16 @@ class Trainer:
         if flag.item() == 0:
             return None
         return signal_name or "stop signal on another rank"
+
+    def _how_to_resume(self) -> str:
+        resume = self.cfg.checkpoint.resume
+        if resume == "auto":
+            return "rerun the same command to resume"
+        again = "start over" if resume == "none" else f"rewind to {resume}"
+        return (
+            f"rerun with checkpoint.resume=auto to resume (this command's checkpoint.resume={resume} "
+            f"would {again} again)"
+        )
 
     def _last_checkpoint_text(self) -> str:
         if self.last_saved_step is None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import running
 from tests.distributed.test_training import REPO, command, environment, overrides, read_metrics, write_corpus
 from train.run_dir import CLEAN_EXIT_FILE, LOCK_FILE, lock_run_dir
 
@@ -72,19 +73,10 @@ def children_of(pid: int) -> list[int]:
     return children
 
 
-def running(pid: int) -> bool:
-    """Exists and is not a zombie (an orphan's exit is reaped by whoever adopted it, maybe never)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def test_a_second_run_on_a_running_run_dir_is_refused_and_the_first_goes_on(corpus, tmp_path):
     run_dir = tmp_path / "run"
     first_log = tmp_path / "first.log"
-    first = start(1, overrides(corpus, run_dir, **LONG), first_log)
+    first = start(1, overrides(corpus, run_dir, **LONG, **{"checkpoint.resume": "none"}), first_log)
     try:
         wait_for_lock(run_dir, first, first_log)
         second = subprocess.run(  # not refused, it would end after its 6 steps
@@ -102,6 +94,10 @@ def test_a_second_run_on_a_running_run_dir_is_refused_and_the_first_goes_on(corp
         assert first.wait(60) == 0, first_log.read_text()[-3000:]
     finally:
         first.kill()
+    # the same command would start over again: the stop says how to resume instead
+    assert "rerun with checkpoint.resume=auto to resume (this command's checkpoint.resume=none" in (
+        first_log.read_text()
+    )
     steps = [row["step"] for row in read_metrics(run_dir)]
     assert steps == list(range(1, len(steps) + 1)), f"the first run's metrics were disturbed: {steps}"
     state = json.loads((run_dir / "checkpoints" / f"step_{steps[-1]}" / "trainer_state.json").read_text())

@@ -156,11 +156,13 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, tmp_path):
     """The USR1 Slurm sends before the time limit (here sent by hand): the run checkpoints and exits 0,
     the job requeues itself, and the second start resumes and finishes, each step logged once. The
     tasks get a SIGTERM as well (as from preemption, or the limit itself): torchrun, signalled, exits 1
-    while its workers save and exit 0, and the script still counts the stop a success and requeues."""
+    while its workers save and exit 0, and the script still counts the stop a success and requeues.
+    The job asks to start over (checkpoint.resume=none): that holds for its first start, not its restart."""
     corpus = write_corpus(tmp_path / "corpus")
     run_dir = tmp_path / "run"
     steps = 150  # many more than run before the signals land (about 0.1 s a step): it must not end first
-    args = overrides(corpus, run_dir, **{"trainer.max_steps": steps, "optim.schedule_steps": steps})
+    settings = {"trainer.max_steps": steps, "optim.schedule_steps": steps, "checkpoint.resume": "none"}
+    args = overrides(corpus, run_dir, **settings)
     job_id = submit(slurm, tmp_path, args)
     metrics = run_dir / "metrics.jsonl"
     logged = lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3
@@ -179,6 +181,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, tmp_path):
     assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", f"{fields}\n{log[-3000:]}"
     assert fields["Restarts"] == "1", fields
     assert "asking the run to checkpoint and stop" in log and "resuming from" in log
+    assert "a restart: resuming with checkpoint.resume=auto" in log
     assert "torchrun's exit status 1 is its own: exit 0" in log, log[-3000:]
     assert [row["step"] for row in read_metrics(run_dir)] == list(range(1, steps + 1))
     assert not (run_dir / "STOP").exists()

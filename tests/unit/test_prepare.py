@@ -31,6 +31,7 @@ from data import shards
 from data.shards import parse_size, prepare, tar_header, tar_header_by_tarfile
 from data.sources import InputError, SourceFile, demo_sources, discover_sources, discover_tagged_sources
 from data.tokenizer import npy_header
+from tests.conftest import running
 
 EOS = 151643
 REPO = Path(__file__).resolve().parents[2]
@@ -511,14 +512,6 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, prepare_data, capsys, monk
     assert "interrupted; complete shards are kept" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) == before
     assert index_of(tmp_path / "out")["complete"] is False and not leftovers(tmp_path / "out")
-
-
-def running(pid: int) -> bool:
-    """Neither gone nor a zombie (the container's init may not reap orphans)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
