@@ -561,7 +561,13 @@ def load_checkpoint(engine, path: Path, universal: bool = False) -> tuple[dict, 
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
     rank_files = sorted(path.glob("rank_*.pt"))
     rank_states = [load_file(f, map_location="cpu") for f in rank_files]
-    return read_trainer_state(path), rank_states
+    for file, state in zip(rank_files, rank_states, strict=True):
+        if not isinstance(state, dict) or not {"loader", "rng"} <= state.keys():
+            raise ValueError(f"{file}: holds no data-loader and RNG state")
+    trainer_state = read_trainer_state(path)
+    if not isinstance(trainer_state.get("tokens"), int):
+        raise ValueError(f"{path / TRAINER_STATE}: holds no token count")
+    return trainer_state, rank_states
 
 
 def load_on_every_rank(engine, path: Path, universal: bool = False) -> tuple[dict, list[dict]]:

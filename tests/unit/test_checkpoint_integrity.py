@@ -278,6 +278,21 @@ def test_a_load_error_names_the_file(tmp_path, name):
     assert str(final / name) in str(caught.value)
 
 
+@pytest.mark.parametrize("lacking", ["loader", "tokens"])
+def test_a_state_lacking_an_entry_names_its_file(tmp_path, lacking):
+    """What a checkpoint from before manifests may lack (with one, the hashes catch any change)."""
+    final = save(tmp_path, 2)
+    if lacking == "loader":
+        file = final / "rank_00000.pt"
+        torch.save({"rng": {"torch": torch.get_rng_state()}}, file)
+    else:
+        file = final / ckpt.TRAINER_STATE
+        file.write_text(json.dumps({"step": 2, "world_size": 1}))
+    with pytest.raises(CheckpointLoadError, match="holds no") as caught:
+        load_on_every_rank(FakeEngine(), final)
+    assert str(file) in str(caught.value)
+
+
 def test_a_bare_assertion_from_deepspeed_names_the_checkpoint(tmp_path):
     final = save(tmp_path, 2)
     (final / MODEL_FILE).unlink()
