@@ -409,7 +409,9 @@ def test_a_killed_worker_is_an_error_not_a_hang(long_document_dir, start_method)
     With two workers, the other one must not keep the dead one's pipe open either."""
     seq_len = 4096
     assert chunk_windows(seq_len) * (seq_len + 1) * 2 * 4 > 1 << 16  # a chunk's tokens and positions
-    options = dict(seq_len=seq_len, num_workers=2, timeout=5.0, mp_context=start_method)
+    # the loader's own deadline (for a worker that sends nothing) is far longer than the 5 s allowed:
+    # it is no part of what ends the wait
+    options = dict(seq_len=seq_len, num_workers=2, timeout=30.0, mp_context=start_method)
     with make_loader(long_document_dir, **options) as loader:
         batches = iter(loader)
         next(batches)
