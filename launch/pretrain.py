@@ -153,13 +153,21 @@ def main(raw: DictConfig) -> None:
             print(f"building rank {cfg.trainer.dry_run_rank}'s shard on the CPU ...", flush=True)
             print(materialise_rank(cfg, layout, cfg.trainer.dry_run_rank))
         return
+    from data.streams import ShardError
     from parallel.engine import UntestedDeepSpeedError, leave_distributed
     from train.checkpoint import CheckpointError
     from train.disk_space import OutOfSpaceError
     from train.safe_load import CheckpointUnpicklingError
     from train.trainer import BadStepsError, Trainer
 
-    stops = (BadStepsError, RunDirInUse, CheckpointError, CheckpointUnpicklingError, OutOfSpaceError)
+    stops = (
+        BadStepsError,
+        RunDirInUse,
+        CheckpointError,
+        CheckpointUnpicklingError,
+        OutOfSpaceError,
+        ShardError,
+    )
     try:
         Trainer(cfg, layout).fit()
     except (*stops, UntestedDeepSpeedError) as error:  # a clear message, no traceback

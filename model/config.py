@@ -121,6 +121,9 @@ class ModelConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        for name in ("rope_theta", "rms_norm_eps"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"model.{name} must be positive and finite, got {getattr(self, name)}")
         check_layer_types(self.layer_types, self.num_hidden_layers)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(

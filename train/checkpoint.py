@@ -269,6 +269,21 @@ def refuse_another_model(path: Path, model) -> None:
     )
 
 
+def check_initial_weights(directory: Path, model) -> None:
+    """checkpoint.init_from, before anything is built: a directory of weights (from-hf's output or a
+    hub download) for this run's model; CheckpointError naming the setting otherwise."""
+    from model.hf import WeightFiles
+    from parallel.build import check_same_model
+
+    try:
+        check_same_model(WeightFiles(directory).model_config(), model, directory)
+    except (OSError, ValueError) as error:
+        text = str(error)
+        raise CheckpointError(
+            text if "checkpoint.init_from" in text else f"checkpoint.init_from: {text}"
+        ) from None
+
+
 def read_trainer_state(path: Path) -> dict:
     file = path / TRAINER_STATE
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,11 +182,11 @@ Range = tuple[typing.Callable[[float], bool], str]  # the test, and how a messag
 
 
 def at_least(low: float) -> Range:
-    return (lambda value: value >= low), f">= {low:g}"
+    return (lambda value: math.isfinite(value) and value >= low), f">= {low:g}"
 
 
 def above(low: float) -> Range:
-    return (lambda value: value > low), f"> {low:g}"
+    return (lambda value: math.isfinite(value) and value > low), f"> {low:g} and finite"
 
 
 def between(low: float, high: float, *, high_open: bool = False) -> Range:
@@ -208,6 +209,8 @@ VALUE_RANGES = {
     "trainer.profile_steps": at_least(1),
     "trainer.max_bad_steps": at_least(1),
     "trainer.eval_every": at_least(0),
+    "parallel.tensor": at_least(1),
+    "parallel.expert": at_least(1),
     "parallel.expert_chunks": at_least(1),
     "trainer.eval_batches": at_least(1),
     "data.eval_streams": at_least(1),
@@ -250,6 +253,10 @@ def check_values(cfg: PretrainConfig) -> None:
         value = setting(cfg, key)
         if value is not None and not allowed(value):
             raise ValueError(f"{key}={value} is out of range: it must be {description}")
+    if not str(cfg.run.dir).strip():
+        raise ValueError(
+            "run.dir is empty; it names the run's directory (each preset sets one, e.g. runs/tiny)"
+        )
     run_dir = Path(cfg.run.dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"run.dir={cfg.run.dir} is a file; run.dir names the run's directory")

@@ -41,6 +41,7 @@ from train.build import build_training, rank_loader
 from train.checkpoint import (
     CheckpointError,
     CheckpointLoadError,
+    check_initial_weights,
     checkpoint_root,
     choose_checkpoint,
     complete_checkpoints,
@@ -140,6 +141,8 @@ class Trainer:
         self._message_early(f"building the model and the DeepSpeed engine on {self.device} ...")
         self.resume_from, self.resume_universal = self._resume_source()
         init_from = cfg.checkpoint.init_from if self.resume_from is None else None
+        if init_from:
+            check_initial_weights(Path(init_from), cfg.model)
         training = build_training(
             cfg,
             layout,

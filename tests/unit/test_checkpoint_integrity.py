@@ -444,3 +444,20 @@ def test_to_hf_exports_no_damaged_checkpoint(tmp_path, capsys):
     assert str(newest / MODEL_FILE) in str(caught.value)
     assert resolve_checkpoint(tmp_path) == older
     assert f"WARNING: checkpoint {newest} is damaged" in capsys.readouterr().err
+
+
+def test_initial_weights_that_cannot_serve_are_named_before_anything_is_built(tmp_path):
+    from model.hf import save_hf
+    from tests.conftest import tiny_config
+    from tests.unit.test_model import build
+
+    with pytest.raises(
+        CheckpointError, match=f"checkpoint.init_from: {tmp_path / 'nope'}: no such directory"
+    ):
+        ckpt.check_initial_weights(tmp_path / "nope", tiny_config())
+    config = tiny_config()
+    save_hf(build(config), tmp_path / "hub")
+    ckpt.check_initial_weights(tmp_path / "hub", config)
+    other = dataclasses.replace(config, num_experts=config.num_experts // 2)
+    with pytest.raises(CheckpointError, match=r"is for another model \(num_experts: \d+ there, \d+ here"):
+        ckpt.check_initial_weights(tmp_path / "hub", other)

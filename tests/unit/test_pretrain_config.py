@@ -1,6 +1,7 @@
 """launch/pretrain.py's configuration: typed Hydra configs, layout validation, the dry run."""
 
 import itertools
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,30 @@ def test_bad_settings_fail_at_start_naming_the_key(override, named):
     result = pretrain("conf=tiny", "trainer.dry_run=true", override, *world)
     assert result.returncode != 0
     assert named in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("parallel.tensor=0", "parallel.tensor=0 is out of range"),  # was a ZeroDivisionError
+        ("parallel.expert=0", "parallel.expert=0 is out of range"),
+        ("optim.lr=inf", "optim.lr=inf is out of range"),  # trained on NaN, exit 0
+        ("model.rope_theta=0", "model.rope_theta must be positive"),
+        ("model.rms_norm_eps=-1", "model.rms_norm_eps must be positive"),
+        ("run.dir=", "run.dir is empty"),  # wrote the run into the current directory
+    ],
+)
+def test_settings_that_would_train_on_nonsense_are_refused_at_start(override, named):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from train.config import register_configs, validate_layout
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        raw = compose("pretrain", ["conf=tiny", override])
+    with pytest.raises(ValueError, match=re.escape(named)):
+        validate_layout(OmegaConf.to_object(raw), 1)
 
 
 def test_memory_estimate_of_the_plain_layout_counts_every_built_parameter():
