@@ -290,19 +290,28 @@ def check_dataset(
     index: str | os.PathLike | None = None,
     vocab_size: int | None = None,
     eos_id: int | None = None,
+    held_out: bool = False,
 ) -> None:
     """The loader's checks of `data.path` that need index.json only (no shard is opened, so it is
     cheap enough to run before the model is built): the path and index.json exist and are well-formed,
     every shard the path names is listed, the tokenizer's vocabulary fits the model's `vocab_size`
     and its EOS is `eos_id` (either None: not checked), and the documents suffice for `streams`
-    streams on `dp_size` data-parallel ranks. ValueError naming the path or setting and the fix."""
-    for value, setting in ((streams, "data.streams"), (dp_size, "the data-parallel size")):
-        if value < 1:
-            raise ValueError(f"{setting} must be >= 1, got {value}")
-    check_streams_fit_ranks(streams, dp_size)
-    index_path, contents, shards = resolve_shards(path, index)
-    check_index(contents, vocab_size, eos_id, source=index_path)
-    check_enough_documents(shards, streams, dp_size, index_path)
+    streams on `dp_size` data-parallel ranks. ValueError naming the path or setting and the fix;
+    `held_out`: the data is the evaluation's, and the messages name data.eval_path and
+    data.eval_streams instead."""
+    try:
+        for value, setting in ((streams, "data.streams"), (dp_size, "the data-parallel size")):
+            if value < 1:
+                raise ValueError(f"{setting} must be >= 1, got {value}")
+        check_streams_fit_ranks(streams, dp_size)
+        index_path, contents, shards = resolve_shards(path, index)
+        check_index(contents, vocab_size, eos_id, source=index_path)
+        check_enough_documents(shards, streams, dp_size, index_path)
+    except ValueError as error:
+        if not held_out:
+            raise
+        named = str(error).replace("data.path", "data.eval_path").replace("data.streams", "data.eval_streams")
+        raise ValueError(named) from None
 
 
 def data_digest(shards: list[ShardInfo]) -> str:

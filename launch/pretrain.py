@@ -142,6 +142,7 @@ def main(raw: DictConfig) -> None:
                     streams=cfg.data.eval_streams or cfg.data.streams,
                     dp_size=layout.data,
                     vocab_size=cfg.model.vocab_size,
+                    held_out=True,
                 )
     except ValueError as error:
         fail(str(error))

@@ -123,6 +123,14 @@ def test_fewer_documents_than_streams_name_the_index_the_setting_and_the_fix(tmp
     with pytest.raises(ValueError, match=r"5 documents, fewer than the 8 data-parallel ranks.*add documents"):
         check_dataset(out, streams=DEFAULTS.streams, dp_size=8)
 
+    # the same data held out for evaluation: the messages name the evaluation's settings
+    with pytest.raises(ValueError) as held_out:
+        check_dataset(out, streams=DEFAULTS.streams, dp_size=2, held_out=True)
+    assert f"fewer than data.eval_streams={DEFAULTS.streams}" in str(held_out.value)
+    assert "data.streams" not in str(held_out.value)
+    with pytest.raises(ValueError, match=f"data.eval_path {tmp_path / 'nope'}: no such"):
+        check_dataset(tmp_path / "nope", streams=2, dp_size=2, held_out=True)
+
 
 def test_a_missing_data_path_says_how_to_create_shards_and_the_command_works(
     tmp_path, prepare_data, monkeypatch
