@@ -89,6 +89,9 @@ def special_token_ids(vocab_size: int) -> dict[str, int]:
 def model_config_from_hf(hf: dict, mtp_num_layers: int | None = None) -> ModelConfig:
     """Our config from a config.json: the hub's (`full_attention_interval`, no `layer_types`) or
     transformers' (`layer_types`; an interval beside it is a leftover transformers ignores, so do we)."""
+    lacking = [key for key in ("vocab_size", "hidden_size", "num_hidden_layers") if key not in hf]
+    if lacking:  # the defaults are the 80B's: an empty or foreign config would pass for it
+        raise ValueError(f"config.json: lacks {', '.join(lacking)} (not a Qwen3-Next config?)")
     known = set(ModelConfig.__dataclass_fields__)
     values = {k: v for k, v in hf.items() if k in known}
     if values.get("layer_types") is not None:

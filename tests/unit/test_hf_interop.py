@@ -165,6 +165,7 @@ DAMAGED_HUBS = {
         "git lfs pull",
     ),
     "config is a list": (lambda d: (d / "config.json").write_text("[]"), "config.json", "not a config"),
+    "config is empty": (lambda d: (d / "config.json").write_text("{}"), "config.json", "lacks vocab_size"),
     "a number as a string": (
         lambda d: edit_json(d / "config.json", lambda c: {**c, "hidden_size": "32"}),
         "config.json",
