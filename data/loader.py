@@ -200,6 +200,11 @@ def check_local_path(path: str, index: str | os.PathLike | None) -> None:
     if not os.path.exists(path):
         kind = "shard file" if path.endswith(".tar") else "directory"
         raise ValueError(f"data.path {where}: no such {kind}; {create}")
+    if os.path.isfile(path) and not path.endswith(".tar"):
+        raise ValueError(
+            f"data.path {where}: a file, not a shard directory or a .tar shard (a raw corpus is "
+            f"tokenized first); {create}"
+        )
     if os.path.isdir(path) and index is None and not os.path.isfile(os.path.join(path, "index.json")):
         raise ValueError(
             f"data.path {where}: the directory holds no index.json, so it is not a shard directory written "

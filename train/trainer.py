@@ -373,9 +373,10 @@ class Trainer:
                     f"{stopped_by}: stopped after step {self.step} with a checkpoint; {self._how_to_resume()}"
                 )
             else:
+                plots = f", plots {self.run_dir / 'loss.png'} and {self.run_dir / 'expert_load.png'}"
+                plots = plots if self.step > 0 else ""  # at step 0 nothing was logged, nor plotted
                 self.monitor.message(
-                    f"done: {self.step} steps; metrics {self.run_dir / 'metrics.jsonl'}, "
-                    f"plots {self.run_dir / 'loss.png'} and {self.run_dir / 'expert_load.png'}"
+                    f"done: {self.step} steps; metrics {self.run_dir / 'metrics.jsonl'}{plots}"
                 )
         if self.is_main:  # for launchers whose exit status cannot say it (launch/slurm/pretrain.sbatch)
             mark_clean_exit(self.run_dir, self.step, stopped_by)

@@ -130,6 +130,9 @@ def test_fewer_documents_than_streams_name_the_index_the_setting_and_the_fix(tmp
     assert "data.streams" not in str(held_out.value)
     with pytest.raises(ValueError, match=f"data.eval_path {tmp_path / 'nope'}: no such"):
         check_dataset(tmp_path / "nope", streams=2, dp_size=2, held_out=True)
+    # the raw corpus given instead of its shards
+    with pytest.raises(ValueError, match=f"data.path {tmp_path / 'corpus' / '0.txt'}: a file, not a shard"):
+        check_dataset(tmp_path / "corpus" / "0.txt", streams=2, dp_size=2)
 
 
 def test_a_missing_data_path_says_how_to_create_shards_and_the_command_works(
