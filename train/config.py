@@ -186,7 +186,7 @@ def at_least(low: float) -> Range:
 
 
 def above(low: float) -> Range:
-    return (lambda value: math.isfinite(value) and value > low), f"> {low:g} and finite"
+    return (lambda value: math.isfinite(value) and value > low), f"> {low:g}"
 
 
 def between(low: float, high: float, *, high_open: bool = False) -> Range:
@@ -252,7 +252,8 @@ def check_values(cfg: PretrainConfig) -> None:
     for key, (allowed, description) in VALUE_RANGES.items():
         value = setting(cfg, key)
         if value is not None and not allowed(value):
-            raise ValueError(f"{key}={value} is out of range: it must be {description}")
+            finite = "" if math.isfinite(value) else "finite and "
+            raise ValueError(f"{key}={value} is out of range: it must be {finite}{description}")
     if not str(cfg.run.dir).strip():
         raise ValueError(
             "run.dir is empty; it names the run's directory (each preset sets one, e.g. runs/tiny)"

@@ -71,7 +71,7 @@ def test_bad_settings_fail_at_start_naming_the_key(override, named):
     [
         ("parallel.tensor=0", "parallel.tensor=0 is out of range"),  # was a ZeroDivisionError
         ("parallel.expert=0", "parallel.expert=0 is out of range"),
-        ("optim.lr=inf", "optim.lr=inf is out of range"),  # trained on NaN, exit 0
+        ("optim.lr=inf", "optim.lr=inf is out of range: it must be finite and > 0"),  # trained on NaN
         ("model.rope_theta=0", "model.rope_theta must be positive"),
         ("model.rms_norm_eps=-1", "model.rms_norm_eps must be positive"),
         ("run.dir=", "run.dir is empty"),  # wrote the run into the current directory
