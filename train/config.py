@@ -263,6 +263,23 @@ def check_values(cfg: PretrainConfig) -> None:
         raise ValueError(f"run.dir={cfg.run.dir} is a file; run.dir names the run's directory")
 
 
+def unused_settings(cfg: PretrainConfig) -> list[str]:
+    """Notes on settings that are valid but have no effect in this run, as it is configured: said at
+    start, not refused (a preset may set them for runs that use them)."""
+    notes = []
+    if cfg.data.eval_path and not cfg.trainer.eval_every:
+        notes.append(
+            f"data.eval_path={cfg.data.eval_path} is set but trainer.eval_every=0: no evaluation runs"
+        )
+    horizon = cfg.optim.schedule_steps or cfg.trainer.max_steps
+    if cfg.trainer.max_steps and cfg.optim.warmup_steps >= horizon:
+        notes.append(
+            f"optim.warmup_steps={cfg.optim.warmup_steps} spans the whole schedule ({horizon} steps): the "
+            f"learning rate never reaches optim.lr={cfg.optim.lr:g}"
+        )
+    return notes
+
+
 def validate_layout(cfg: PretrainConfig, world: int) -> Layout:
     """Check each setting's range, then the settings against each other and the world size;
     ValueError names the setting."""

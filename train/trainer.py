@@ -58,7 +58,7 @@ from train.checkpoint import (
     set_rng_state,
     sweep_leftovers,
 )
-from train.config import Layout, PretrainConfig, recomputed_layers, uses_autoep
+from train.config import Layout, PretrainConfig, recomputed_layers, unused_settings, uses_autoep
 from train.evaluate import Evaluation, Evaluator
 from train.losses import all_reduce_sum
 from train.monitor import RunMonitor
@@ -138,6 +138,8 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(self.config_yaml)
 
         started = time.perf_counter()
+        for note in unused_settings(cfg):
+            self._message_early(f"note: {note}")
         self._message_early(f"building the model and the DeepSpeed engine on {self.device} ...")
         self.resume_from, self.resume_universal = self._resume_source()
         init_from = cfg.checkpoint.init_from if self.resume_from is None else None

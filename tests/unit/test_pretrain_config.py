@@ -260,3 +260,26 @@ def test_selective_recomputation_is_neither_counted_nor_allowed_for_eager_layers
     eager = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, compile=False))
     with pytest.raises(ValueError, match=r"trainer.recompute_budget=0.75 .* needs trainer.compile=true"):
         validate_layout(eager, 64)
+
+
+def test_settings_without_effect_are_noted_and_the_presets_have_none():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from train.config import register_configs, unused_settings
+
+    register_configs()
+
+    def notes(*overrides):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+            return unused_settings(OmegaConf.to_object(compose("pretrain", list(overrides))))
+
+    for preset in sorted(path.stem for path in (ROOT / "conf" / "conf").glob("*.yaml")):
+        assert notes(f"conf={preset}") == [], preset
+    (held_out,) = notes("conf=experiments", "trainer.eval_every=0")
+    assert held_out.startswith("data.eval_path=data/mixed/eval is set but trainer.eval_every=0")
+    (warmup,) = notes("conf=tiny", "trainer.max_steps=5", "optim.warmup_steps=5")
+    assert "optim.warmup_steps=5 spans the whole schedule (5 steps)" in warmup
+    assert (
+        notes("conf=tiny", "trainer.max_steps=5", "optim.warmup_steps=5", "optim.schedule_steps=1000") == []
+    )
