@@ -444,7 +444,8 @@ def check_override_keys(arguments: list[str]) -> None:
         key = argument.split("=", 1)[0].lstrip("+")
         if key.startswith("hydra.") or key in CONFIG_GROUPS or key in known:
             continue
-        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        settable = [k for k in known if not any(other.startswith(f"{k}.") for other in known)]
+        close = difflib.get_close_matches(key, settable, n=1, cutoff=0.6)  # a value, not a group
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise ValueError(
             f"unknown setting {key!r}{hint}; `python launch/pretrain.py --help` lists the common ones, "

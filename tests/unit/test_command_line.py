@@ -28,6 +28,17 @@ def test_help_names_the_presets_and_common_settings_at_once():
     assert "hydra" not in result.stdout.lower().replace("hydra-help", "").replace("hydra overrides", "")
 
 
+def test_the_closest_key_suggested_is_one_that_takes_a_value():
+    from train.config import check_override_keys, schema_keys
+
+    groups = {key for key in schema_keys() if any(other.startswith(f"{key}.") for other in schema_keys())}
+    for written in ("+trainer.foo=1", "+loggin=1", "data.eval=x", "logging.wandbb.mode=x"):
+        with pytest.raises(ValueError, match="unknown setting") as caught:
+            check_override_keys([written])
+        suggested = str(caught.value).partition("(did you mean ")[2].partition("?)")[0]
+        assert suggested not in groups, f"{written}: suggests the group {suggested}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("written", ["trainer.max_stepz=3", "+trainer.max_stepz=3", "++trainer.max_stepz=3"])
 def test_an_unknown_key_is_refused_however_written_with_the_closest_key(written):
