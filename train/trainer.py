@@ -368,8 +368,8 @@ class Trainer:
                 self._finish_step(unread)
             if self.last_saved_step != self.step:
                 self.save()
-            if stopped_by and self.is_main:
-                self.stop_file.unlink(missing_ok=True)  # spent: the resumed run must not stop at once
+            if self.is_main:  # spent, or too late to stop anything: the next run must not stop at once
+                self.stop_file.unlink(missing_ok=True)
             if stopped_by:
                 self.monitor.message(
                     f"{stopped_by}: stopped after step {self.step} with a checkpoint; {self._how_to_resume()}"

@@ -18,7 +18,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import running
-from tests.distributed.test_training import REPO, command, environment, overrides, read_metrics, write_corpus
+from tests.distributed.test_training import (
+    REPO,
+    command,
+    environment,
+    overrides,
+    pretrain,
+    read_metrics,
+    write_corpus,
+)
 from train.run_dir import CLEAN_EXIT_FILE, LOCK_FILE, lock_run_dir
 
 LONG = {"trainer.max_steps": 100000, "optim.schedule_steps": 100}  # runs until stopped
@@ -135,3 +143,13 @@ def test_workers_stop_when_torchrun_is_killed(corpus, tmp_path):
     lock = lock_run_dir(run_dir)
     assert lock.stale_holder is None, "the workers released the lock on their way out"
     lock.release()
+
+
+def test_a_stop_request_that_comes_too_late_does_not_stop_the_next_run(corpus, tmp_path):
+    """A STOP left by a run that finished anyway (here: one with nothing to train) is spent: the next
+    run in the directory, a resume with more steps, must train rather than stop at once."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "STOP").touch()
+    pretrain(1, overrides(corpus, run_dir, **{"trainer.max_steps": 0}))
+    assert not (run_dir / "STOP").exists()
