@@ -504,7 +504,9 @@ def convert_to_universal(path: Path, poll_seconds: float = 5.0) -> Path:
     target = universal_path(path)
     identity = read_trainer_state(path).get("saved_at", "")
     failed = path.parent / f".{target.name}.failed"
-    converted = (target / "source").is_file() and (target / "source").read_text() == identity
+    # rank 0 alone looks: another rank reading `source` while rank 0 deletes a stale one would fail
+    # alone, before the barrier
+    converted = rank() == 0 and (target / "source").is_file() and (target / "source").read_text() == identity
     if rank() == 0 and not converted:
         shutil.rmtree(target, ignore_errors=True)
         failed.unlink(missing_ok=True)
