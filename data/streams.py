@@ -723,6 +723,10 @@ class _WorkerHandle:
     replies: multiprocessing.queues.Queue
 
 
+class LoaderWorkerError(RuntimeError):
+    """A loader worker died, or sent nothing for the loader's timeout."""
+
+
 class WorkerTraceback(Exception):
     """The traceback of an error in a loader worker, attached as the cause of the re-raised error."""
 
@@ -845,7 +849,7 @@ class WorkerPool:
                 if not worker.process.is_alive():
                     raise worker_exited(worker) from None
                 if time.monotonic() > deadline:
-                    raise RuntimeError(
+                    raise LoaderWorkerError(
                         f"token loader worker {worker.index}: nothing received for {self._timeout:.0f} s"
                     ) from None
                 continue
@@ -854,15 +858,15 @@ class WorkerPool:
             return message
 
 
-def worker_exited(worker: _WorkerHandle) -> RuntimeError:
+def worker_exited(worker: _WorkerHandle) -> LoaderWorkerError:
     worker.process.join(timeout=5.0)  # its pipe closes as it dies; the exit code comes a moment later
     code, who = worker.process.exitcode, f"token loader worker {worker.index}"
     if code is None or code >= 0:
-        return RuntimeError(f"{who} exited (exit code {code})")
+        return LoaderWorkerError(f"{who} exited (exit code {code})")
     known = -code in {member.value for member in signal.Signals}
     name = signal.Signals(-code).name if known else f"signal {-code}"
     hint = " (out of memory? the kernel log tells: dmesg)" if -code == signal.SIGKILL else ""
-    return RuntimeError(f"{who} was killed by {name}{hint}")
+    return LoaderWorkerError(f"{who} was killed by {name}{hint}")
 
 
 def default_start_method() -> str:

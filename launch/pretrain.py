@@ -80,7 +80,7 @@ from train.config import check_override_keys, register_configs, validate_layout 
 register_configs()
 
 
-def fail(message: str) -> None:
+def fail(message: str, rank_local: bool = False) -> None:
     """Stop with the message, shown once, exit status 2.
 
     Under torchrun the launcher follows any failed worker with its own traceback and failure table,
@@ -88,13 +88,16 @@ def fail(message: str) -> None:
     torchrun through the error file it reads, and the table ends with it, as the root cause. The
     other workers wait a moment first: torchrun stops them once the first has failed, and they show
     as stopped rather than repeating the message. Elsewhere (one process, srun) rank 0 prints it.
+    `rank_local`: a failure of this rank alone (its data), which only it can report: at once.
     """
     text = f"pretrain.py: {message}"
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
-        if os.environ.get("LOCAL_RANK", "0") != "0":
+        if os.environ.get("LOCAL_RANK", "0") != "0" and not rank_local:
             time.sleep(10)
         Path(error_file).write_text(json.dumps({"message": text, "timestamp": int(time.time())}))
+    elif rank_local:
+        print(f"pretrain.py: rank {os.environ.get('RANK', '0')}: {message}", file=sys.stderr, flush=True)
     elif os.environ.get("RANK", "0") == "0":
         print(text, file=sys.stderr, flush=True)
     sys.exit(2)
@@ -154,25 +157,20 @@ def main(raw: DictConfig) -> None:
             print(f"building rank {cfg.trainer.dry_run_rank}'s shard on the CPU ...", flush=True)
             print(materialise_rank(cfg, layout, cfg.trainer.dry_run_rank))
         return
-    from data.streams import ShardError
+    from data.streams import LoaderWorkerError, ShardError
     from parallel.engine import UntestedDeepSpeedError, leave_distributed
     from train.checkpoint import CheckpointError
     from train.disk_space import OutOfSpaceError
     from train.safe_load import CheckpointUnpicklingError
     from train.trainer import BadStepsError, Trainer
 
-    stops = (
-        BadStepsError,
-        RunDirInUse,
-        CheckpointError,
-        CheckpointUnpicklingError,
-        OutOfSpaceError,
-        ShardError,
-    )
+    stops = (BadStepsError, RunDirInUse, CheckpointError, CheckpointUnpicklingError, OutOfSpaceError)
     try:
         Trainer(cfg, layout).fit()
     except (*stops, UntestedDeepSpeedError) as error:  # a clear message, no traceback
         fail(str(error))
+    except (ShardError, LoaderWorkerError) as error:  # this rank's data: the others wait in a collective
+        fail(str(error), rank_local=True)
     leave_distributed()
 
 

@@ -26,7 +26,7 @@ import webdataset as wds
 
 from data.loader import TokenLoader, check_index, merge_states
 from data.packing import Packer, windows_to_batch
-from data.streams import ShardError, chunk_windows, shards_of_stream
+from data.streams import LoaderWorkerError, ShardError, chunk_windows, shards_of_stream
 
 EOS = 151643
 MODEL_VOCAB = 151936
@@ -418,7 +418,7 @@ def test_a_killed_worker_is_an_error_not_a_hang(long_document_dir, start_method)
         time.sleep(1.0)  # both queues fill; each feeder thread waits inside a message
         loader._runner._workers[0].process.kill()
         started = time.monotonic()
-        with pytest.raises(RuntimeError, match="worker 0 was killed by SIGKILL"):
+        with pytest.raises(LoaderWorkerError, match="worker 0 was killed by SIGKILL"):
             for _ in range(10_000):  # past whatever the worker had queued
                 next(batches)
     assert time.monotonic() - started < 5
