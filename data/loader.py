@@ -208,8 +208,7 @@ def check_local_path(path: str, index: str | os.PathLike | None) -> None:
     if os.path.isdir(path) and index is None and not os.path.isfile(os.path.join(path, "index.json")):
         raise ValueError(
             f"data.path {where}: the directory holds no index.json, so it is not a shard directory written "
-            f"by launch/prepare_data.py (or that run stopped before its first shard; rerun it to finish); "
-            f"{create}, or set data.index to index.json's location"
+            f"by launch/prepare_data.py; {create}, or set data.index to index.json's location"
         )
 
 
@@ -316,6 +315,11 @@ def check_dataset(
         if not held_out:
             raise
         named = str(error).replace("data.path", "data.eval_path").replace("data.streams", "data.eval_streams")
+        for index_hint in (
+            ", or set data.index to index.json's location",
+            ", or set data.index to its location",
+        ):
+            named = named.replace(index_hint, "")  # data.index is the training data's alone
         raise ValueError(named) from None
 
 

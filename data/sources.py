@@ -161,10 +161,12 @@ def discover_sources(paths: Iterable[str | Path]) -> list[SourceFile]:
 
 def each_once(sources: list[SourceFile]) -> list[SourceFile]:
     """The sources, refused if one file comes twice (named twice, or also inside a named directory):
-    its documents would be trained on twice, unnoticed."""
-    first: dict[Path, Path] = {}
+    its documents would be trained on twice, unnoticed. Paths are compared as written, made absolute
+    without a system call (links are not followed: distinct files of identical bytes, as a hub
+    snapshot's links to one blob, are distinct inputs)."""
+    first: dict[str, Path] = {}
     for source in sources:
-        resolved = source.path.resolve()
+        resolved = os.path.abspath(source.path)
         if resolved in first:
             raise InputError(f"{source.path}: given twice (also as {first[resolved]}); list each input once")
         first[resolved] = source.path

@@ -28,6 +28,7 @@ stay, and a rerun resumes.
 from __future__ import annotations
 
 import argparse
+import errno
 import signal
 import sys
 from concurrent.futures.process import BrokenProcessPool
@@ -159,6 +160,9 @@ def data_sets(args: argparse.Namespace) -> list[tuple[list[SourceFile], Path, in
     return [(sources, args.output, args.shard_size or DEFAULT_SHARD_SIZE)]
 
 
+OUT_OF_SPACE = {errno.ENOSPC, errno.EDQUOT}  # where a rerun after freeing space resumes
+
+
 def interrupt(signum, frame) -> None:
     raise KeyboardInterrupt  # SIGTERM (kill, a batch system's stop) ends the run as Ctrl-C does
 
@@ -191,7 +195,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"prepare_data: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # disk full, a file gone, permissions: the message names the file
-        print(f"prepare_data: error: {exc}; {kept}", file=sys.stderr)
+        resumable = f"; {kept}" if exc.errno in OUT_OF_SPACE else ""
+        print(f"prepare_data: error: {exc}{resumable}", file=sys.stderr)
         return 1
     except BrokenProcessPool:
         print(

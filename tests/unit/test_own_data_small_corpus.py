@@ -130,6 +130,9 @@ def test_fewer_documents_than_streams_name_the_index_the_setting_and_the_fix(tmp
     assert "data.streams" not in str(held_out.value)
     with pytest.raises(ValueError, match=f"data.eval_path {tmp_path / 'nope'}: no such"):
         check_dataset(tmp_path / "nope", streams=2, dp_size=2, held_out=True)
+    with pytest.raises(ValueError, match=r"holds no index\.json") as no_index:
+        check_dataset(tmp_path / "corpus", streams=2, dp_size=2, held_out=True)
+    assert "data.index" not in str(no_index.value), "data.index locates the training data's index.json only"
     # the raw corpus given instead of its shards
     with pytest.raises(ValueError, match=f"data.path {tmp_path / 'corpus' / '0.txt'}: a file, not a shard"):
         check_dataset(tmp_path / "corpus" / "0.txt", streams=2, dp_size=2)
