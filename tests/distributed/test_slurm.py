@@ -181,7 +181,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, tmp_path):
     assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", f"{fields}\n{log[-3000:]}"
     assert fields["Restarts"] == "1", fields
     assert "asking the run to checkpoint and stop" in log and "resuming from" in log
-    assert "a restart: resuming with checkpoint.resume=auto" in log
+    assert "a restart: resuming what this job saved, with checkpoint.resume=auto" in log
     assert "torchrun's exit status 1 is its own: exit 0" in log, log[-3000:]
     assert [row["step"] for row in read_metrics(run_dir)] == list(range(1, steps + 1))
     assert not (run_dir / "STOP").exists()
