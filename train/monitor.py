@@ -419,8 +419,7 @@ class RunMonitor:
             raise RuntimeError("RunMonitor.log_step after close()")
         step = int(metrics["step"])
         self.last_step = step
-        self.metrics_file.write(metrics_line(metrics) + "\n")
-        self.metrics_file.flush()
+        self._append(self.metrics_file, metrics_line(metrics) + "\n", METRICS_FILE)
         self._remember(metrics)
         if expert_tokens is not None:
             self.recent_expert_tokens.append((step, as_float_array(expert_tokens)))
@@ -452,8 +451,7 @@ class RunMonitor:
             "layers": list(rows),
             "counts": np.asarray(routing.counts_dle).tolist(),  # [domain][layer][expert]
         }
-        self.routing_file.write(json.dumps(record) + "\n")
-        self.routing_file.flush()
+        self._append(self.routing_file, json.dumps(record) + "\n", DOMAIN_ROUTING_FILE)
         self.domain_routing = dataclasses.replace(routing, rows=rows)
         if self.plot_every > 0:
             self._refresh_plots()
@@ -493,14 +491,24 @@ class RunMonitor:
                 with self._guard("wandb.finish"):
                     self.wandb_run.finish(exit_code=exit_code)
                 self.wandb_run = None
-            self.metrics_file.close()
-            if self.routing_file is not None:
-                self.routing_file.close()
-            self.log_file.close()
+            for file in (self.metrics_file, self.routing_file, self.log_file):
+                if file is not None:
+                    with contextlib.suppress(OSError):  # its write failure was warned about
+                        file.close()
 
     def _write_log(self, text: str) -> None:
         stamp = datetime.now().isoformat(sep=" ", timespec="seconds")
-        self.log_file.write(f"{stamp}  {text}\n")
+        self._append(self.log_file, f"{stamp}  {text}\n", "train.log")
+
+    def _append(self, file, text: str, name: str) -> None:
+        """A line into one of the run's files. A failure to write (a full disk) is warned about once and
+        training goes on: the lines are lost until there is room, and a full disk stops the run at its
+        next checkpoint, on every rank alike, with the message that says how much room it needs."""
+        try:
+            file.write(text)
+            file.flush()
+        except OSError as error:
+            self._warn_once(f"write {name}", f"{name}: cannot write ({error}); training goes on without it")
 
     def _prepare_jsonl(self, resume_step: int, name: str) -> list[dict[str, Any]]:
         """Make `name` (metrics.jsonl or domain_routing.jsonl) hold this run's lines up to resume_step;

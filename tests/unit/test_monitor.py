@@ -6,6 +6,7 @@ prints one line and W&B nothing)."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -650,3 +651,21 @@ def test_domain_routing_lines_resume_like_the_metrics_and_the_plot_is_drawn(tmp_
     assert lines[1]["domains"] == ["code", "prose"] and lines[1]["layers"] == ["0", "1", "MTP 1"]
     np.testing.assert_array_equal(lines[1]["counts"], routing(4).counts_dle)
     assert (tmp_path / "domain_routing.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (writes fail: no space)")
+def test_a_full_disk_under_the_run_files_is_warned_about_once_and_training_goes_on(tmp_path, capsys):
+    """metrics.jsonl, train.log and domain_routing.jsonl failing to write: one warning each, no
+    exception from logging or closing, and an error already in flight is the one that leaves."""
+    monitor = make_monitor(tmp_path)
+    for name in ("metrics_file", "log_file"):
+        getattr(monitor, name).close()
+        setattr(monitor, name, open("/dev/full", "w"))  # noqa: SIM115 (closed by the monitor)
+    with pytest.raises(KeyError, match="in flight"), monitor:
+        for step in (1, 2, 3):
+            monitor.log_step(fake_metrics(step))
+        raise KeyError("in flight")
+    out = capsys.readouterr().out
+    assert out.count("WARNING: metrics.jsonl: cannot write") == 1 and "No space left on device" in out
+    assert out.count("WARNING: train.log: cannot write") == 1
+    assert re.search(r"step +1/20", out), "the console goes on"
