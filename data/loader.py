@@ -311,6 +311,13 @@ def check_dataset(
         index_path, contents, shards = resolve_shards(path, index)
         check_index(contents, vocab_size, eos_id, source=index_path)
         check_enough_documents(shards, streams, dp_size, index_path)
+        if held_out:  # evaluation reads each domain's shards apart (train/evaluate.py)
+            for domain in sorted({shard.domain for shard in shards if shard.domain}):
+                of_domain = [shard for shard in shards if shard.domain == domain]
+                try:
+                    check_enough_documents(of_domain, streams, dp_size, index_path)
+                except ValueError as error:
+                    raise ValueError(f"held-out domain {domain!r}: {error}") from None
     except ValueError as error:
         if not held_out:
             raise

@@ -162,3 +162,15 @@ def test_the_domain_routing_plot_has_a_panel_per_domain():
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert [t.split(":")[0] for t in titles] == ["a", "b", "c"]
     assert float(titles[1].split()[5]) == pytest.approx(routing_kl(counts)[1].mean(), abs=5e-4)
+
+
+def test_a_held_out_domain_too_small_for_the_ranks_is_refused_at_start_naming_it(tmp_path):
+    """Evaluation reads each domain apart: one that cannot feed every rank is found by the start-up
+    check (it stopped the run at its first evaluation, with a traceback)."""
+    from data.loader import check_dataset
+
+    tagged_shards(tmp_path / "eval", ["up", "up", "down"], documents=1)
+    check_dataset(tmp_path / "eval", streams=2, dp_size=2)  # as training data: 3 documents will do
+    with pytest.raises(ValueError, match=r"held-out domain 'down': .*1 document.* 2 data-parallel ranks"):
+        check_dataset(tmp_path / "eval", streams=2, dp_size=2, held_out=True)
+    check_dataset(tmp_path / "eval", streams=1, dp_size=1, held_out=True)
