@@ -40,15 +40,9 @@ from model.tensor_files import (
     write_safetensors_files,
     write_text_atomically,
 )
-from parallel.checkpoint_files import CheckpointFiles
-from train.checkpoint import (
-    CheckpointError,
-    check_checkpoint,
-    checkpoint_root,
-    complete_checkpoints,
-    model_config_of,
-    newest_intact,
-)
+from parallel.checkpoint_files import EXPERT_FILE, MODULE_FILE, CheckpointFiles
+from train.checkpoint import checkpoint_root, complete_checkpoints, model_config_of
+from train.checkpoint_integrity import verify_manifest
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
@@ -71,36 +65,64 @@ def say(text: str) -> None:
     print(f"convert_hf.py: {text}", file=sys.stderr, flush=True)
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A step_N(_universal) directory as given, or the newest intact checkpoint of a run directory
-    (damaged newer ones skipped with a warning, as a resuming run does). A step_N is checked against
-    its manifest first: an export of flipped bytes would load in transformers and be wrong. A
-    step_N_universal was made from a checked step_N."""
-    if (path / "mp_rank_00_model_states.pt").exists():
-        if path.name.endswith("_universal"):
-            return path
-        verdict = check_checkpoint(path, say)
-        if not verdict.intact:
-            raise SystemExit(
-                f"convert_hf.py: {path} is damaged, not exporting it:\n  " + "\n  ".join(verdict.problems)
-            )
-        return path
-    if not complete_checkpoints(checkpoint_root(path)):
+def exported(name: str) -> bool:
+    """The files of a checkpoint that to-hf reads: the weights and the config, not the optimizer
+    state or the ranks' loader states (an export may be run on a copy of just these)."""
+    return name == "config.yaml" or bool(MODULE_FILE.match(name) or EXPERT_FILE.match(name))
+
+
+def damage_to_export(checkpoint: Path) -> list[str]:
+    """What is wrong with the files to-hf reads, against the checkpoint's manifest: an export of
+    flipped bytes would load in transformers and be wrong. None to check: a universal checkpoint
+    (made from a checked step_N), or one saved before manifests (said in a warning)."""
+    if checkpoint.name.endswith("_universal"):
+        return []
+    verdict = verify_manifest(checkpoint, only=exported)
+    if not verdict.has_manifest:
+        say(
+            f"WARNING: {checkpoint} has no manifest.json (saved by an older version): exporting it unverified"
+        )
+    elif verdict.intact:
+        say(f"checked the weights of {checkpoint} against its manifest ({verdict.seconds:.1f} s)")
+    return verdict.problems
+
+
+def resolve_checkpoint(path: Path, verify: bool = True) -> Path:
+    """A step_N(_universal) directory as given, or the newest checkpoint of a run directory whose
+    weights are intact (damaged newer ones skipped with a warning, as a resuming run does); with
+    `verify`, the weights are checked against the manifest first (`damage_to_export`)."""
+    named = (path / "mp_rank_00_model_states.pt").exists()
+    candidates = (
+        [path] if named else [found for _, found in reversed(complete_checkpoints(checkpoint_root(path)))]
+    )
+    if not candidates:
         raise SystemExit(
             f"convert_hf.py: {path} is neither a checkpoint (step_N/) nor a run dir with checkpoints"
         )
-    try:
-        return newest_intact(checkpoint_root(path), say)
-    except CheckpointError as error:
-        raise SystemExit(f"convert_hf.py: {error}") from None
+    for candidate in candidates:
+        problems = damage_to_export(candidate) if verify else []
+        if not problems:
+            return candidate
+        if named:
+            raise SystemExit(
+                f"convert_hf.py: {path} is damaged, not exporting it:\n  " + "\n  ".join(problems)
+            )
+        say(f"WARNING: checkpoint {candidate} is damaged, trying an older one:\n  " + "\n  ".join(problems))
+    raise SystemExit(f"convert_hf.py: no checkpoint in {checkpoint_root(path)} has intact weights")
 
 
 def report(name: str, nbytes: int) -> None:
     print(f"convert_hf.py: wrote {name} ({nbytes / 1e6:,.1f} MB)", flush=True)
 
 
-def to_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype, max_shard_bytes: int = SHARD_BYTES) -> None:
-    checkpoint = resolve_checkpoint(checkpoint)
+def to_hf(
+    checkpoint: Path,
+    out_dir: Path,
+    dtype: torch.dtype,
+    max_shard_bytes: int = SHARD_BYTES,
+    verify: bool = True,
+) -> None:
+    checkpoint = resolve_checkpoint(checkpoint, verify)
     config = model_config_of(checkpoint)
     files = CheckpointFiles(checkpoint, config)
     expected = model_shapes(config)
@@ -154,13 +176,16 @@ def main(argv=None) -> None:
     to.add_argument("out_dir", type=Path)
     to.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     to.add_argument("--max-shard-size", type=parse_size, default=SHARD_BYTES, help=size_help)
+    to.add_argument(
+        "--no-verify", action="store_true", help="skip checking the weights against the checkpoint's manifest"
+    )
     frm = sub.add_parser("from-hf", help="HF hub layout -> initial weights for checkpoint.init_from")
     frm.add_argument("hf_dir", type=Path)
     frm.add_argument("out_checkpoint", type=Path)
     frm.add_argument("--max-shard-size", type=parse_size, default=SHARD_BYTES, help=size_help)
     args = parser.parse_args(argv)
     if args.command == "to-hf":
-        to_hf(args.checkpoint, args.out_dir, DTYPES[args.dtype], args.max_shard_size)
+        to_hf(args.checkpoint, args.out_dir, DTYPES[args.dtype], args.max_shard_size, not args.no_verify)
     else:
         from_hf(args.hf_dir, args.out_checkpoint, args.max_shard_size)
 

@@ -198,9 +198,9 @@ def read_manifest(directory: Path) -> dict[str, dict] | None:
         raise ValueError(f"{path}: unreadable ({describe(error)})") from None
 
 
-def verify_manifest(directory: Path) -> Verdict:
-    """Collective: check every file listed in `directory`'s manifest (each rank its share); every
-    rank returns the same verdict."""
+def verify_manifest(directory: Path, only: Callable[[str], bool] | None = None) -> Verdict:
+    """Collective: check every file listed in `directory`'s manifest (each rank its share), or those
+    whose names `only` accepts; every rank returns the same verdict."""
     started = time.perf_counter()
     try:
         manifest = read_manifest(directory) if rank() == 0 else None
@@ -212,7 +212,7 @@ def verify_manifest(directory: Path) -> Verdict:
         return Verdict([unreadable], has_manifest=True)
     if manifest is None:
         return Verdict([], has_manifest=False)
-    sizes = {name: entry["size"] for name, entry in manifest.items()}
+    sizes = {name: entry["size"] for name, entry in manifest.items() if only is None or only(name)}
     share = share_of(sizes, rank(), world_size())
     mine = [problem for name in share if (problem := _check_file(directory, name, manifest[name]))]
     problems = sorted(problem for found in all_gather(mine) for problem in found)

@@ -431,19 +431,28 @@ def test_sweep_clears_staging_trash_and_incomplete_step_directories(tmp_path):
 
 
 def test_to_hf_exports_no_damaged_checkpoint(tmp_path, capsys):
-    """convert_hf.py to-hf checks what it exports as a resuming run does: a damaged step_N named
-    explicitly is refused naming the file; from a run dir, the newest intact one is taken."""
+    """convert_hf.py to-hf checks the weights it exports against the manifest: a damaged step_N named
+    explicitly is refused naming the file; from a run dir, the newest one with intact weights is
+    taken. What it does not read may be missing (an export from a copy of the weights alone)."""
+    import shutil
+
     from launch.convert_hf import resolve_checkpoint
 
     older = save(tmp_path, 2)
     newest = save(tmp_path, 4)
     assert resolve_checkpoint(newest) == newest and resolve_checkpoint(tmp_path) == newest
+    copy = tmp_path / "weights_only" / "step_4"
+    copy.mkdir(parents=True)
+    for name in (MODEL_FILE, "config.yaml", MANIFEST):
+        shutil.copy(newest / name, copy / name)
+    assert resolve_checkpoint(copy) == copy
     flip_a_byte(newest / MODEL_FILE)
     with pytest.raises(SystemExit, match=f"{newest} is damaged, not exporting it") as caught:
         resolve_checkpoint(newest)
     assert str(newest / MODEL_FILE) in str(caught.value)
     assert resolve_checkpoint(tmp_path) == older
     assert f"WARNING: checkpoint {newest} is damaged" in capsys.readouterr().err
+    assert resolve_checkpoint(newest, verify=False) == newest
 
 
 def test_initial_weights_that_cannot_serve_are_named_before_anything_is_built(tmp_path):
