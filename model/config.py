@@ -162,6 +162,15 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
+def differing_settings(saved: ModelConfig, current: ModelConfig, ignore: Sequence[str] = ()) -> list[str]:
+    """`name: value there, value here` for each setting (but `ignore`) in which a saved model's
+    config differs from this run's, in field order: what a refusal to load it names."""
+    theirs, mine = saved.to_dict(), current.to_dict()
+    return [
+        f"{k}: {theirs[k]} there, {mine[k]} here" for k in mine if k not in ignore and mine[k] != theirs[k]
+    ]
+
+
 def interval_layer_types(interval: int, num_layers: int) -> list[str]:
     """Every `interval`-th layer attention, the others Gated DeltaNet (HF's `full_attention_interval`)."""
     return [FULL_ATTENTION if (i + 1) % interval == 0 else LINEAR_ATTENTION for i in range(num_layers)]

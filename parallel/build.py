@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model.config import ModelConfig
+from model.config import ModelConfig, differing_settings
 from model.init import initial_value, is_fused_experts
 from model.qwen3_next import Qwen3NextForCausalLM
 from model.tensor_files import model_shapes
@@ -253,11 +253,11 @@ def load_weights(model: nn.Module, config: ModelConfig, directory: Path, seed: i
 
 def check_same_model(saved: ModelConfig, config: ModelConfig, directory: Path) -> None:
     """The weights in `directory` are for the configured architecture (MTP depth may differ)."""
-    mine, theirs = config.to_dict(), saved.to_dict()
-    differing = [k for k in mine if k not in ("mtp_num_layers", "initializer_range") and mine[k] != theirs[k]]
+    differing = differing_settings(saved, config, ignore=("mtp_num_layers", "initializer_range"))
     if differing:
-        details = ", ".join(f"{k}: {theirs[k]} there, {mine[k]} here" for k in differing[:5])
-        raise ValueError(f"checkpoint.init_from={directory} is for another model ({details})")
+        raise ValueError(
+            f"checkpoint.init_from={directory} is for another model ({', '.join(differing[:5])})"
+        )
 
 
 def build_rank_model(

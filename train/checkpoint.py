@@ -250,6 +250,7 @@ def refuse_another_model(path: Path, model) -> None:
     layer count...) is refused before anything is loaded: such a load fails on every checkpoint of
     the run, and auto-resume would take the failure for damage and fall back past intact ones.
     Settings that change no tensor (rope_theta, say) may differ."""
+    from model.config import differing_settings
     from model.tensor_files import model_shapes
 
     try:
@@ -258,14 +259,9 @@ def refuse_another_model(path: Path, model) -> None:
         return  # nothing to compare with: the load itself names what does not fit
     if model_shapes(saved) == model_shapes(model):
         return
-    differing = [
-        f"{name}: {getattr(saved, name)!r} there, {getattr(model, name)!r} here"
-        for name in saved.__dataclass_fields__
-        if getattr(saved, name) != getattr(model, name)
-    ]
     raise CheckpointError(
-        f"{path} holds another model than this run's ({'; '.join(differing)}): resume it with the model "
-        "settings it was saved with; a new model trains in another run.dir"
+        f"{path} holds another model than this run's ({'; '.join(differing_settings(saved, model))}): "
+        "resume it with the model settings it was saved with; a new model trains in another run.dir"
     )
 
 
