@@ -75,8 +75,8 @@ def test_missing_data_is_reported_before_the_model_is_built(tmp_path):
     assert "building the model" not in result.stdout
 
 
-def composed(*overrides: str):
-    """The typed config launch/pretrain.py would build from these overrides."""
+def composed(*overrides: str, preset: str = "tiny"):
+    """The typed config launch/pretrain.py would build from these overrides of a preset."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -84,7 +84,7 @@ def composed(*overrides: str):
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return OmegaConf.to_object(compose("pretrain", overrides=["conf=tiny", *overrides]))
+        return OmegaConf.to_object(compose("pretrain", overrides=[f"conf={preset}", *overrides]))
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import torch
 
 from model.config import load_model_config
 from model.qwen3_next import Qwen3NextForCausalLM
+from tests.unit.test_command_line import composed
 from train.memory import estimate_memory
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,16 +79,10 @@ def test_bad_settings_fail_at_start_naming_the_key(override, named):
     ],
 )
 def test_settings_that_would_train_on_nonsense_are_refused_at_start(override, named):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from train.config import validate_layout
 
-    from train.config import register_configs, validate_layout
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        raw = compose("pretrain", ["conf=tiny", override])
     with pytest.raises(ValueError, match=re.escape(named)):
-        validate_layout(OmegaConf.to_object(raw), 1)
+        validate_layout(composed(override), 1)
 
 
 def test_memory_estimate_of_the_plain_layout_counts_every_built_parameter():
@@ -263,23 +258,15 @@ def test_selective_recomputation_is_neither_counted_nor_allowed_for_eager_layers
 
 
 def test_settings_without_effect_are_noted_and_the_presets_have_none():
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from train.config import unused_settings
 
-    from train.config import register_configs, unused_settings
-
-    register_configs()
-
-    def notes(*overrides):
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-            return unused_settings(OmegaConf.to_object(compose("pretrain", list(overrides))))
+    def notes(*overrides, preset="tiny"):
+        return unused_settings(composed(*overrides, preset=preset))
 
     for preset in sorted(path.stem for path in (ROOT / "conf" / "conf").glob("*.yaml")):
-        assert notes(f"conf={preset}") == [], preset
-    (held_out,) = notes("conf=experiments", "trainer.eval_every=0")
+        assert notes(preset=preset) == [], preset
+    (held_out,) = notes("trainer.eval_every=0", preset="experiments")
     assert held_out.startswith("data.eval_path=data/mixed/eval is set but trainer.eval_every=0")
-    (warmup,) = notes("conf=tiny", "trainer.max_steps=5", "optim.warmup_steps=5")
+    (warmup,) = notes("trainer.max_steps=5", "optim.warmup_steps=5")
     assert "optim.warmup_steps=5 spans the whole schedule (5 steps)" in warmup
-    assert (
-        notes("conf=tiny", "trainer.max_steps=5", "optim.warmup_steps=5", "optim.schedule_steps=1000") == []
-    )
+    assert notes("trainer.max_steps=5", "optim.warmup_steps=5", "optim.schedule_steps=1000") == []
