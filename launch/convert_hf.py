@@ -41,7 +41,7 @@ from model.tensor_files import (
     write_text_atomically,
 )
 from parallel.checkpoint_files import EXPERT_FILE, MODULE_FILE, CheckpointFiles
-from train.checkpoint import checkpoint_root, complete_checkpoints, model_config_of
+from train.checkpoint import checkpoint_root, complete_checkpoints, first_undamaged, model_config_of
 from train.checkpoint_integrity import verify_manifest
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -91,24 +91,21 @@ def resolve_checkpoint(path: Path, verify: bool = True) -> Path:
     """A step_N(_universal) directory as given, or the newest checkpoint of a run directory whose
     weights are intact (damaged newer ones skipped with a warning, as a resuming run does); with
     `verify`, the weights are checked against the manifest first (`damage_to_export`)."""
-    named = (path / "mp_rank_00_model_states.pt").exists()
-    candidates = (
-        [path] if named else [found for _, found in reversed(complete_checkpoints(checkpoint_root(path)))]
-    )
-    if not candidates:
+    if (path / "mp_rank_00_model_states.pt").exists():
+        problems = damage_to_export(path) if verify else []
+        if problems:
+            listed = "\n  ".join(problems)
+            raise SystemExit(f"convert_hf.py: {path} is damaged, not exporting it:\n  {listed}")
+        return path
+    newest_first = [found for _, found in reversed(complete_checkpoints(checkpoint_root(path)))]
+    if not newest_first:
         raise SystemExit(
             f"convert_hf.py: {path} is neither a checkpoint (step_N/) nor a run dir with checkpoints"
         )
-    for candidate in candidates:
-        problems = damage_to_export(candidate) if verify else []
-        if not problems:
-            return candidate
-        if named:
-            raise SystemExit(
-                f"convert_hf.py: {path} is damaged, not exporting it:\n  " + "\n  ".join(problems)
-            )
-        say(f"WARNING: checkpoint {candidate} is damaged, trying an older one:\n  " + "\n  ".join(problems))
-    raise SystemExit(f"convert_hf.py: no checkpoint in {checkpoint_root(path)} has intact weights")
+    found, _ = first_undamaged(newest_first, damage_to_export if verify else lambda _: [], say)
+    if found is None:
+        raise SystemExit(f"convert_hf.py: no checkpoint in {checkpoint_root(path)} has intact weights")
+    return found
 
 
 def report(name: str, nbytes: int) -> None:

@@ -140,23 +140,33 @@ def newest_intact(root: Path, say: Callable[[str], None], below: int | None = No
     `check_checkpoint`; each damaged one on the way is reported in a warning. None when there is no
     complete checkpoint; CheckpointError when there are some but none is intact (never a silent
     start from scratch)."""
-    damaged = []
-    for step, path in reversed(complete_checkpoints(root)):
-        if below is not None and step >= below:
-            continue
-        verdict = check_checkpoint(path, say)
-        if verdict.intact:
-            return path
-        say(
-            f"WARNING: checkpoint {path} is damaged, trying an older one:\n  " + "\n  ".join(verdict.problems)
-        )
-        damaged.append(path.name)
-    if damaged:
+    newest_first = [
+        path for step, path in reversed(complete_checkpoints(root)) if below is None or step < below
+    ]
+    found, damaged = first_undamaged(newest_first, lambda path: check_checkpoint(path, say).problems, say)
+    if found is None and damaged:
+        names = ", ".join(path.name for path in damaged)
         raise CheckpointError(
-            f"no intact checkpoint in {root} (damaged: {', '.join(damaged)}): repair or remove them, or "
-            "start over with checkpoint.resume=none (which sets them aside in checkpoints/.abandoned/)"
+            f"no intact checkpoint in {root} (damaged: {names}): repair or remove them, or start over with "
+            "checkpoint.resume=none (which sets them aside in checkpoints/.abandoned/)"
         )
-    return None
+    return found
+
+
+def first_undamaged(
+    newest_first: list[Path], problems_of: Callable[[Path], list[str]], say: Callable[[str], None]
+) -> tuple[Path | None, list[Path]]:
+    """The first checkpoint of `newest_first` in which `problems_of` finds nothing (None if none is),
+    and the damaged ones before it, each reported in a warning naming its problems. Resuming checks
+    every file (`check_checkpoint`), an export only the files it reads (launch/convert_hf.py)."""
+    damaged = []
+    for path in newest_first:
+        problems = problems_of(path)
+        if not problems:
+            return path, damaged
+        say(f"WARNING: checkpoint {path} is damaged, trying an older one:\n  " + "\n  ".join(problems))
+        damaged.append(path)
+    return None, damaged
 
 
 def intact_alternatives(root: Path, say: Callable[[str], None], besides: Path) -> str:
