@@ -48,6 +48,7 @@ import logging
 import os
 import re
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import numpy as np
@@ -70,6 +71,26 @@ ORDER_SETTINGS = {
 }
 PREPARE_COMMAND = "python launch/prepare_data.py --input FILES --output {path}"
 DEMO_COMMAND = "python launch/prepare_data.py --demo"  # writes data/demo, the default data.path
+INDEX_LOCATION = "index.json's location"
+
+
+@dataclass(frozen=True)
+class SettingNames:
+    """The settings a data set comes from, as the loader's messages name them: the training data's
+    (`TRAINING`) or the held-out set's (`HELD_OUT`, whose index.json must sit beside its shards)."""
+
+    path: str = "data.path"
+    streams: str = "data.streams"
+    index: str | None = "data.index"  # None: the data has no setting for index.json's location
+
+    def or_set_index(self, where: str) -> str:
+        """ ", or set data.index to WHERE" where there is such a setting, else nothing."""
+        return f", or set {self.index} to {where}" if self.index else ""
+
+
+TRAINING = SettingNames()
+HELD_OUT = SettingNames(path="data.eval_path", streams="data.eval_streams", index=None)
+
 ARRAY_DTYPES = {
     "pack_tokens": np.int32,
     "pack_positions": np.int32,
@@ -81,15 +102,15 @@ ARRAY_DTYPES = {
 # ----------------------------------------------------------------------------- index.json and shards
 
 
-def load_index(path: str | os.PathLike) -> dict:
+def load_index(path: str | os.PathLike, settings: SettingNames = TRAINING) -> dict:
     """index.json's contents after checking its structure; ValueError naming the file and field."""
     try:
         with open(path) as file:
             index = json.load(file)
     except FileNotFoundError:
         raise ValueError(
-            f"{path}: no such index.json (data.path is a shard directory with index.json, or set data.index "
-            f"to its location; `{PREPARE_COMMAND.format(path='DIR')}` writes both)"
+            f"{path}: no such index.json ({settings.path} is a shard directory with index.json"
+            f"{settings.or_set_index('its location')}; `{PREPARE_COMMAND.format(path='DIR')}` writes both)"
         ) from None
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON: {error}") from None
@@ -173,25 +194,28 @@ def check_index(
 
 
 def resolve_shards(
-    path: str | os.PathLike | Sequence[str], index: str | os.PathLike | None = None
+    path: str | os.PathLike | Sequence[str],
+    index: str | os.PathLike | None = None,
+    settings: SettingNames = TRAINING,
 ) -> tuple[str, dict, list[ShardInfo]]:
-    """(index.json's location, its contents, the shards to read in list order) for `data.path`."""
+    """(index.json's location, its contents, the shards to read in list order) for `data.path` (or
+    the held-out set's path: `settings` names them in errors)."""
     if isinstance(path, str | os.PathLike):
-        check_local_path(os.fspath(path), index)
+        check_local_path(os.fspath(path), index, settings)
     if isinstance(path, str | os.PathLike) and os.path.isdir(path):
         index_path = str(index or os.path.join(path, "index.json"))
-        contents = load_index(index_path)
+        contents = load_index(index_path, settings)
         urls = [os.path.join(path, shard["file"]) for shard in contents["shards"]]
     else:
         patterns = [os.fspath(path)] if isinstance(path, str | os.PathLike) else [str(p) for p in path]
         urls = [url for pattern in patterns for url in expand_urls(pattern)]
-        index_path = str(index or default_index_location(urls))
-        contents = load_index(index_path)
-    return index_path, contents, match_shards(urls, contents, index_path)
+        index_path = str(index or default_index_location(urls, settings))
+        contents = load_index(index_path, settings)
+    return index_path, contents, match_shards(urls, contents, index_path, settings)
 
 
-def check_local_path(path: str, index: str | os.PathLike | None) -> None:
-    """A data.path that names a local directory or file must exist, and a directory must hold
+def check_local_path(path: str, index: str | os.PathLike | None, settings: SettingNames = TRAINING) -> None:
+    """A data path that names a local directory or file must exist, and a directory must hold
     index.json (unless data.index says where it is): say how to make one, not just what is missing."""
     if urlparse(path).scheme or "{" in path:  # a URL or a brace pattern: checked as its shards are read
         return
@@ -199,32 +223,38 @@ def check_local_path(path: str, index: str | os.PathLike | None) -> None:
     create = f"create shards with `{PREPARE_COMMAND.format(path=path)}` (or `{DEMO_COMMAND}` for data/demo)"
     if not os.path.exists(path):
         kind = "shard file" if path.endswith(".tar") else "directory"
-        raise ValueError(f"data.path {where}: no such {kind}; {create}")
+        raise ValueError(f"{settings.path} {where}: no such {kind}; {create}")
     if os.path.isfile(path) and not path.endswith(".tar"):
         raise ValueError(
-            f"data.path {where}: a file, not a shard directory or a .tar shard (a raw corpus is "
+            f"{settings.path} {where}: a file, not a shard directory or a .tar shard (a raw corpus is "
             f"tokenized first); {create}"
         )
     if os.path.isdir(path) and index is None and not os.path.isfile(os.path.join(path, "index.json")):
         raise ValueError(
-            f"data.path {where}: the directory holds no index.json, so it is not a shard directory written "
-            f"by launch/prepare_data.py; {create}, or set data.index to index.json's location"
+            f"{settings.path} {where}: the directory holds no index.json, so it is not a shard directory "
+            f"written by launch/prepare_data.py; {create}{settings.or_set_index(INDEX_LOCATION)}"
         )
 
 
-def default_index_location(urls: list[str]) -> str:
+def default_index_location(urls: list[str], settings: SettingNames = TRAINING) -> str:
     if not urls:
-        raise ValueError("data.path names no shards")
+        raise ValueError(f"{settings.path} names no shards")
     first = urls[0]
     scheme = urlparse(first).scheme
     if scheme in ("", "file"):
         return os.path.join(
             os.path.dirname(first.removeprefix("file://").removeprefix("file:")), "index.json"
         )
-    raise ValueError(f"data.index: give index.json's location; it cannot be inferred from the URL {first!r}")
+    if settings.index:
+        raise ValueError(
+            f"{settings.index}: give index.json's location; it cannot be inferred from the URL {first!r}"
+        )
+    raise ValueError(f"{settings.path}: index.json's location cannot be inferred from the URL {first!r}")
 
 
-def match_shards(urls: list[str], index: dict, index_path: str) -> list[ShardInfo]:
+def match_shards(
+    urls: list[str], index: dict, index_path: str, settings: SettingNames = TRAINING
+) -> list[ShardInfo]:
     """Each URL's index.json entry: the entry whose file name the URL mentions as a path."""
     by_basename: dict[str, list[dict]] = {}
     for entry in index["shards"]:
@@ -240,10 +270,12 @@ def match_shards(urls: list[str], index: dict, index_path: str) -> list[ShardInf
         }
         if len(matches) != 1:
             found = "no" if not matches else f"several ({sorted(matches)})"
-            raise ValueError(f"data.path: shard URL {url!r} names {found} shard files listed in {index_path}")
+            raise ValueError(
+                f"{settings.path}: shard URL {url!r} names {found} shard files listed in {index_path}"
+            )
         entry = next(iter(matches.values()))
         if entry["file"] in seen:
-            raise ValueError(f"data.path: shard {entry['file']} is listed twice")
+            raise ValueError(f"{settings.path}: shard {entry['file']} is listed twice")
         seen.add(entry["file"])
         shards.append(
             ShardInfo(
@@ -258,7 +290,9 @@ def match_shards(urls: list[str], index: dict, index_path: str) -> list[ShardInf
     return shards
 
 
-def check_enough_documents(shards: list[ShardInfo], streams: int, dp_size: int, index_path: str) -> None:
+def check_enough_documents(
+    shards: list[ShardInfo], streams: int, dp_size: int, index_path: str, settings: SettingNames = TRAINING
+) -> None:
     """Every stream needs a document of its own: a data set with fewer shards than streams is split
     by document (data/streams.py), which fails only when the documents are fewer than the streams."""
     documents = sum(shard.documents for shard in shards)
@@ -271,14 +305,15 @@ def check_enough_documents(shards: list[ShardInfo], streams: int, dp_size: int, 
     )
     if documents < dp_size:
         raise ValueError(
-            f"{held}, fewer than the {dp_size} data-parallel ranks (data.streams={streams}): every rank "
-            f"reads streams of its own and every stream needs a document; {more}, or train on fewer ranks"
+            f"{held}, fewer than the {dp_size} data-parallel ranks ({settings.streams}={streams}): every "
+            f"rank reads streams of its own and every stream needs a document; {more}, or train on fewer "
+            "ranks"
         )
     fitting = documents // dp_size * dp_size
     raise ValueError(
-        f"{held}, fewer than data.streams={streams}: every stream needs a document of its own. Set "
-        f"data.streams={fitting} (it must be a multiple of the data-parallel size {dp_size} and at most "
-        f"the {documents} documents), or {more}"
+        f"{held}, fewer than {settings.streams}={streams}: every stream needs a document of its own. "
+        f"Set {settings.streams}={fitting} (it must be a multiple of the data-parallel size {dp_size} and at "
+        f"most the {documents} documents), or {more}"
     )
 
 
@@ -294,40 +329,29 @@ def check_dataset(
     index: str | os.PathLike | None = None,
     vocab_size: int | None = None,
     eos_id: int | None = None,
-    held_out: bool = False,
+    settings: SettingNames = TRAINING,
 ) -> None:
-    """The loader's checks of `data.path` that need index.json only (no shard is opened, so it is
+    """The loader's checks of a data set that need index.json only (no shard is opened, so it is
     cheap enough to run before the model is built): the path and index.json exist and are well-formed,
     every shard the path names is listed, the tokenizer's vocabulary fits the model's `vocab_size`
     and its EOS is `eos_id` (either None: not checked), and the documents suffice for `streams`
-    streams on `dp_size` data-parallel ranks. ValueError naming the path or setting and the fix;
-    `held_out`: the data is the evaluation's, and the messages name data.eval_path and
-    data.eval_streams instead."""
-    try:
-        for value, setting in ((streams, "data.streams"), (dp_size, "the data-parallel size")):
-            if value < 1:
-                raise ValueError(f"{setting} must be >= 1, got {value}")
-        check_streams_fit_ranks(streams, dp_size)
-        index_path, contents, shards = resolve_shards(path, index)
-        check_index(contents, vocab_size, eos_id, source=index_path)
-        check_enough_documents(shards, streams, dp_size, index_path)
-        if held_out:  # evaluation reads each domain's shards apart (train/evaluate.py)
-            for domain in sorted({shard.domain for shard in shards if shard.domain}):
-                of_domain = [shard for shard in shards if shard.domain == domain]
-                try:
-                    check_enough_documents(of_domain, streams, dp_size, index_path)
-                except ValueError as error:
-                    raise ValueError(f"held-out domain {domain!r}: {error}") from None
-    except ValueError as error:
-        if not held_out:
-            raise
-        named = str(error).replace("data.path", "data.eval_path").replace("data.streams", "data.eval_streams")
-        for index_hint in (
-            ", or set data.index to index.json's location",
-            ", or set data.index to its location",
-        ):
-            named = named.replace(index_hint, "")  # data.index is the training data's alone
-        raise ValueError(named) from None
+    streams on `dp_size` data-parallel ranks. ValueError naming the path or setting and the fix
+    (`settings`: the training data's, or `HELD_OUT`, whose domains are also checked one by one, as
+    evaluation reads them)."""
+    for value, setting in ((streams, settings.streams), (dp_size, "the data-parallel size")):
+        if value < 1:
+            raise ValueError(f"{setting} must be >= 1, got {value}")
+    check_streams_fit_ranks(streams, dp_size, settings)
+    index_path, contents, shards = resolve_shards(path, index, settings)
+    check_index(contents, vocab_size, eos_id, source=index_path)
+    check_enough_documents(shards, streams, dp_size, index_path, settings)
+    if settings is HELD_OUT:  # evaluation reads each domain's shards apart (train/evaluate.py)
+        for domain in sorted({shard.domain for shard in shards if shard.domain}):
+            of_domain = [shard for shard in shards if shard.domain == domain]
+            try:
+                check_enough_documents(of_domain, streams, dp_size, index_path, settings)
+            except ValueError as error:
+                raise ValueError(f"held-out domain {domain!r}: {error}") from None
 
 
 def data_digest(shards: list[ShardInfo]) -> str:
@@ -348,6 +372,7 @@ def check_layout(
     streams: int,
     num_workers: int,
     shuffle_buffer: int,
+    settings: SettingNames = TRAINING,
 ) -> None:
     """ValueError naming the setting for a batch / data-parallel layout the loader cannot serve."""
     for value, setting in (
@@ -355,7 +380,7 @@ def check_layout(
         (global_batch_size, "trainer.global_batch_size"),
         (micro_batch_size, "trainer.micro_batch_size"),
         (dp_size, "the data-parallel size"),
-        (streams, "data.streams"),
+        (streams, settings.streams),
     ):
         if value < 1:
             raise ValueError(f"{setting} must be >= 1, got {value}")
@@ -365,7 +390,7 @@ def check_layout(
         )
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"data-parallel rank {dp_rank} is outside 0..{dp_size - 1}")
-    check_streams_fit_ranks(streams, dp_size)
+    check_streams_fit_ranks(streams, dp_size, settings)
     if global_batch_size % dp_size:
         raise ValueError(
             f"trainer.global_batch_size ({global_batch_size}) must be a multiple of the data-parallel size "
@@ -378,10 +403,10 @@ def check_layout(
         )
 
 
-def check_streams_fit_ranks(streams: int, dp_size: int) -> None:
+def check_streams_fit_ranks(streams: int, dp_size: int, settings: SettingNames = TRAINING) -> None:
     if streams % dp_size:
         raise ValueError(
-            f"data.streams ({streams}) must be a multiple of the data-parallel size ({dp_size}): "
+            f"{settings.streams} ({streams}) must be a multiple of the data-parallel size ({dp_size}): "
             "each rank reads whole streams"
         )
 
@@ -425,6 +450,7 @@ class TokenLoader:
         prefetch: int = 4,
         timeout: float = 600.0,
         mp_context: str | None = None,
+        settings: SettingNames = TRAINING,
     ):
         check_layout(
             seq_len,
@@ -435,6 +461,7 @@ class TokenLoader:
             streams,
             num_workers,
             shuffle_buffer,
+            settings,
         )
         self.seq_len = seq_len
         self.global_batch_size = global_batch_size
@@ -446,11 +473,11 @@ class TokenLoader:
         self.shuffle_buffer = shuffle_buffer
         self._pool_options = dict(prefetch=prefetch, timeout=timeout, mp_context=mp_context)
 
-        self.index_path, self.index, shards = resolve_shards(path, index)
+        self.index_path, self.index, shards = resolve_shards(path, index, settings)
         check_index(self.index, vocab_size, eos_id, source=self.index_path)
         if domain is not None:
             shards = shards_of_domain(shards, domain, self.index_path)
-        check_enough_documents(shards, streams, dp_size, self.index_path)
+        check_enough_documents(shards, streams, dp_size, self.index_path, settings)
         self._config = StreamConfig(
             parts=split_shards(shards, streams),
             streams=streams,

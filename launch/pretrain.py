@@ -130,7 +130,7 @@ def main(raw: DictConfig) -> None:
                 raise ValueError(f"this config cannot run here: {shortfall}")
         layout = validate_layout(cfg, world)
         if not cfg.trainer.dry_run:  # the data's shape, from index.json alone, before any model is built
-            from data.loader import check_dataset
+            from data.loader import HELD_OUT, check_dataset
 
             check_dataset(
                 cfg.data.path,
@@ -145,7 +145,7 @@ def main(raw: DictConfig) -> None:
                     streams=cfg.data.eval_streams or cfg.data.streams,
                     dp_size=layout.data,
                     vocab_size=cfg.model.vocab_size,
-                    held_out=True,
+                    settings=HELD_OUT,
                 )
     except ValueError as error:
         fail(str(error))

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data.loader import TokenLoader
+from data.loader import TRAINING, SettingNames, TokenLoader
 from model.ops.attention import use_varlen
 from model.ops.fusion import compile_fusions
 from model.qwen3_next import Qwen3NextForCausalLM
@@ -115,9 +115,11 @@ def rank_loader(
     index: str | None = None,
     domain: str | None = None,
     verify_sha256: bool | None = None,
+    settings: SettingNames = TRAINING,
 ) -> TokenLoader:
     """This rank's share of the global batches of the shards at `path` (those of one domain, if
-    given), in the run's order: the training data (data.path) or the held-out set (data.eval_path)."""
+    given), in the run's order: the training data (data.path) or the held-out set (data.eval_path,
+    `settings` HELD_OUT)."""
     return TokenLoader(
         path,
         seq_len=cfg.data.seq_len,
@@ -134,6 +136,7 @@ def rank_loader(
         vocab_size=cfg.model.vocab_size,
         verify_sha256=cfg.data.verify_sha256 if verify_sha256 is None else verify_sha256,
         domain=domain,
+        settings=settings,
     )
 
 

@@ -37,7 +37,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from data.loader import TokenLoader, index_domains, resolve_shards
+from data.loader import HELD_OUT, TokenLoader, index_domains, resolve_shards
 from train.build import rank_loader
 from train.config import Layout, PretrainConfig
 from train.losses import all_reduce_sum
@@ -54,7 +54,7 @@ class Evaluator:
     def __init__(self, cfg: PretrainConfig, layout: Layout, rank: int, step: TrainStep):
         self.cfg, self.layout, self.rank, self.step = cfg, layout, rank, step
         self.micro_batches = cfg.trainer.eval_batches * layout.grad_accum  # this rank's
-        _, index, _ = resolve_shards(cfg.data.eval_path)
+        _, index, _ = resolve_shards(cfg.data.eval_path, settings=HELD_OUT)
         self.domains: tuple[str, ...] = tuple(index_domains(index))
         # data.verify_sha256 hashes the held-out shards at the first evaluation; reading them again at
         # every later one would cost a full read per domain for nothing (the counts are still checked)
@@ -71,6 +71,7 @@ class Evaluator:
             num_workers=0,  # a few batches: workers would cost more to start than they save
             domain=domain,
             verify_sha256=cfg.data.verify_sha256 and not self.verified,
+            settings=HELD_OUT,
         )
 
     @torch.no_grad()

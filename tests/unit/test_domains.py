@@ -167,10 +167,10 @@ def test_the_domain_routing_plot_has_a_panel_per_domain():
 def test_a_held_out_domain_too_small_for_the_ranks_is_refused_at_start_naming_it(tmp_path):
     """Evaluation reads each domain apart: one that cannot feed every rank is found by the start-up
     check (it stopped the run at its first evaluation, with a traceback)."""
-    from data.loader import check_dataset
+    from data.loader import HELD_OUT, check_dataset
 
     tagged_shards(tmp_path / "eval", ["up", "up", "down"], documents=1)
     check_dataset(tmp_path / "eval", streams=2, dp_size=2)  # as training data: 3 documents will do
     with pytest.raises(ValueError, match=r"held-out domain 'down': .*1 document.* 2 data-parallel ranks"):
-        check_dataset(tmp_path / "eval", streams=2, dp_size=2, held_out=True)
-    check_dataset(tmp_path / "eval", streams=1, dp_size=1, held_out=True)
+        check_dataset(tmp_path / "eval", streams=2, dp_size=2, settings=HELD_OUT)
+    check_dataset(tmp_path / "eval", streams=1, dp_size=1, settings=HELD_OUT)

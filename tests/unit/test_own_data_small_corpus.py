@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.loader import TokenLoader, check_dataset
+from data.loader import HELD_OUT, TokenLoader, check_dataset
 from train.config import DataConfig, TrainerConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -125,14 +125,22 @@ def test_fewer_documents_than_streams_name_the_index_the_setting_and_the_fix(tmp
 
     # the same data held out for evaluation: the messages name the evaluation's settings
     with pytest.raises(ValueError) as held_out:
-        check_dataset(out, streams=DEFAULTS.streams, dp_size=2, held_out=True)
+        check_dataset(out, streams=DEFAULTS.streams, dp_size=2, settings=HELD_OUT)
     assert f"fewer than data.eval_streams={DEFAULTS.streams}" in str(held_out.value)
     assert "data.streams" not in str(held_out.value)
     with pytest.raises(ValueError, match=f"data.eval_path {tmp_path / 'nope'}: no such"):
-        check_dataset(tmp_path / "nope", streams=2, dp_size=2, held_out=True)
+        check_dataset(tmp_path / "nope", streams=2, dp_size=2, settings=HELD_OUT)
     with pytest.raises(ValueError, match=r"holds no index\.json") as no_index:
-        check_dataset(tmp_path / "corpus", streams=2, dp_size=2, held_out=True)
+        check_dataset(tmp_path / "corpus", streams=2, dp_size=2, settings=HELD_OUT)
     assert "data.index" not in str(no_index.value), "data.index locates the training data's index.json only"
+    # and so do the evaluation's own loaders, built when it runs (the start-up check cannot see a
+    # domain-less URL's missing index.json, nor a layout the loader alone refuses)
+    with pytest.raises(ValueError, match=r"^data\.eval_path: index\.json's location cannot be inferred"):
+        TokenLoader("pipe:cat shard-000000.tar", seq_len=8, global_batch_size=2, micro_batch_size=1,
+                    settings=HELD_OUT)  # fmt: skip
+    with pytest.raises(ValueError, match=r"^data\.eval_streams \(3\) must be a multiple"):
+        TokenLoader(out, seq_len=8, global_batch_size=2, micro_batch_size=1, dp_size=2, streams=3,
+                    settings=HELD_OUT)  # fmt: skip
     # the raw corpus given instead of its shards
     with pytest.raises(ValueError, match=f"data.path {tmp_path / 'corpus' / '0.txt'}: a file, not a shard"):
         check_dataset(tmp_path / "corpus" / "0.txt", streams=2, dp_size=2)
