@@ -480,7 +480,7 @@ class RunMonitor:
         if not self.active or self.closed:
             return
         try:
-            self._final_plots()
+            self.finish_plots()
             new_images = self.heatmap_for_wandb or self.routing_for_wandb
             if self.wandb_run is not None and new_images and self.last_step is not None:
                 self._log_wandb(self.last_step, {})  # the final heatmap, with the last step's metrics
@@ -643,10 +643,10 @@ class RunMonitor:
             self.routing_plotted_step = job.domain_routing.step
             self.routing_for_wandb = True
 
-    def _final_plots(self) -> None:
-        """Bring the plots on disk up to the last step before close() returns (the trainer prints
-        their paths), waiting a bounded time for the worker."""
-        if not self._wait_for_plots():
+    def finish_plots(self) -> None:
+        """Bring the plots on disk up to the last logged step, waiting a bounded time for the worker:
+        the trainer calls this before its last line names them, close() again (then a no-op)."""
+        if not self.active or self.closed or not self._wait_for_plots():
             return  # the worker hung: leave the plots as they are rather than risk hanging here too
         job = self._plot_job()
         if job is None or (job.step == self.plotted_step and job.domain_routing is None):

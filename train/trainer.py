@@ -375,6 +375,7 @@ class Trainer:
                     f"{stopped_by}: stopped after step {self.step} with a checkpoint; {self._how_to_resume()}"
                 )
             else:
+                self.monitor.finish_plots()  # what the line names is drawn before it is said
                 plots = f", plots {self.run_dir / 'loss.png'} and {self.run_dir / 'expert_load.png'}"
                 plots = plots if self.step > 0 else ""  # at step 0 nothing was logged, nor plotted
                 self.monitor.message(

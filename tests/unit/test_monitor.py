@@ -285,6 +285,18 @@ def test_close_draws_the_final_plots_only_if_the_last_job_did_not(tmp_path):
     assert (behind / RENDERS_LOG).read_text().split() == ["2", "3"]
 
 
+def test_finish_plots_leaves_the_last_steps_plots_on_disk_and_close_draws_them_no_more(tmp_path):
+    """The trainer's last line names the plots: they are current before it is printed, not only once
+    the monitor closes after it."""
+    monitor = make_monitor(tmp_path, plot_every=2, plot_renderer=plot_renderers.counting_render)
+    for step in range(1, 4):
+        monitor.log_step(fake_metrics(step), fake_expert_tokens(step))
+    monitor.finish_plots()
+    assert (tmp_path / RENDERS_LOG).read_text().split() == ["2", "3"]
+    monitor.close()
+    assert (tmp_path / RENDERS_LOG).read_text().split() == ["2", "3"]
+
+
 def test_a_failing_render_warns_once_and_training_goes_on(tmp_path, capsys):
     monitor = make_monitor(tmp_path, plot_every=1, plot_renderer=plot_renderers.failing_render)
     monitor.log_step(fake_metrics(1), fake_expert_tokens(1))
