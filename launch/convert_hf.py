@@ -181,6 +181,13 @@ def main(argv=None) -> None:
     frm.add_argument("out_checkpoint", type=Path)
     frm.add_argument("--max-shard-size", type=parse_size, default=SHARD_BYTES, help=size_help)
     args = parser.parse_args(argv)
+    source, target = (
+        (args.checkpoint, args.out_dir) if args.command == "to-hf" else (args.hf_dir, args.out_checkpoint)
+    )
+    if target.exists() and source.exists() and target.resolve() == source.resolve():
+        parser.error(
+            f"{args.command} would write over what it reads ({target}): give another output directory"
+        )
     if args.command == "to-hf":
         to_hf(args.checkpoint, args.out_dir, DTYPES[args.dtype], args.max_shard_size, not args.no_verify)
     else:

@@ -21,6 +21,7 @@ import mmap
 import os
 import re
 import struct
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -365,7 +366,8 @@ def write_safetensors_files(
 ) -> dict[str, str]:
     """Write `outputs` as `model-0000i-of-0000N.safetensors` + model.safetensors.index.json, one file
     at a time: only one output file's tensors exist at once. Files are written under temporary names
-    and renamed once all are complete; `on_file(name, bytes)` hears of each one written. Returns the
+    and renamed once all are complete; `on_file(name, bytes)` hears of each one written. The weight
+    files of an earlier export into `out_dir` are then removed (`remove_earlier_weights`). Returns the
     weight map (key -> file name)."""
     from safetensors.torch import save_file
 
@@ -390,7 +392,32 @@ def write_safetensors_files(
     weight_map = {o.key: name for name, file_outputs in zip(names, plan, strict=True) for o in file_outputs}
     index = {"metadata": {"total_size": sum(o.nbytes for o in outputs)}, "weight_map": weight_map}
     write_text_atomically(out / INDEX_FILE, json.dumps(index, indent=2))
+    remove_earlier_weights(out, keep=names)
     return weight_map
+
+
+EXPORT_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+SINGLE_FILE = "model.safetensors"  # the unsharded name, which loaders read before any index
+
+
+def remove_earlier_weights(out: Path, keep: list[str]) -> None:
+    """The weight files an earlier export left in `out` that this one did not write: left there,
+    `model-*-of-M` files of another count would sit beside the new index unused, and a
+    model.safetensors would be what transformers loads instead of the new files. Other files stay;
+    each removal is said in a warning."""
+    stale = sorted(
+        path.name
+        for path in out.iterdir()
+        if (EXPORT_FILE.fullmatch(path.name) or path.name == SINGLE_FILE) and path.name not in keep
+    )
+    for name in stale:
+        (out / name).unlink()
+    if stale:
+        warnings.warn(
+            f"{out}: removed {len(stale)} weight file(s) of an earlier export ({', '.join(stale[:3])}"
+            f"{', ...' if len(stale) > 3 else ''}), which the new index does not list",
+            stacklevel=3,
+        )
 
 
 def readable_file_mode() -> int:

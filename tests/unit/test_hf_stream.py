@@ -258,6 +258,37 @@ def test_a_conversion_that_fails_midway_leaves_none_of_its_files(model, tmp_path
     assert not list(tmp_path.iterdir())
 
 
+def test_an_export_over_an_earlier_one_leaves_only_its_own_weight_files(model, tmp_path):
+    """An earlier export's files that the new index does not list go: another file count's
+    model-*-of-M files would lie about, and a model.safetensors would be what transformers loads."""
+    save_hf(model, tmp_path, max_shard_bytes=SMALL_FILES)
+    earlier = sorted(path.name for path in tmp_path.glob("model-*.safetensors"))
+    (tmp_path / "model.safetensors").write_bytes(b"an older single-file export")
+    (tmp_path / "README.md").write_text("the user's own")
+    removed = rf"removed {len(earlier) + 1} weight file\(s\) of an earlier export"
+    with pytest.warns(UserWarning, match=removed):
+        save_hf(model, tmp_path)  # one file now
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    listed = set(index["weight_map"].values())
+    assert listed == {"model-00001-of-00001.safetensors"} and len(earlier) > 1
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
+        [*listed, "model.safetensors.index.json", "config.json", "README.md"]
+    )
+    reloaded = load_hf(tmp_path)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+def test_a_conversion_into_its_own_input_is_refused_before_anything_is_written(hub_dir, capsys):
+    from launch.convert_hf import main
+
+    before = {path.name: path.stat().st_mtime_ns for path in hub_dir.iterdir()}
+    with pytest.raises(SystemExit) as exit_:
+        main(["from-hf", str(hub_dir), str(hub_dir / ".." / hub_dir.name)])
+    assert exit_.value.code == 2 and "would write over what it reads" in capsys.readouterr().err
+    assert {path.name: path.stat().st_mtime_ns for path in hub_dir.iterdir()} == before
+
+
 # -- DeepSpeed checkpoints: the layouts parallel/checkpoint_files.py reads, written as the trainer would
 
 
