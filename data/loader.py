@@ -84,7 +84,7 @@ class SettingNames:
     index: str | None = "data.index"  # None: the data has no setting for index.json's location
 
     def or_set_index(self, where: str) -> str:
-        """ ", or set data.index to WHERE" where there is such a setting, else nothing."""
+        """The hint `, or set data.index to WHERE` where there is such a setting, else nothing."""
         return f", or set {self.index} to {where}" if self.index else ""
 
 
@@ -249,7 +249,10 @@ def default_index_location(urls: list[str], settings: SettingNames = TRAINING) -
         raise ValueError(
             f"{settings.index}: give index.json's location; it cannot be inferred from the URL {first!r}"
         )
-    raise ValueError(f"{settings.path}: index.json's location cannot be inferred from the URL {first!r}")
+    raise ValueError(
+        f"{settings.path}: index.json's location cannot be inferred from the URL {first!r}; give a local "
+        "shard directory"
+    )
 
 
 def match_shards(
