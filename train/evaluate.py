@@ -27,11 +27,16 @@ Domains. When the held-out shards are tagged with domains (`prepare_data.py --do
     eval_routing_kl/<domain>   the same for one domain, averaged over the layers
 The expert counts themselves (`DomainRouting`) go to the run directory's domain_routing.jsonl and
 domain_routing.png (train/monitor.py).
+
+A stop request (SIGTERM, run.dir/STOP) abandons an evaluation between two micro-batches: under
+Slurm the run has two minutes from the signal to save its checkpoint, which a long evaluation
+would spend.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -75,8 +80,15 @@ class Evaluator:
         )
 
     @torch.no_grad()
-    def run(self, model, step: int) -> Evaluation:
-        passes = [self._read(model, domain) for domain in (self.domains or (None,))]
+    def run(self, model, step: int, stop: Callable[[], str | None] = lambda: None) -> Evaluation | None:
+        """The held-out metrics of the model after `step`; None when `stop` (collective, asked before
+        every micro-batch on every rank alike) names a reason to stop first."""
+        passes = []
+        for domain in self.domains or (None,):
+            read = self._read(model, domain, stop)
+            if read is None:
+                return None
+            passes.append(read)
         self.verified = True
         sums = torch.stack([sums for sums, _ in passes])  # [passes, sums]
         counts = [counts for _, counts in passes]
@@ -99,9 +111,10 @@ class Evaluator:
         tokens_d = tuple(int(domain_sums[-1]) for domain_sums in sums)
         return Evaluation(metrics, DomainRouting(step, self.domains, tokens_d, counts_dle))
 
-    def _read(self, model, domain: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _read(self, model, domain: str | None, stop) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """This rank's sums over eval_batches global batches (of one domain's shards): the loss sums
-        and counts `_metrics` reads, then the input tokens; and the expert counts [L, E] (None: dense)."""
+        and counts `_metrics` reads, then the input tokens; and the expert counts [L, E] (None: dense).
+        None if `stop` asks to stop before a micro-batch."""
         depths = self.cfg.model.mtp_num_layers
         # lm sum, lm targets, then per depth (sum, targets), then MTP accept (hits, positions), tokens
         sums = torch.zeros(2 + 2 * depths + 3, dtype=torch.float64, device=self.step.device)
@@ -109,6 +122,8 @@ class Evaluator:
         with self._loader(domain) as loader:
             batches = iter(loader)
             for _ in range(self.micro_batches):
+                if stop():
+                    return None
                 batch = self.step.to_device(next(batches))
                 out = model(
                     batch["input_ids"], labels=batch["labels"], documents=batch["documents"], mtp_accept=True

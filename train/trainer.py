@@ -118,6 +118,7 @@ class Trainer:
         self.layout = layout
         self.run_dir = Path(cfg.run.dir)
         self.stop_file = self.run_dir / "STOP"
+        self.stop_signal = {"signal": None}  # fit() installs the handlers that set it
         self.autoep = uses_autoep(cfg, layout)
         # what DeepSpeed's native checkpoint files depend on (a change needs the universal form)
         self.partitioning = {
@@ -326,7 +327,7 @@ class Trainer:
 
     def fit(self) -> None:
         cfg = self.cfg
-        stop = stop_signal_flag()
+        stop = self.stop_signal = stop_signal_flag()
         batches = iter(self.loader)
         stopped_by = None
         where = f"{self.layout.world} {'GPU(s)' if self.on_gpu else 'CPU process(es)'}"
@@ -501,9 +502,14 @@ class Trainer:
             self.step % every == 0 or self.step == self.cfg.trainer.max_steps
         )
 
-    def _evaluate(self) -> Evaluation:
-        """The held-out metrics after this step (train/evaluate.py); its time is not the next step's."""
-        evaluation = self.evaluator.run(self.model, self.step)
+    def _evaluate(self) -> Evaluation | None:
+        """The held-out metrics after this step (train/evaluate.py); its time is not the next step's.
+        None when a stop request came during it: the loop then stops before the next step."""
+        evaluation = self.evaluator.run(
+            self.model, self.step, stop=lambda: self._agreed_stop(self.stop_signal["signal"])
+        )
+        if evaluation is None:
+            self.monitor.message(f"evaluation after step {self.step} abandoned: stopping")
         self._restart_step_clock()
         return evaluation
 

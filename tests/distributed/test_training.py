@@ -7,7 +7,8 @@ documents follow learnable patterns, so each run takes seconds. What is checked:
   N+1..2N of an uninterrupted run bitwise, and metrics.jsonl holds every step once;
 - 2 processes give the losses of 1 process on the same global batch (fp32, 1e-5);
   (these runs use the aux-loss-free expert biases, which must resume and agree across ranks too)
-- SIGTERM finishes the step, saves a complete checkpoint and exits 0;
+- SIGTERM finishes the step, saves a complete checkpoint and exits 0; during an evaluation it cuts
+  the evaluation short on every rank and saves at its step;
 - non-finite steps are skipped (no update) and counted, and max_bad_steps in a row stop the run with
   the last checkpoint intact (in-process on 2 gloo ranks, with a forward that returns NaN).
 """
@@ -316,6 +317,55 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(corpus, tmp_path):
     last_step = read_metrics(run_dir)[-1]["step"]
     state = json.loads((run_dir / "checkpoints" / f"step_{last_step}" / "trainer_state.json").read_text())
     assert state["step"] == last_step
+
+
+def train_with_sigterm_in_evaluation(rank, world, corpus: str, eval_corpus: str, run_dir: str):
+    """Rank 1 gets SIGTERM during its first evaluation's first micro-batch; (eval forwards each rank
+    ran, metrics rows, trainer step at the end)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from train.config import register_configs, validate_layout
+    from train.trainer import Trainer
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    register_configs()
+    extra = {**with_evaluation(Path(eval_corpus)), "trainer.max_steps": 6, "trainer.eval_batches": 3}
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        raw = compose("pretrain", overrides=overrides(Path(corpus), Path(run_dir), **extra))
+    cfg = OmegaConf.to_object(raw)
+    trainer = Trainer(cfg, validate_layout(cfg, world))
+    forward = trainer.model.forward
+    evaluated = []
+
+    def forward_signalled_in_evaluation(*args, **kwargs):
+        if not torch.is_grad_enabled():  # an evaluation's micro-batch
+            evaluated.append(trainer.step)
+            if rank == 1 and len(evaluated) == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # handled by the trainer: a flag, read collectively
+        return forward(*args, **kwargs)
+
+    trainer.model.forward = forward_signalled_in_evaluation
+    trainer.fit()
+    return evaluated, trainer.step
+
+
+def test_a_stop_signal_during_an_evaluation_abandons_it_and_saves_at_once(corpus, eval_corpus, tmp_path):
+    """Slurm gives a signalled run two minutes to save: an evaluation (here 2 domains x 3 global
+    batches) is cut short at its next micro-batch on every rank, and the checkpoint is of its step."""
+    run_dir = tmp_path / "signalled"
+    arguments = (str(corpus), str(eval_corpus), str(run_dir))
+    results = run_on_ranks(train_with_sigterm_in_evaluation, 2, tmp_path, *arguments, timeout=240)
+    for evaluated, step in results:
+        assert evaluated == [2] and step == 2, (evaluated, step)  # one micro-batch of 12, then stopped
+    rows = read_metrics(run_dir)
+    assert [row["step"] for row in rows] == [1, 2]
+    assert not any(key.startswith("eval_") for key in rows[-1])  # no metrics of half an evaluation
+    state = json.loads((run_dir / "checkpoints" / "step_2" / "trainer_state.json").read_text())
+    assert state["step"] == 2
+    log = (run_dir / "train.log").read_text()
+    assert "evaluation after step 2 abandoned" in log
+    assert "stop signal on another rank: stopped after step 2" in log  # rank 1 got it
 
 
 # ---------------------------------------------------------------------------------------------
