@@ -82,6 +82,8 @@ class SettingNames:
     path: str = "data.path"
     streams: str = "data.streams"
     index: str | None = "data.index"  # None: the data has no setting for index.json's location
+    demo: str = f"`{DEMO_COMMAND}` for data/demo"  # the demo data for this setting, and its command
+    by_domain: bool = False  # read one domain at a time, so each must suffice (evaluation)
 
     def or_set_index(self, where: str) -> str:
         """The hint `, or set data.index to WHERE` where there is such a setting, else nothing."""
@@ -89,7 +91,13 @@ class SettingNames:
 
 
 TRAINING = SettingNames()
-HELD_OUT = SettingNames(path="data.eval_path", streams="data.eval_streams", index=None)
+HELD_OUT = SettingNames(
+    path="data.eval_path",
+    streams="data.eval_streams",
+    index=None,
+    demo="`python launch/prepare_data.py --demo-mixed` for data/mixed/eval",
+    by_domain=True,
+)
 
 ARRAY_DTYPES = {
     "pack_tokens": np.int32,
@@ -220,7 +228,7 @@ def check_local_path(path: str, index: str | os.PathLike | None, settings: Setti
     if urlparse(path).scheme or "{" in path:  # a URL or a brace pattern: checked as its shards are read
         return
     where = path if os.path.isabs(path) else f"{path} (under {os.getcwd()})"
-    create = f"create shards with `{PREPARE_COMMAND.format(path=path)}` (or `{DEMO_COMMAND}` for data/demo)"
+    create = f"create shards with `{PREPARE_COMMAND.format(path=path)}` (or {settings.demo})"
     if not os.path.exists(path):
         kind = "shard file" if path.endswith(".tar") else "directory"
         raise ValueError(f"{settings.path} {where}: no such {kind}; {create}")
@@ -338,9 +346,8 @@ def check_dataset(
     cheap enough to run before the model is built): the path and index.json exist and are well-formed,
     every shard the path names is listed, the tokenizer's vocabulary fits the model's `vocab_size`
     and its EOS is `eos_id` (either None: not checked), and the documents suffice for `streams`
-    streams on `dp_size` data-parallel ranks. ValueError naming the path or setting and the fix
-    (`settings`: the training data's, or `HELD_OUT`, whose domains are also checked one by one, as
-    evaluation reads them)."""
+    streams on `dp_size` data-parallel ranks, each domain's on its own where `settings.by_domain`.
+    ValueError naming the path or setting and the fix (`settings`: TRAINING or HELD_OUT)."""
     for value, setting in ((streams, settings.streams), (dp_size, "the data-parallel size")):
         if value < 1:
             raise ValueError(f"{setting} must be >= 1, got {value}")
@@ -348,7 +355,7 @@ def check_dataset(
     index_path, contents, shards = resolve_shards(path, index, settings)
     check_index(contents, vocab_size, eos_id, source=index_path)
     check_enough_documents(shards, streams, dp_size, index_path, settings)
-    if settings is HELD_OUT:  # evaluation reads each domain's shards apart (train/evaluate.py)
+    if settings.by_domain:  # evaluation reads each domain's shards apart (train/evaluate.py)
         for domain in sorted({shard.domain for shard in shards if shard.domain}):
             of_domain = [shard for shard in shards if shard.domain == domain]
             try:

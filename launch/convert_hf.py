@@ -188,10 +188,13 @@ def main(argv=None) -> None:
         parser.error(
             f"{args.command} would write over what it reads ({target}): give another output directory"
         )
-    if args.command == "to-hf":
-        to_hf(args.checkpoint, args.out_dir, DTYPES[args.dtype], args.max_shard_size, not args.no_verify)
-    else:
-        from_hf(args.hf_dir, args.out_checkpoint, args.max_shard_size)
+    try:
+        if args.command == "to-hf":
+            to_hf(args.checkpoint, args.out_dir, DTYPES[args.dtype], args.max_shard_size, not args.no_verify)
+        else:
+            from_hf(args.hf_dir, args.out_checkpoint, args.max_shard_size)
+    except FileExistsError as error:  # a model.safetensors where the files go (write_safetensors_files)
+        raise SystemExit(f"convert_hf.py: {error}") from None
 
 
 if __name__ == "__main__":

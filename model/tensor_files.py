@@ -366,12 +366,19 @@ def write_safetensors_files(
 ) -> dict[str, str]:
     """Write `outputs` as `model-0000i-of-0000N.safetensors` + model.safetensors.index.json, one file
     at a time: only one output file's tensors exist at once. Files are written under temporary names
-    and renamed once all are complete; `on_file(name, bytes)` hears of each one written. The weight
-    files of an earlier export into `out_dir` are then removed (`remove_earlier_weights`). Returns the
-    weight map (key -> file name)."""
+    and renamed once all are complete; `on_file(name, bytes)` hears of each one written. The files an
+    earlier index in `out_dir` listed and this one does not are then removed (`remove_earlier_weights`);
+    a model.safetensors there is refused before anything is written (FileExistsError): loaders read it
+    before any index, so it would hide what is written here. Returns the weight map (key -> file name)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
+    if (out / SINGLE_FILE).exists():
+        raise FileExistsError(
+            f"{out / SINGLE_FILE} exists: transformers would load it instead of the files written here; "
+            "remove it or write to another directory"
+        )
+    earlier = listed_files(out / INDEX_FILE)
     out.mkdir(parents=True, exist_ok=True)
     plan = plan_files(outputs, max_file_bytes)
     names = [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
@@ -392,24 +399,27 @@ def write_safetensors_files(
     weight_map = {o.key: name for name, file_outputs in zip(names, plan, strict=True) for o in file_outputs}
     index = {"metadata": {"total_size": sum(o.nbytes for o in outputs)}, "weight_map": weight_map}
     write_text_atomically(out / INDEX_FILE, json.dumps(index, indent=2))
-    remove_earlier_weights(out, keep=names)
+    remove_earlier_weights(out, earlier, keep=names)
     return weight_map
 
 
-EXPORT_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 SINGLE_FILE = "model.safetensors"  # the unsharded name, which loaders read before any index
 
 
-def remove_earlier_weights(out: Path, keep: list[str]) -> None:
-    """The weight files an earlier export left in `out` that this one did not write: left there,
-    `model-*-of-M` files of another count would sit beside the new index unused, and a
-    model.safetensors would be what transformers loads instead of the new files. Other files stay;
-    each removal is said in a warning."""
-    stale = sorted(
-        path.name
-        for path in out.iterdir()
-        if (EXPORT_FILE.fullmatch(path.name) or path.name == SINGLE_FILE) and path.name not in keep
-    )
+def listed_files(index_path: Path) -> set[str]:
+    """The weight files an index lists (none where there is no readable index)."""
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        return {name for name in weight_map.values() if isinstance(name, str) and "/" not in name}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+
+
+def remove_earlier_weights(out: Path, earlier: set[str], keep: list[str]) -> None:
+    """The files of `out` that its earlier index listed (`earlier`) and the new one does not: left
+    there, an earlier export's `model-*-of-M` files of another count would lie beside the new index.
+    Files no index listed stay; each removal is said in a warning."""
+    stale = sorted(name for name in earlier - set(keep) if (out / name).is_file())
     for name in stale:
         (out / name).unlink()
     if stale:

@@ -30,7 +30,7 @@ domain_routing.png (train/monitor.py).
 
 A stop request (SIGTERM, run.dir/STOP) abandons an evaluation between two micro-batches: under
 Slurm the run has two minutes from the signal to save its checkpoint, which a long evaluation
-would spend.
+would spend. The trainer lets the last step's evaluation finish: no later run would redo it.
 """
 
 from __future__ import annotations

@@ -391,6 +391,8 @@ class RunMonitor:
         self.plot_job: tuple[Future, PlotJob] | None = None  # submitted, its result not yet taken in
         self.plots_in_process = False  # the worker failed: render here, stalling the step
         self.plotted_step: int | None = None  # the step the plots on disk show (all drawn without error)
+        self.finished_step: int | None = None  # the last step finish_plots dealt with, however it went
+        self.worker_hung = False  # finish_plots gave up on the worker: nothing is drawn after that
         self.heatmap_for_wandb = False  # a new expert_load.png that W&B has not had yet
         self.domain_routing: DomainRouting | None = None  # the last evaluation's, for its plot
         self.routing_plotted_step: int | None = None  # the evaluation domain_routing.png shows
@@ -599,6 +601,7 @@ class RunMonitor:
         done, _ = futures_wait([self.plot_job[0]], timeout=PLOT_WAIT_S)
         if not done:
             self.plot_job = None
+            self.worker_hung = True
             self._shut_plot_worker(kill=True)
             self._warn_once(
                 "plot worker",
@@ -645,8 +648,12 @@ class RunMonitor:
 
     def finish_plots(self) -> None:
         """Bring the plots on disk up to the last logged step, waiting a bounded time for the worker:
-        the trainer calls this before its last line names them, close() again (then a no-op)."""
-        if not self.active or self.closed or not self._wait_for_plots():
+        the trainer calls this before its last line names them, close() again (a no-op then, as it is
+        once a hung worker was given up on: a render here might hang too)."""
+        if not self.active or self.closed or self.worker_hung or self.finished_step == self.last_step:
+            return
+        self.finished_step = self.last_step
+        if not self._wait_for_plots():
             return  # the worker hung: leave the plots as they are rather than risk hanging here too
         job = self._plot_job()
         if job is None or (job.step == self.plotted_step and job.domain_routing is None):

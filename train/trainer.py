@@ -415,6 +415,8 @@ class Trainer:
         self.monitor.log_step({**metrics, **evaluated}, expert_tokens)
         if evaluated:
             self.monitor.message(evaluation_line(launched.step, evaluated))
+        elif evaluate:
+            self.monitor.message(f"evaluation after step {launched.step} abandoned: stopping")
         if evaluation is not None and evaluation.routing is not None:
             self.monitor.log_domain_routing(evaluation.routing)
         if not metrics["bad_step"]:
@@ -504,12 +506,15 @@ class Trainer:
 
     def _evaluate(self) -> Evaluation | None:
         """The held-out metrics after this step (train/evaluate.py); its time is not the next step's.
-        None when a stop request came during it: the loop then stops before the next step."""
+        None when a stop request came during it: the loop then stops before the next step. The last
+        step's evaluation always runs to its end: nothing would evaluate that step again (a rerun
+        finds the run done), whereas a run killed during it resumes from its last checkpoint."""
+        last = self.step >= self.cfg.trainer.max_steps
         evaluation = self.evaluator.run(
-            self.model, self.step, stop=lambda: self._agreed_stop(self.stop_signal["signal"])
+            self.model,
+            self.step,
+            stop=(lambda: None) if last else (lambda: self._agreed_stop(self.stop_signal["signal"])),
         )
-        if evaluation is None:
-            self.monitor.message(f"evaluation after step {self.step} abandoned: stopping")
         self._restart_step_clock()
         return evaluation
 
@@ -581,10 +586,14 @@ class Trainer:
             self._restart_step_clock()
 
     def _agreed_stop(self, signal_name: str | None) -> str | None:
-        """Why to stop now, if any rank got a stop signal or sees run.dir/STOP (all ranks then stop at
-        the same step). The file serves launchers that cannot signal the workers themselves: torchrun
-        kills its workers 30 s after forwarding a SIGTERM, which a large checkpoint may outlast."""
-        if signal_name is None and self.stop_file.exists():
+        """Why to stop now, if any rank got a stop signal or the main rank sees run.dir/STOP (all ranks
+        then stop at the same step). The file serves launchers that cannot signal the workers
+        themselves: torchrun kills its workers 30 s after forwarding a SIGTERM, which a large
+        checkpoint may outlast."""
+        # only the main rank looks for the file (the all-reduce tells the others): this runs before
+        # every step and every evaluation micro-batch, and a stat on every rank each time would load a
+        # shared file system's metadata server at scale
+        if signal_name is None and self.is_main and self.stop_file.exists():
             signal_name = f"{self.stop_file} found"
         if self.host_group is None:  # alone
             return signal_name

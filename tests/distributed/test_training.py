@@ -319,9 +319,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(corpus, tmp_path):
     assert state["step"] == last_step
 
 
-def train_with_sigterm_in_evaluation(rank, world, corpus: str, eval_corpus: str, run_dir: str):
-    """Rank 1 gets SIGTERM during its first evaluation's first micro-batch; (eval forwards each rank
-    ran, metrics rows, trainer step at the end)."""
+def train_with_sigterm_in_evaluation(rank, world, corpus: str, eval_corpus: str, run_dir: str, steps: int):
+    """Rank 1 gets SIGTERM during its first evaluation's first micro-batch; (the step of each
+    evaluation micro-batch the rank ran, its step at the end)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -330,7 +330,7 @@ def train_with_sigterm_in_evaluation(rank, world, corpus: str, eval_corpus: str,
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     register_configs()
-    extra = {**with_evaluation(Path(eval_corpus)), "trainer.max_steps": 6, "trainer.eval_batches": 3}
+    extra = {**with_evaluation(Path(eval_corpus)), "trainer.max_steps": steps, "trainer.eval_batches": 3}
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         raw = compose("pretrain", overrides=overrides(Path(corpus), Path(run_dir), **extra))
     cfg = OmegaConf.to_object(raw)
@@ -350,22 +350,29 @@ def train_with_sigterm_in_evaluation(rank, world, corpus: str, eval_corpus: str,
     return evaluated, trainer.step
 
 
-def test_a_stop_signal_during_an_evaluation_abandons_it_and_saves_at_once(corpus, eval_corpus, tmp_path):
+@pytest.mark.parametrize("max_steps", [6, 2], ids=["mid-run", "last-step"])
+def test_a_stop_signal_during_an_evaluation_abandons_it_and_saves_at_once(
+    corpus, eval_corpus, tmp_path, max_steps
+):
     """Slurm gives a signalled run two minutes to save: an evaluation (here 2 domains x 3 global
-    batches) is cut short at its next micro-batch on every rank, and the checkpoint is of its step."""
+    batches) is cut short at its next micro-batch on every rank, and the checkpoint is of its step.
+    The last step's evaluation is not: nothing would evaluate that step again."""
     run_dir = tmp_path / "signalled"
-    arguments = (str(corpus), str(eval_corpus), str(run_dir))
+    arguments = (str(corpus), str(eval_corpus), str(run_dir), max_steps)
     results = run_on_ranks(train_with_sigterm_in_evaluation, 2, tmp_path, *arguments, timeout=240)
+    last = max_steps == 2
     for evaluated, step in results:
-        assert evaluated == [2] and step == 2, (evaluated, step)  # one micro-batch of 12, then stopped
+        # one micro-batch of the 12, then stopped; or all 12
+        assert evaluated == [2] * (12 if last else 1) and step == 2, (evaluated, step)
     rows = read_metrics(run_dir)
     assert [row["step"] for row in rows] == [1, 2]
-    assert not any(key.startswith("eval_") for key in rows[-1])  # no metrics of half an evaluation
+    assert ("eval_lm_loss" in rows[-1]) == last  # no metrics of half an evaluation
     state = json.loads((run_dir / "checkpoints" / "step_2" / "trainer_state.json").read_text())
     assert state["step"] == 2
     log = (run_dir / "train.log").read_text()
-    assert "evaluation after step 2 abandoned" in log
-    assert "stop signal on another rank: stopped after step 2" in log  # rank 1 got it
+    assert ("evaluation after step 2 abandoned" in log) != last
+    if not last:
+        assert "stop signal on another rank: stopped after step 2" in log  # rank 1 got it
 
 
 # ---------------------------------------------------------------------------------------------

@@ -259,24 +259,34 @@ def test_a_conversion_that_fails_midway_leaves_none_of_its_files(model, tmp_path
 
 
 def test_an_export_over_an_earlier_one_leaves_only_its_own_weight_files(model, tmp_path):
-    """An earlier export's files that the new index does not list go: another file count's
-    model-*-of-M files would lie about, and a model.safetensors would be what transformers loads."""
+    """An earlier export's files that the new index does not list go (another file count's
+    model-*-of-M files would lie about); files no index listed stay."""
     save_hf(model, tmp_path, max_shard_bytes=SMALL_FILES)
     earlier = sorted(path.name for path in tmp_path.glob("model-*.safetensors"))
-    (tmp_path / "model.safetensors").write_bytes(b"an older single-file export")
+    (tmp_path / "model-00009-of-00099.safetensors").write_bytes(b"not listed by any index")
     (tmp_path / "README.md").write_text("the user's own")
-    removed = rf"removed {len(earlier) + 1} weight file\(s\) of an earlier export"
+    removed = rf"removed {len(earlier)} weight file\(s\) of an earlier export"
     with pytest.warns(UserWarning, match=removed):
-        save_hf(model, tmp_path)  # one file now
+        save_hf(model, tmp_path)  # one file now: model-00001-of-00001, which the earlier index did not list
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     listed = set(index["weight_map"].values())
     assert listed == {"model-00001-of-00001.safetensors"} and len(earlier) > 1
+    unlisted = "model-00009-of-00099.safetensors"
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
-        [*listed, "model.safetensors.index.json", "config.json", "README.md"]
+        [*listed, "model.safetensors.index.json", "config.json", "README.md", unlisted]
     )
     reloaded = load_hf(tmp_path)
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(reloaded.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+def test_an_export_beside_a_single_file_model_is_refused_before_anything_is_written(model, tmp_path):
+    """transformers loads model.safetensors before any index: an export beside one would not be
+    what loads."""
+    (tmp_path / "model.safetensors").write_bytes(b"someone's model")
+    with pytest.raises(FileExistsError, match=r"model\.safetensors exists: transformers would load it"):
+        save_hf(model, tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.safetensors"]
 
 
 def test_a_conversion_into_its_own_input_is_refused_before_anything_is_written(hub_dir, capsys):

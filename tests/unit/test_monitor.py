@@ -219,10 +219,11 @@ def warnings_in(output: str) -> list[str]:
 
 
 def process_is_gone(pid: int) -> bool:
-    """Also true of a zombie: dead, but not reaped yet (or never, without an init in a container)."""
+    """Also true of a zombie: dead, but not reaped yet (or never, without an init in a container).
+    A process reaped while its status is read fails the read with ESRCH, not ENOENT."""
     try:
         return "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return True
 
 
@@ -346,13 +347,18 @@ def test_a_dead_worker_falls_back_to_drawing_in_process(tmp_path, capsys):
 
 
 @needs_proc
-def test_close_gives_up_on_a_stuck_worker(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("finished_first", [False, True], ids=["close", "finish_plots-then-close"])
+def test_close_gives_up_on_a_stuck_worker(tmp_path, monkeypatch, capsys, finished_first):
+    """Given up on, the worker is not replaced by a render here, by close() nor by the trainer's
+    finish_plots() and the close() after it."""
     monkeypatch.setattr("train.monitor.PLOT_WAIT_S", 0.5)
     monitor = make_monitor(tmp_path, plot_every=2, plot_renderer=plot_renderers.slow_render)
     for step in (1, 2, 3):
         monitor.log_step(fake_metrics(step), fake_expert_tokens(step))
     (worker,) = monitor.plot_pool._processes  # its pid
     started = time.monotonic()
+    if finished_first:
+        monitor.finish_plots()
     monitor.close()
     assert time.monotonic() - started < SLOW_RENDER_S - 0.5, "close waited for the render"
     # killed, not left behind (by pid: Process.is_alive races the pool's own thread reaping it)

@@ -128,13 +128,14 @@ def test_fewer_documents_than_streams_name_the_index_the_setting_and_the_fix(tmp
         check_dataset(out, streams=DEFAULTS.streams, dp_size=2, settings=HELD_OUT)
     assert f"fewer than data.eval_streams={DEFAULTS.streams}" in str(held_out.value)
     assert "data.streams" not in str(held_out.value)
-    with pytest.raises(ValueError, match=f"data.eval_path {tmp_path / 'nope'}: no such"):
+    with pytest.raises(ValueError, match=f"data.eval_path {tmp_path / 'nope'}: no such") as missing:
         check_dataset(tmp_path / "nope", streams=2, dp_size=2, settings=HELD_OUT)
+    assert "--demo-mixed" in str(missing.value), "the held-out demo set is --demo-mixed's"
     with pytest.raises(ValueError, match=r"holds no index\.json") as no_index:
         check_dataset(tmp_path / "corpus", streams=2, dp_size=2, settings=HELD_OUT)
     assert "data.index" not in str(no_index.value), "data.index locates the training data's index.json only"
-    # and so do the evaluation's own loaders, built when it runs (the start-up check cannot see a
-    # domain-less URL's missing index.json, nor a layout the loader alone refuses)
+    # and so do the evaluation's own loaders, built when it runs (their checks are the loader's own,
+    # not the start-up check's)
     with pytest.raises(ValueError, match=r"^data\.eval_path: index\.json's location .*give a local"):
         TokenLoader("pipe:cat shard-000000.tar", seq_len=8, global_batch_size=2, micro_batch_size=1,
                     settings=HELD_OUT)  # fmt: skip
