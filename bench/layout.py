@@ -59,7 +59,7 @@ SLICES = {
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="launch/bench.py layout", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--preset", default="small", help=f"conf/<preset>.yaml, or one of {', '.join(SLICES)}"
+        "--preset", default="small", help=f"conf/conf/<preset>.yaml, or one of {', '.join(SLICES)}"
     )
     parser.add_argument("--expert", type=int, default=1, help="parallel.expert")
     parser.add_argument("--tensor", type=int, default=1, help="parallel.tensor")

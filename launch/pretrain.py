@@ -59,11 +59,13 @@ config of a command: add --cfg job. README.md has the rest."""
 
 def presets() -> str:
     """One line per preset: its name and the first comment line of its file."""
+    paths = sorted((REPO / "conf" / "conf").glob("*.yaml"))
+    width = max((len(path.stem) for path in paths), default=0)
     lines = []
-    for path in sorted((REPO / "conf" / "conf").glob("*.yaml")):
+    for path in paths:
         comments = [line[1:].strip() for line in path.read_text().splitlines()[1:] if line.startswith("#")]
         comment = comments[0] if comments else ""
-        lines.append(f"  {path.stem:<10} {comment}")
+        lines.append(f"  {path.stem:<{width}} {comment}")
     return "\n".join(lines)
 
 
