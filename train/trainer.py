@@ -327,7 +327,7 @@ class Trainer:
 
     def fit(self) -> None:
         cfg = self.cfg
-        stop = self.stop_signal = stop_signal_flag()
+        self.stop_signal = stop_signal_flag()
         batches = iter(self.loader)
         stopped_by = None
         where = f"{self.layout.world} {'GPU(s)' if self.on_gpu else 'CPU process(es)'}"
@@ -348,7 +348,7 @@ class Trainer:
             self._restart_step_clock()
             unread: LaunchedStep | None = None  # launched, its results not read yet
             while self.step < cfg.trainer.max_steps:
-                stopped_by = self._agreed_stop(stop["signal"])
+                stopped_by = self._agreed_stop()
                 if stopped_by:
                     break
                 with self._profiler_at(self.step + 1):
@@ -513,7 +513,7 @@ class Trainer:
         evaluation = self.evaluator.run(
             self.model,
             self.step,
-            stop=(lambda: None) if last else (lambda: self._agreed_stop(self.stop_signal["signal"])),
+            stop=(lambda: None) if last else self._agreed_stop,
         )
         self._restart_step_clock()
         return evaluation
@@ -585,7 +585,7 @@ class Trainer:
             self.monitor.message(f"profile of steps {first}..{step} in {out}")
             self._restart_step_clock()
 
-    def _agreed_stop(self, signal_name: str | None) -> str | None:
+    def _agreed_stop(self) -> str | None:
         """Why to stop now, if any rank got a stop signal or the main rank sees run.dir/STOP (all ranks
         then stop at the same step). The file serves launchers that cannot signal the workers
         themselves: torchrun kills its workers 30 s after forwarding a SIGTERM, which a large
@@ -593,6 +593,7 @@ class Trainer:
         # only the main rank looks for the file (the all-reduce tells the others): this runs before
         # every step and every evaluation micro-batch, and a stat on every rank each time would load a
         # shared file system's metadata server at scale
+        signal_name = self.stop_signal["signal"]
         if signal_name is None and self.is_main and self.stop_file.exists():
             signal_name = f"{self.stop_file} found"
         if self.host_group is None:  # alone
