@@ -11,7 +11,8 @@
 # as the raw step (launch/bench.py layout) and as the training loop; `start-80b` measures the start-up
 # and peak memory at the 80B width on one GPU (EXPERTS="384 256" picks the expert counts); `slice`
 # times the step at the 80B's layer width (4 layers + MTP, 128 experts) with its op-family table,
-# `slice-peak` lists what holds memory at its peak;
+# `slice-peak` lists what holds memory at its peak (allocation history: failed on the slice),
+# `slice-phases` the allocator's peak between the step's phases (layers, heads, gradients handed over);
 # `attention` times the attention kernels torch ships at the 80B's attention shape.
 set -uo pipefail
 out=${OUT:-.}
@@ -62,6 +63,12 @@ for stage in $stages; do
         python -m bench.memory_peak --preset 80b_a3b-slice --steps 1 --warmup 1 \
             --out "$out/slice_peak${SLICE_TAG:-}.json" ${SLICE_ARGS:-} > "$out/slice_peak${SLICE_TAG:-}.log" 2>&1
         grep -v "^ *\(W\|I\)[0-9]" "$out/slice_peak${SLICE_TAG:-}.log" | tail -60 ;;
+    slice-phases)
+        # where in the slice's step the memory peaks: the allocator's peak between marks at each layer's
+        # forward and backward, the heads and each gradient handed over (bench/memory_phases.py)
+        python -m bench.memory_phases --preset 80b_a3b-slice --steps 1 --warmup 2 ${SLICE_ARGS:-} \
+            > "$out/slice_phases${SLICE_TAG:-}.log" 2>&1
+        grep -A8 "^the highest" "$out/slice_phases${SLICE_TAG:-}.log" || tail -30 "$out/slice_phases${SLICE_TAG:-}.log" ;;
     attention)
         # the gated attention's shape (16 query heads, 2 KV heads, head dim 256, 8192 tokens): torch's
         # varlen flash (the model's path), SDPA's backends and flex attention, against the fp32 reference

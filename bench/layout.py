@@ -38,10 +38,15 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from train.build import Training
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -218,7 +223,9 @@ def write_trace_and_gaps(prof, path: Path) -> str:
         return f"trace: {path}\n" + report(load_trace(raw))
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, on_built: Callable[[Training], None] | None = None) -> None:
+    """The benchmark; `on_built`, when given, sees the training set-up before the first step (for
+    instrumenting tools such as bench/memory_phases.py)."""
     args = parse(argv)
     from bench.op_families import format_kernels, format_table, largest_kernels, op_families
     from model.accounting import flops_per_token
@@ -236,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.perf_counter()
     training = build_training(cfg, layout, rank, device)
+    if on_built is not None:
+        on_built(training)
     synchronize_all(on_gpu)
     engine_ready = time.perf_counter()
     moe_layers = len(autoep_layers(training.model)) if uses_autoep(cfg, layout) else 0

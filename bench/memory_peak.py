@@ -19,6 +19,10 @@ A block counts from its allocation to its free request (the allocator holds a bl
 another stream still uses it a little longer). Recomputation and memory work want the sites, not
 the total: the dry run's estimate (train/memory.py) says how much, this says what. Needs CUDA; the
 analysis takes the snapshot's trace (a list of event dicts) and runs anywhere.
+
+On the 80B slice (torch 2.11) recording history made backward fail inside a recomputed layer's
+compiled graph ("returned NULL without setting an exception"); bench/memory_phases.py finds the
+peak's phase there instead, from the allocator's peaks between marks, without recording anything.
 """
 
 from __future__ import annotations
