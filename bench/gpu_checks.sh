@@ -65,7 +65,8 @@ for stage in $stages; do
         grep -v "^ *\(W\|I\)[0-9]" "$out/slice_peak${SLICE_TAG:-}.log" | tail -60 ;;
     slice-phases)
         # where in the slice's step the memory peaks: the allocator's peak between marks at each layer's
-        # forward and backward, the heads and each gradient handed over (bench/memory_phases.py)
+        # forward and backward, the heads and each gradient handed over (bench/memory_phases.py; fla's
+        # kernels on one autotuning configuration each, so a fresh machine compiles for about a minute)
         python -m bench.memory_phases --preset 80b_a3b-slice --steps 1 --warmup 2 ${SLICE_ARGS:-} \
             > "$out/slice_phases${SLICE_TAG:-}.log" 2>&1
         grep -A8 "^the highest" "$out/slice_phases${SLICE_TAG:-}.log" || tail -30 "$out/slice_phases${SLICE_TAG:-}.log" ;;

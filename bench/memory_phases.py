@@ -22,7 +22,10 @@ on the slice, recording history made backward fail inside a recomputed layer's c
 around the compiled graphs, never inside them.
 
 The marks reset the allocator's peak, so the layout line's "peak GPU memory" covers only the last
-interval here; the step's peak is the highest interval's. Needs CUDA.
+interval here; the step's peak is the highest interval's. fla's kernels run on one autotuning
+configuration each (bench/pinned_autotune.py; `--full-autotune` for all): what a step allocates does
+not depend on it, and a fresh machine's first step takes about a minute instead of three (its
+timings are then not the benchmark's). Needs CUDA.
 """
 
 from __future__ import annotations
@@ -182,10 +185,17 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m bench.memory_phases", description=__doc__.splitlines()[0], allow_abbrev=False
     )
     parser.add_argument("--top", type=int, default=5, help="highest intervals listed (default 5)")
+    parser.add_argument(
+        "--full-autotune", action="store_true", help="let fla autotune its kernels in full (slower start)"
+    )
     args, layout_argv = parser.parse_known_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench.memory_phases: needs CUDA (it reads the GPU allocator's peaks)")
     from bench import layout
+    from bench.pinned_autotune import pin_autotuned_kernels, pinning_wanted
+
+    if not args.full_autotune and pinning_wanted():  # pinning_wanted imports fla's modules first
+        print(f"fla: {pin_autotuned_kernels('fla')} autotuned kernels held to one configuration each")
 
     marks = PhaseMarks()
     layout.main(layout_argv, on_built=marking(marks, torch.cuda.synchronize))

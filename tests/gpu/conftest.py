@@ -1,9 +1,9 @@
-"""GPU tests: fla's kernels run on one autotuning configuration each (tests/gpu/pinned_autotune.py),
+"""GPU tests: fla's kernels run on one autotuning configuration each (bench/pinned_autotune.py),
 unless QWEN3NEXT_FULL_AUTOTUNE=1."""
 
 import pytest
 
-from tests.gpu.pinned_autotune import pin_autotuned_kernels, pinning_wanted
+from bench.pinned_autotune import pin_autotuned_kernels, pinning_wanted
 
 PIN = pinning_wanted()
 

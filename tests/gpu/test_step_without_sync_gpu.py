@@ -26,8 +26,8 @@ if not torch.cuda.is_available():
 
 def run_steps() -> None:
     from bench.layout import compose_config, parse, random_batch
+    from bench.pinned_autotune import pin_autotuned_kernels, pinning_wanted
     from parallel.engine import setup_distributed
-    from tests.gpu.pinned_autotune import pin_autotuned_kernels, pinning_wanted
     from train.build import build_training
     from train.config import validate_layout
 

@@ -1,4 +1,4 @@
-"""The GPU tests' autotuning pin (tests/gpu/pinned_autotune.py) on Triton autotuners built here:
+"""The GPU tests' autotuning pin (bench/pinned_autotune.py) on Triton autotuners built here:
 which configuration each keeps, and that it finds them behind `triton.heuristics`. Needs no GPU."""
 
 import sys
@@ -9,7 +9,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from tests.gpu.pinned_autotune import (  # noqa: E402
+from bench.pinned_autotune import (  # noqa: E402
     autotuners_in,
     imported,
     least_demanding,

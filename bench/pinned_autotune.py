@@ -1,4 +1,5 @@
-"""One autotuning configuration per fla kernel, so that the GPU tests fit a short device call.
+"""One autotuning configuration per fla kernel, for GPU runs that check something other than speed:
+the GPU tests (so that they fit a short device call) and bench/memory_phases.py.
 
 fla's Triton kernels are `triton.autotune`d over 6 to 48 configurations each (warps x pipeline
 stages x block sizes); on a fresh machine the GPU tests compiled and timed every one of them for
@@ -13,9 +14,10 @@ the tiling and the order of some fp32 sums change), so for tests each autotuner 
   choice we recorded),
 - other arguments (e.g. fla's dot precision) as in the first configuration that has those sizes.
 
-Training keeps fla's full autotuning: `pin_autotuned_kernels` is called by tests/gpu/conftest.py
-only, and QWEN3NEXT_FULL_AUTOTUNE=1 turns it off there too (to test the configurations a training
-run will pick).
+Training and the speed benchmarks keep fla's full autotuning: `pin_autotuned_kernels` is called by
+tests/gpu/conftest.py (where QWEN3NEXT_FULL_AUTOTUNE=1 turns it off, to test the configurations a
+training run will pick) and by bench/memory_phases.py (what a step allocates is the same under any
+configuration: fla's wrappers allocate their buffers before the launch at which autotuning picks one).
 """
 
 from __future__ import annotations
