@@ -12,20 +12,20 @@ It takes `launch/bench.py layout`'s arguments and runs that benchmark with marks
   buffer): a compiled graph hands its parameters' gradients over together, at its backward's end,
 - the step's start and end.
 At each mark it reads `torch.cuda.max_memory_allocated()` (the peak since the last mark) and
-`memory_allocated()`, then resets the peak. It prints, for the second-to-last step before the
-profiled one, every interval with its peak and what was allocated at its end, and the highest
-intervals: the step's peak is the highest interval's.
+`memory_allocated()`, then resets the peak. It prints, for the last step before the profiled one
+(which runs under the profiler), every interval with its peak and what was allocated at its end,
+and the highest intervals: the step's peak is the highest interval's.
 
 Why not `bench/memory_peak.py` (allocation history with Python stacks), which names source lines:
 on the slice, recording history made backward fail inside a recomputed layer's compiled graph
 ("returned NULL without setting an exception"). These marks allocate nothing and run in eager code
 around the compiled graphs, never inside them.
 
-The marks reset the allocator's peak, so the layout line's "peak GPU memory" covers only the last
-interval here; the step's peak is the highest interval's. fla's kernels run on one autotuning
-configuration each (bench/pinned_autotune.py; `--full-autotune` for all): what a step allocates does
-not depend on it, and a fresh machine's first step takes about a minute instead of three (its
-timings are then not the benchmark's). Needs CUDA.
+The marks reset the allocator's peak, so the layout line's "peak GPU memory" (and `--out`'s peaks)
+cover only the last interval here; the step's peak is the highest interval's. fla's kernels run on
+one autotuning configuration each (bench/pinned_autotune.py; `--full-autotune` for all): what a
+step allocates does not depend on it, and a fresh machine's first step takes about a minute instead
+of three (its timings are then not the benchmark's). Needs CUDA.
 """
 
 from __future__ import annotations
