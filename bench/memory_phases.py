@@ -134,12 +134,12 @@ class _HeadMarks:
     def __init__(self, cross_entropy: Callable, marks: PhaseMarks, heads: int):
         self.cross_entropy, self.marks, self.heads, self.calls = cross_entropy, marks, heads, 0
 
-    def __call__(self, h_btd: torch.Tensor, targets_bt: torch.Tensor):
+    def __call__(self, h_btd: torch.Tensor, targets_bt: torch.Tensor, **sharing):
         head = "main head" if self.calls % self.heads == 0 else f"MTP head {self.calls % self.heads}"
         self.calls += 1
         self.marks.mark(f"{head} cross-entropy begins")
         h_btd = _MarkInBackward.apply(h_btd, self.marks, f"{head} backward ends (its input's gradient)")
-        result = self.cross_entropy(h_btd, targets_bt)
+        result = self.cross_entropy(h_btd, targets_bt, **sharing)
         self.marks.mark(f"{head} cross-entropy ends")
         return result
 

@@ -5,13 +5,16 @@
 - with labels it never materialises the logits: it returns per-objective loss *sums* and token
   counts (next-token and each MTP depth) plus every MoE layer's `RouterStats` (model/moe.py), so
   that the training loop can form token-weighted means and the load-balancing loss over the whole
-  global batch.
+  global batch. With `head_loss_weights` (each head's share of the loss the caller will build, the
+  training objective's `head_loss_weights()`), the heads sum their LM-head weight gradient in one
+  buffer instead of one each (model/ops/cross_entropy.py: SharedWeightGradient).
 Document boundaries come in `position_ids` (0 starts a document), or already derived as `documents`
 (a DocumentLayout, which the training loop builds on the host); see model/documents.py.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +29,7 @@ from model.documents import DocumentLayout
 from model.moe import RouterStats
 from model.mtp import MultiTokenPredictor
 from model.norms import RMSNorm
-from model.ops.cross_entropy import linear_cross_entropy
+from model.ops.cross_entropy import SharedWeightGradient, linear_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -90,9 +93,24 @@ class LMHead(nn.Linear):
         super().__init__(hidden_size, vocab_size, bias=False)
 
     def cross_entropy(
-        self, h_nd: torch.Tensor, targets_n: torch.Tensor, ignore_index: int
+        self,
+        h_nd: torch.Tensor,
+        targets_n: torch.Tensor,
+        ignore_index: int,
+        *,
+        shared: SharedWeightGradient | None = None,
+        loss_weight: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return linear_cross_entropy(h_nd, self.weight, targets_n, ignore_index=ignore_index)
+        return linear_cross_entropy(
+            h_nd, self.weight, targets_n, ignore_index=ignore_index, shared=shared, loss_weight=loss_weight
+        )
+
+    def shared_weight_gradient(self) -> SharedWeightGradient | None:
+        """One weight-gradient sum for the heads of a forward; None where there is no gradient to make
+        (and a head that cannot share one, the vocabulary-parallel head, has no such method)."""
+        if not (torch.is_grad_enabled() and self.weight.requires_grad):
+            return None
+        return SharedWeightGradient(self.weight)
 
 
 class Qwen3NextForCausalLM(nn.Module):
@@ -139,6 +157,7 @@ class Qwen3NextForCausalLM(nn.Module):
         labels: torch.Tensor | None = None,
         documents: DocumentLayout | None = None,
         mtp_accept: bool = False,
+        head_loss_weights: tuple[float, ...] | None = None,
     ) -> CausalLMOutput:
         self.check_input_ids(input_ids)
         batch, seq_len = input_ids.shape
@@ -157,13 +176,14 @@ class Qwen3NextForCausalLM(nn.Module):
             return CausalLMOutput(logits=self.lm_head(h_btd), router_stats=router_stats)
 
         out = CausalLMOutput(router_stats=router_stats)
-        out.lm_loss_sum, out.lm_tokens = self.cross_entropy(h_btd, labels)
+        heads = self.heads_sharing_a_gradient(head_loss_weights)
+        out.lm_loss_sum, out.lm_tokens = self.cross_entropy(h_btd, labels, **heads[0])
         for depth in range(1, self.config.mtp_num_layers + 1):
             h_btd, stats = self.mtp(depth, h_btd, shift_left(embeds_btd, depth, 0.0), rope, layout)
             if stats is not None:
                 out.router_stats.append(stats)
             targets_bt = mtp_targets(labels, depth, layout)
-            loss_sum, tokens = self.cross_entropy(h_btd, targets_bt)
+            loss_sum, tokens = self.cross_entropy(h_btd, targets_bt, **heads[depth])
             if mtp_accept and depth == 1:
                 out.mtp_accept = self.argmax_hits(h_btd, targets_bt)
             out.mtp_loss_sums.append(loss_sum)
@@ -171,9 +191,30 @@ class Qwen3NextForCausalLM(nn.Module):
         return out
 
     def cross_entropy(
-        self, h_btd: torch.Tensor, targets_bt: torch.Tensor
+        self, h_btd: torch.Tensor, targets_bt: torch.Tensor, **sharing
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.lm_head.cross_entropy(h_btd.flatten(0, 1), targets_bt.flatten(), IGNORE_INDEX)
+        """One head's loss sum and target count; `sharing`: `shared` and `loss_weight`, or nothing."""
+        return self.lm_head.cross_entropy(h_btd.flatten(0, 1), targets_bt.flatten(), IGNORE_INDEX, **sharing)
+
+    def heads_sharing_a_gradient(self, head_loss_weights: tuple[float, ...] | None) -> list[dict]:
+        """Each head's `cross_entropy` options, main head first: one shared weight-gradient sum with
+        its loss weight, where weights are given and the head can share one; else none."""
+        heads = 1 + self.config.mtp_num_layers
+        if head_loss_weights is None:
+            return [{}] * heads
+        weights = tuple(float(w) for w in head_loss_weights)
+        if len(weights) != heads:
+            raise ValueError(
+                f"head_loss_weights has {len(weights)} weights; this model has {heads} heads "
+                "(the main head, then one per MTP depth)"
+            )
+        if not all(math.isfinite(w) and w >= 0 for w in weights):
+            raise ValueError(f"head_loss_weights must be finite and >= 0, got {weights}")
+        make_shared = getattr(self.lm_head, "shared_weight_gradient", None)
+        shared = make_shared() if make_shared is not None else None
+        if shared is None:
+            return [{}] * heads
+        return [{"shared": shared, "loss_weight": w} for w in weights]
 
     @torch.no_grad()
     def argmax_hits(

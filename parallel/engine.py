@@ -240,8 +240,8 @@ class Engine:
     def steps_without_host_sync(self) -> bool:
         return getattr(self._ds.optimizer, "step_without_host_sync", False)
 
-    def __call__(self, input_ids, *, labels=None, documents=None):
-        return self._ds(input_ids, labels=labels, documents=documents)
+    def __call__(self, input_ids, *, labels=None, documents=None, head_loss_weights=None):
+        return self._ds(input_ids, labels=labels, documents=documents, head_loss_weights=head_loss_weights)
 
     def set_lr(self, lr: float) -> None:
         for group in self._ds.optimizer.param_groups:

@@ -362,6 +362,16 @@ class TrainingObjective:
         self._running_counts: torch.Tensor | None = None
         self._sums: _StepSums | None = None
 
+    def head_loss_weights(self) -> tuple[float, ...]:
+        """Each LM head's share of `micro_batch_loss` (main head, then each MTP depth), relative to the
+        main head's: lm_sum / N_lm + mtp_weight * (1/D) sum_k mtp_sum_k / N_k weighs depth k's loss
+        sum mtp_weight N_lm / (D N_k) times the main head's. The model takes them (`head_loss_weights`)
+        to sum the heads' shared weight gradient in one buffer during forward."""
+        tokens = self._require_step()
+        depths = len(tokens.mtp)
+        main = 1.0 / max(tokens.lm, 1)
+        return (1.0, *(self.mtp_weight / (depths * max(n, 1)) / main for n in tokens.mtp))
+
     def micro_batch_loss(self, out: CausalLMOutput) -> torch.Tensor:
         """This micro-batch's scalar to backprop: grad_scale x its share of the step's loss."""
         tokens = self._require_step()

@@ -21,7 +21,9 @@ checkpointing) keeps only its input (T * H * 2), plus one layer's worth
 while it is recomputed; `recomputed_layers` of the decoder layers are (the first ones; MTP layers
 never), and backward frees the others before it recomputes them. The LM-head cross-entropy adds one
 chunk of logits (2048 x vocab x 2 bytes: the bf16 logits, which their gradient overwrites) and the
-head's fp32 weight gradient per head (main and MTP: 4 x vocab x H / tp each), made in forward.
+heads' fp32 weight gradient (4 x vocab x H), made in forward: one sum the main and MTP heads share
+(model/ops/cross_entropy.py: SharedWeightGradient), or with tensor parallelism one per head (4 x
+vocab x H / tp each).
 Measured on an H200 at the 80B width (4 layers + MTP, 2 x 4096 tokens, bench/RESULTS.md), peak
 against the estimate: before that change (and with the pairs' 3 H) every layer recomputed 52.7 GiB
 against 53.3, the first 2 of 4 56.0 against 56.7, none 59.9 against 60.4; with the current expert
@@ -30,7 +32,9 @@ the previous chunk's gradient (6 bytes a logit); since it frees it, every layer 
 against 52.1. Since the chunk's gradient overwrites its logits (2 bytes a logit): every layer
 recomputed 50.9 against 51.5; with the selective budget, the first 2 layers recomputed 52.1 against
 52.5 and the first one 52.8 against 53.3; since fla's calls keep q and k at their own head count,
-52.0 against 52.5 and 52.7 against 53.3.
+52.0 against 52.5 and 52.7 against 53.3; since the heads share one weight-gradient sum (an H100),
+51.5 against 51.4 and 52.1 against 52.2 (each head's own: 52.7, the old estimate's 53.3 counted
+an fp32 sum a head where the earlier heads hold their rounded copy).
 """
 
 from __future__ import annotations
@@ -146,7 +150,8 @@ def activation_bytes(
     # ones, one at a time: the peak is the larger of the two moments
     whole = max(sum(per_layer[t] for t in kept_whole), max((per_layer[t] for t in recomputed), default=0))
     # the LM head's cross-entropy: one chunk of bf16 logits (overwritten by their gradient), and the
-    # head's fp32 weight gradient that it
-    # computes in forward and keeps for backward, once for the main head and once per MTP depth
-    head = CE_CHUNK * c.vocab_size * 2 + (1 + c.mtp_num_layers) * 4 * c.vocab_size * h / tensor
+    # weight gradient it makes in forward: one fp32 sum the main and MTP heads share (the training
+    # step gives the model its heads' loss weights); the vocabulary-parallel head makes one a head
+    heads_with_own_sum = 1 if tensor == 1 else 1 + c.mtp_num_layers
+    head = CE_CHUNK * c.vocab_size * 2 + heads_with_own_sum * 4 * c.vocab_size * h / tensor
     return len(recomputed) * tokens * h * 2 + whole + head

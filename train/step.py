@@ -132,7 +132,12 @@ class TrainStep:
             # moved one at a time: from the second on, this host work overlaps the GPU's work on the
             # micro-batch before, instead of leaving the GPU idle at the step's start
             batch = self.to_device(host_batch)
-            out = self.engine(batch["input_ids"], labels=batch["labels"], documents=batch["documents"])
+            out = self.engine(
+                batch["input_ids"],
+                labels=batch["labels"],
+                documents=batch["documents"],
+                head_loss_weights=self.objective.head_loss_weights(),
+            )
             self.engine.backward(self.objective.micro_batch_loss(out))
         return PendingStep(
             self.objective, self.objective.reduce_step(), self.engine.grad_norm, self.engine.step_skipped

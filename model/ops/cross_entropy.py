@@ -11,11 +11,16 @@ bf16 copy, as they are made and again as the gradient is cast back), 2 on CUDA (
 which a Triton kernel overwrites with their gradient), and 4 * V * D for the fp32 grad_weight --
 never N x V. With V = 151936 a 2048-row chunk is 1.9 GB on CPU, 0.6 GB on CUDA.
 
+Heads that share the weight (the main and MTP heads) can sum their weight gradients in one fp32
+buffer, each weighted by its share of the loss (`SharedWeightGradient`), instead of holding one each.
+
 Both functions return the SUM of per-token losses over tokens whose label != ignore_index (fp32
 scalar) and the number of such tokens (int64 scalar): the trainer divides by the global token count.
 
 Legend: n tokens (rows), d hidden, v vocabulary, c rows of one chunk.
 """
+
+from __future__ import annotations
 
 import math
 import warnings
@@ -35,8 +40,13 @@ def linear_cross_entropy(
     *,
     ignore_index: int = -100,
     chunk_size: int = 2048,
+    shared: SharedWeightGradient | None = None,
+    loss_weight: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of CE over non-ignored tokens, their count) of logits h @ weight.T, chunk by chunk.
+
+    `shared`: the weight's gradient goes into that sum, with this head's `loss_weight` (its share of
+    the total loss, as `SharedWeightGradient` says), instead of being this call's own.
 
     Labels are range-checked on CPU only: on CUDA the check would cost a host sync, and an
     out-of-range label there still fails loudly, as a device-side assert in the gather.
@@ -50,7 +60,11 @@ def linear_cross_entropy(
     needs_grad = torch.is_grad_enabled() and (h_nd.requires_grad or weight_vd.requires_grad)
     if not needs_grad:
         return _chunked_loss_only(h_nd, weight_vd, labels_n, ignore_index, chunk_size), num_tokens
-    loss_sum = _ChunkedLinearCrossEntropy.apply(h_nd, weight_vd, labels_n, ignore_index, chunk_size)
+    if shared is not None and not (math.isfinite(loss_weight) and loss_weight >= 0):
+        raise ValueError(f"loss_weight must be finite and >= 0, got {loss_weight}")
+    loss_sum = _ChunkedLinearCrossEntropy.apply(
+        h_nd, weight_vd, labels_n, ignore_index, chunk_size, shared, loss_weight
+    )
     return loss_sum, num_tokens
 
 
@@ -228,18 +242,26 @@ _ADDMM_OUT_DTYPE = True  # cleared if this torch lacks addmm(out_dtype=) on CUDA
 
 
 def accumulate_grad_weight(
-    grad_w_vd: torch.Tensor, grad_cv: torch.Tensor, h_cd: torch.Tensor, *, overwrite: bool = False
+    grad_w_vd: torch.Tensor,
+    grad_cv: torch.Tensor,
+    h_cd: torch.Tensor,
+    *,
+    overwrite: bool = False,
+    alpha: float = 1.0,
 ) -> torch.Tensor:
-    """grad_w += grad^T h (or grad_w = grad^T h, whatever grad_w held, with `overwrite`), accumulated
-    in fp32, in place. On CUDA the GEMM adds into the fp32 buffer itself (addmm with out_dtype): no
-    bf16 [V, D] product and no pass over it per chunk. Without `out=` addmm would first copy the whole
-    buffer (4 bytes x 151936 x hidden) per chunk. Overwriting, it runs with beta = 0, which reads
-    nothing of the buffer: the first chunk needs neither a zeroed buffer nor a read of its zeros."""
+    """grad_w += alpha grad^T h (or grad_w = alpha grad^T h, whatever grad_w held, with `overwrite`),
+    accumulated in fp32, in place. On CUDA the GEMM adds into the fp32 buffer itself (addmm with
+    out_dtype, alpha applied to its fp32 product): no bf16 [V, D] product and no pass over it per
+    chunk. Without `out=` addmm would first copy the whole buffer (4 bytes x 151936 x hidden) per
+    chunk. Overwriting, it runs with beta = 0, which reads nothing of the buffer: the first chunk
+    needs neither a zeroed buffer nor a read of its zeros."""
     global _ADDMM_OUT_DTYPE
     if _ADDMM_OUT_DTYPE and grad_cv.is_cuda and grad_cv.dtype != torch.float32:
         beta = 0.0 if overwrite else 1.0
         try:
-            return torch.addmm(grad_w_vd, grad_cv.T, h_cd, beta=beta, out_dtype=torch.float32, out=grad_w_vd)
+            return torch.addmm(
+                grad_w_vd, grad_cv.T, h_cd, beta=beta, alpha=alpha, out_dtype=torch.float32, out=grad_w_vd
+            )
         except torch.OutOfMemoryError:
             raise
         except (RuntimeError, TypeError) as error:
@@ -250,7 +272,10 @@ def accumulate_grad_weight(
                 stacklevel=2,
             )
     product_vd = grad_cv.T @ h_cd
-    return grad_w_vd.copy_(product_vd) if overwrite else grad_w_vd.add_(product_vd)
+    if overwrite:
+        grad_w_vd.copy_(product_vd)
+        return grad_w_vd if alpha == 1.0 else grad_w_vd.mul_(alpha)
+    return grad_w_vd.add_(product_vd, alpha=alpha)
 
 
 class WeightGradient:
@@ -278,12 +303,12 @@ class WeightGradient:
         ]
         self.written = False
 
-    def add(self, grad_cv: torch.Tensor, h_cd: torch.Tensor) -> None:
-        """+= grad_cv^T h_cd (grad_cv: d loss / d logits of a chunk of rows, h_cd: their inputs)."""
+    def add(self, grad_cv: torch.Tensor, h_cd: torch.Tensor, alpha: float = 1.0) -> None:
+        """+= alpha grad_cv^T h_cd (grad_cv: d loss / d logits of a chunk of rows, h_cd: their inputs)."""
         columns = [slice(0, self.split), slice(self.split, None)]
         for index, part in enumerate(self.parts):
             self.parts[index] = accumulate_grad_weight(
-                part, grad_cv[:, columns[index]], h_cd, overwrite=not self.written
+                part, grad_cv[:, columns[index]], h_cd, overwrite=not self.written, alpha=alpha
             )
         self.written = True
 
@@ -345,6 +370,53 @@ def round_into_own_storage(x: torch.Tensor, dtype: torch.dtype, shape: torch.Siz
     return out
 
 
+class SharedWeightGradient:
+    """One fp32 sum of the weight gradient of several cross-entropy heads over the same weight (the
+    main head and the MTP heads share the LM head), each head's part weighted by its loss weight.
+
+    Each head's cross-entropy makes its weight gradient in forward. Kept apart, every head holds its
+    own: the earlier heads' rounded to the weight's dtype (2 bytes a weight) and the last one's fp32
+    sum (4) while it is made, all at the end of forward, where every layer's activations are held
+    (at the 80B width with one MTP head, 1.7 GiB). Summed here, the heads hold one fp32 sum between
+    them. That needs each head's share of the total loss in forward: with loss weight w_h, the loss
+    is c * sum_h w_h * loss_sum_h + (terms without these heads), and the weight's gradient is
+    c * sum_h w_h * dloss_sum_h/dweight. The factor c (the trainer's grad_scale / token count, the
+    engine's averaging) comes with backward: head h's loss sum gets the gradient g_h = c * w_h.
+
+    So the first head to run backward hands the whole sum over, times g_h / w_h, and the others hand
+    over nothing. They check that their g_h / w_h is that same c: where a loss was built with other
+    weights than the ones given here, their input's gradient turns NaN (the trainer then skips the
+    step and says so), rather than the weight's gradient being silently wrong. A head with weight 0
+    adds nothing and takes no part.
+    """
+
+    TOLERANCE = 1e-3  # relative: c from different heads differs by fp32 rounding only
+
+    def __init__(self, weight_vd: torch.Tensor):
+        self.weight_vd = weight_vd
+        self.sum: WeightGradient | None = None  # made at the first head's first chunk
+        self.factor: torch.Tensor | None = None  # c, from the head that handed the sum over
+
+    def add(self, grad_cv: torch.Tensor, h_cd: torch.Tensor, loss_weight: float) -> None:
+        if self.sum is None:
+            self.sum = WeightGradient(self.weight_vd)
+        self.sum.add(grad_cv, h_cd, alpha=loss_weight)
+
+    def hand_over(
+        self, grad_loss: torch.Tensor, loss_weight: float
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(the weight's gradient for the first head to call this, None for the others; the factor to
+        scale this head's input gradient by: grad_loss, or NaN where it disagrees with the first)."""
+        factor = grad_loss / loss_weight
+        if self.factor is None:
+            self.factor = factor
+            total = (self.sum or WeightGradient(self.weight_vd)).result()  # zeros where nothing was added
+            self.sum = None
+            return scale_in_place(total, factor), grad_loss
+        agrees = (factor - self.factor).abs() <= self.TOLERANCE * self.factor.abs()
+        return None, torch.where(agrees, grad_loss, float("nan"))
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Loss sum in forward with the gradients computed alongside; backward scales them."""
 
@@ -356,11 +428,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         labels_n: torch.Tensor,
         ignore_index: int,
         chunk_size: int,
+        shared: SharedWeightGradient | None,
+        loss_weight: float,
     ) -> torch.Tensor:
         want_grad_h, want_grad_w = ctx.needs_input_grad[:2]
+        want_grad_w = want_grad_w and (shared is None or loss_weight != 0.0)
+        ctx.shared, ctx.loss_weight = (shared, loss_weight) if want_grad_w else (None, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float32, device=h_nd.device)
         grad_h_nd = torch.empty_like(h_nd) if want_grad_h else None
-        grad_w = WeightGradient(weight_vd) if want_grad_w else None
+        own_grad_w = WeightGradient(weight_vd) if want_grad_w and shared is None else None
         for rows in _row_chunks(h_nd.shape[0], chunk_size):
             h_cd = h_nd[rows]
             labels_c, keep_c = _safe_labels(labels_n[rows], ignore_index)
@@ -368,13 +444,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             loss_sum += chunk_loss
             if want_grad_h:
                 grad_h_nd[rows] = grad_cv @ weight_vd
-            if want_grad_w:
-                grad_w.add(grad_cv, h_cd)
+            if own_grad_w is not None:
+                own_grad_w.add(grad_cv, h_cd)
+            elif want_grad_w:
+                shared.add(grad_cv, h_cd, loss_weight)
             # Freed now, not when the next chunk's result rebinds the name: otherwise this chunk's
             # gradient (2 bytes x c x V) is still held while the next chunk's logits and gradient
             # are made, a third [c, V] buffer at the peak.
             del grad_cv
-        ctx.save_for_backward(grad_h_nd, grad_w.result() if want_grad_w else None)
+        ctx.save_for_backward(grad_h_nd, own_grad_w.result() if own_grad_w is not None else None)
         return loss_sum
 
     @staticmethod
@@ -383,6 +461,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         # In place (the saved gradients are this backward's alone), multiplied in fp32 and rounded
         # once to their dtype; model/ops/casting.py says why not `grad * grad_loss` on CUDA.
         factor = grad_loss.detach().float()
+        if ctx.shared is not None:
+            grad_w_vd, factor = ctx.shared.hand_over(factor, ctx.loss_weight)
+        elif grad_w_vd is not None:
+            grad_w_vd = scale_in_place(grad_w_vd, factor)
         grad_h_nd = scale_in_place(grad_h_nd, factor) if grad_h_nd is not None else None
-        grad_w_vd = scale_in_place(grad_w_vd, factor) if grad_w_vd is not None else None
-        return grad_h_nd, grad_w_vd, None, None, None
+        return grad_h_nd, grad_w_vd, None, None, None, None, None

@@ -266,3 +266,54 @@ def test_rounding_the_weight_gradient_allocates_no_vocabulary_sized_buffer(monke
     assert allocated.new_bytes <= 2 * 64  # the first chunk's bf16 temporary
     assert second() is None
     assert result.untyped_storage().nbytes() == 4 * grad.split * hidden < 6 * vocab * hidden
+
+
+@pytest.mark.parametrize("chunk_size", [5, 64])
+def test_heads_sharing_a_weight_gradient_sum_equal_the_reference(chunk_size):
+    """Three heads over one weight with loss weights 1, 0.25 and 0, the loss built with them: the
+    weight's gradient (handed over by one head alone) and every input's equal the full-logits
+    reference's; the weight-0 head adds nothing to the weight's gradient."""
+    weights = (1.0, 0.25, 0.0)
+    heads = [_inputs(37 + i, 16, 50, torch.float32) for i in range(len(weights))]
+    weight_vd = heads[0][1].clone()
+    c = 0.7  # what backward brings on top of the loss weights (token counts, the engine's scaling)
+
+    def grads(fn, **kwargs):
+        w_leaf = weight_vd.clone().requires_grad_()
+        h_leaves = [h.clone().requires_grad_() for h, _, _ in heads]
+        shared = cross_entropy.SharedWeightGradient(w_leaf) if kwargs else None
+        loss = sum(
+            c
+            * weight
+            * fn(h, w_leaf, labels, ignore_index=IGNORE, **kwargs, shared=shared, loss_weight=weight)[0]
+            if kwargs
+            else c * weight * fn(h, w_leaf, labels, ignore_index=IGNORE)[0]
+            for h, (_, _, labels), weight in zip(h_leaves, heads, weights, strict=True)
+        )
+        loss.backward()
+        return w_leaf.grad, [h.grad for h in h_leaves]
+
+    got_w, got_h = grads(linear_cross_entropy, chunk_size=chunk_size)
+    ref_w, ref_h = grads(linear_cross_entropy_reference)
+    torch.testing.assert_close(got_w, ref_w, rtol=1e-5, atol=1e-6)
+    for got, ref in zip(got_h, ref_h, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_a_head_whose_loss_weight_disagrees_poisons_its_input_gradient():
+    """A loss built with other weights than the shared sum was given: the heads after the first to
+    run backward find their factor differs and turn their input's gradient NaN."""
+    (h1, weight_vd, labels1), (h2, _, labels2) = (
+        _inputs(9, 8, 20, torch.float64),
+        _inputs(9, 8, 20, torch.float64),
+    )
+    w_leaf, h1, h2 = weight_vd.requires_grad_(), h1.requires_grad_(), h2.requires_grad_()
+    shared = cross_entropy.SharedWeightGradient(w_leaf)
+    loss1 = linear_cross_entropy(h1, w_leaf, labels1, ignore_index=IGNORE, shared=shared, loss_weight=1.0)[0]
+    loss2 = linear_cross_entropy(h2, w_leaf, labels2, ignore_index=IGNORE, shared=shared, loss_weight=0.5)[0]
+    (loss1 + loss2).backward()  # the loss weighs the second head 1, not 0.5
+    grads = [h1.grad, h2.grad]
+    assert sum(bool(torch.isnan(g).all()) for g in grads) == 1  # the one that ran second
+    assert sum(bool(torch.isfinite(g).all()) for g in grads) == 1
+    with pytest.raises(ValueError, match="loss_weight"):
+        linear_cross_entropy(h1, w_leaf, labels1, shared=shared, loss_weight=-1.0)

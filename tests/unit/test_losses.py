@@ -351,6 +351,46 @@ def test_model_step_over_micro_batches_equals_one_whole_batch_forward(lb_coef):
         torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("mtp_depths", [1, 2])
+def test_heads_sharing_one_weight_gradient_give_the_separate_heads_gradients(mtp_depths):
+    """With the objective's head_loss_weights the heads sum the LM head's weight gradient in one
+    buffer during forward; every gradient must equal the step's with each head's own gradient."""
+    micro_batches = [rows(make_global_batch(rows=3, seq_len=16, seed=7), r, r + 1) for r in range(3)]
+    tokens = global_target_counts(micro_batches, mtp_depths=mtp_depths)
+    assert len(set((tokens.lm, *tokens.mtp))) > 1  # unequal counts: the heads' weights differ
+    grads = []
+    for share in (False, True):
+        model = build_model(mtp_num_layers=mtp_depths)
+        objective = TrainingObjective(model.config.num_experts, mtp_weight=0.3, lb_coef=0.0)
+        objective.begin_step(tokens)
+        for mb in micro_batches:
+            weights = objective.head_loss_weights() if share else None
+            (objective.micro_batch_loss(model(**mb, head_loss_weights=weights)) / 3).backward()
+        objective.end_step()
+        grads.append(model_grads(model))
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_loss_built_with_other_head_weights_poisons_the_gradients():
+    """Weights given to the model that the loss does not use: the weight gradient would be silently
+    wrong, so the other heads' input gradients turn NaN (the step is then skipped as not finite)."""
+    model = build_model()
+    batch = make_global_batch(rows=2, seq_len=16, seed=3)
+    objective = TrainingObjective(model.config.num_experts, mtp_weight=0.3, lb_coef=0.0)
+    objective.begin_step(global_target_counts([batch], mtp_depths=1))
+    weights = objective.head_loss_weights()
+    out = model(**batch, head_loss_weights=(weights[0], 2 * weights[1]))
+    objective.micro_batch_loss(out).backward()
+    objective.end_step()
+    assert torch.isnan(model.model.embed_tokens.weight.grad).any()
+    with pytest.raises(ValueError, match="head_loss_weights has 3 weights; this model has 2 heads"):
+        model(**batch, head_loss_weights=(1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        model(**batch, head_loss_weights=(1.0, float("nan")))
+
+
 def test_dense_model_has_no_router_terms():
     objective = TrainingObjective(0, mtp_weight=0.0, lb_coef=0.01, z_coef=0.01)
     objective.begin_step(StepTokens(lm=4, mtp=(), routed=4, micro_batches=1, dp_size=1), grad_scale=1.0)
