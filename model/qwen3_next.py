@@ -29,7 +29,7 @@ from model.documents import DocumentLayout
 from model.moe import RouterStats
 from model.mtp import MultiTokenPredictor
 from model.norms import RMSNorm
-from model.ops.cross_entropy import SharedWeightGradient, linear_cross_entropy
+from model.ops.cross_entropy import SharedWeightGradient, linear_cross_entropy, shared_weight_gradient_of
 
 IGNORE_INDEX = -100
 
@@ -106,11 +106,9 @@ class LMHead(nn.Linear):
         )
 
     def shared_weight_gradient(self) -> SharedWeightGradient | None:
-        """One weight-gradient sum for the heads of a forward; None where there is no gradient to make
-        (and a head that cannot share one, the vocabulary-parallel head, has no such method)."""
-        if not (torch.is_grad_enabled() and self.weight.requires_grad):
-            return None
-        return SharedWeightGradient(self.weight)
+        """One weight-gradient sum for the heads of a forward, or None where no gradient is made (the
+        vocabulary-parallel head has the same method)."""
+        return shared_weight_gradient_of(self.weight)
 
 
 class Qwen3NextForCausalLM(nn.Module):
@@ -198,7 +196,7 @@ class Qwen3NextForCausalLM(nn.Module):
 
     def heads_sharing_a_gradient(self, head_loss_weights: tuple[float, ...] | None) -> list[dict]:
         """Each head's `cross_entropy` options, main head first: one shared weight-gradient sum with
-        its loss weight, where weights are given and the head can share one; else none."""
+        its loss weight, where weights are given and a gradient is made; else none."""
         heads = 1 + self.config.mtp_num_layers
         if head_loss_weights is None:
             return [{}] * heads
@@ -210,8 +208,7 @@ class Qwen3NextForCausalLM(nn.Module):
             )
         if not all(math.isfinite(w) and w >= 0 for w in weights):
             raise ValueError(f"head_loss_weights must be finite and >= 0, got {weights}")
-        make_shared = getattr(self.lm_head, "shared_weight_gradient", None)
-        shared = make_shared() if make_shared is not None else None
+        shared = self.lm_head.shared_weight_gradient()
         if shared is None:
             return [{}] * heads
         return [{"shared": shared, "loss_weight": w} for w in weights]

@@ -5,7 +5,9 @@ does not divide V). The cross-entropy runs chunk by chunk over the tokens like m
 cross_entropy.py's: per chunk, local logits in fp32; the row max, the sum of exponentials and the
 target's logit (held by one rank) are all-reduced over the group, so every rank gets the exact loss;
 the gradient for the logits is local, the weight's gradient stays on its shard, and the hidden
-states' gradient is summed over the group (each rank's covers its part of the vocabulary).
+states' gradient is summed over the group (each rank's covers its part of the vocabulary). The main
+and MTP heads can sum their shard's weight gradients in one buffer, as the single-device head's do
+(model/ops/cross_entropy.py: SharedWeightGradient).
 Legend: n tokens, c a chunk of them, d hidden, v this rank's vocabulary rows, V the whole vocabulary.
 """
 
@@ -16,7 +18,12 @@ import torch.distributed as dist
 from torch import nn
 
 from model.ops.casting import scale_in_place
-from model.ops.cross_entropy import WeightGradient, check_labels_in_range
+from model.ops.cross_entropy import (
+    SharedWeightGradient,
+    WeightGradient,
+    check_labels_in_range,
+    shared_weight_gradient_of,
+)
 from parallel.tensor import rank_slice, sharded_parameter
 
 
@@ -29,10 +36,14 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
     """Loss sum in forward with the gradients computed alongside (as the single-device op does)."""
 
     @staticmethod
-    def forward(ctx, h_nd, weight_vd, labels_n, ignore_index, chunk_size, vocab_start, group):
+    def forward(
+        ctx, h_nd, weight_vd, labels_n, ignore_index, chunk_size, vocab_start, group, shared, loss_weight
+    ):
         loss_sum = torch.zeros((), dtype=torch.float32, device=h_nd.device)
         grad_h_nd = torch.empty(h_nd.shape, dtype=torch.float32, device=h_nd.device)
-        grad_w = WeightGradient(weight_vd)
+        shared = shared if shared is not None and loss_weight != 0.0 else None
+        ctx.shared, ctx.loss_weight = shared, loss_weight
+        own_grad_w = WeightGradient(weight_vd) if shared is None else None
         local_vocab = weight_vd.shape[0]
         for start in range(0, h_nd.shape[0], chunk_size):
             rows = slice(start, min(start + chunk_size, h_nd.shape[0]))
@@ -61,11 +72,16 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             grad_cv.scatter_add_(1, local_label_c[:, None], -mine_c.float()[:, None])
             grad_cv = grad_cv.to(h_cd.dtype)
             grad_h_nd[rows] = grad_cv @ weight_vd
-            grad_w.add(grad_cv, h_cd)
+            if own_grad_w is not None:
+                own_grad_w.add(grad_cv, h_cd)
+            else:
+                shared.add(grad_cv, h_cd, loss_weight)
             # freed before the next chunk's logits are made, not when their names are rebound
             del logits_cv, exp_cv, grad_cv
         _all_reduce(grad_h_nd, group)  # each rank's part covers its vocabulary rows only
-        ctx.save_for_backward(grad_h_nd.to(h_nd.dtype), grad_w.result())
+        ctx.save_for_backward(
+            grad_h_nd.to(h_nd.dtype), own_grad_w.result() if own_grad_w is not None else None
+        )
         return loss_sum
 
     @staticmethod
@@ -73,15 +89,11 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         grad_h_nd, grad_w_vd = ctx.saved_tensors
         # as model/ops/cross_entropy.py's: in place, in fp32, rounded once (not `grad * grad_loss`)
         factor = grad_loss.detach().float()
-        return (
-            scale_in_place(grad_h_nd, factor),
-            scale_in_place(grad_w_vd, factor),
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        if ctx.shared is not None:
+            grad_w_vd, factor = ctx.shared.hand_over(factor, ctx.loss_weight)
+        else:
+            grad_w_vd = scale_in_place(grad_w_vd, factor)
+        return (scale_in_place(grad_h_nd, factor), grad_w_vd, *[None] * 7)
 
 
 class VocabParallelLMHead(nn.Module):
@@ -95,15 +107,33 @@ class VocabParallelLMHead(nn.Module):
         self.vocab_start, self.tp, self.group, self.chunk_size = int(rows[0]), tp, group, chunk_size
 
     def cross_entropy(
-        self, h_nd: torch.Tensor, targets_n: torch.Tensor, ignore_index: int
+        self,
+        h_nd: torch.Tensor,
+        targets_n: torch.Tensor,
+        ignore_index: int,
+        *,
+        shared: SharedWeightGradient | None = None,
+        loss_weight: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         targets_n = targets_n.reshape(-1)
         if not targets_n.is_cuda:  # on CUDA a host sync: the kernel asserts instead
             check_labels_in_range(targets_n, self.vocab_size, ignore_index)
         loss_sum = _VocabParallelLinearCrossEntropy.apply(
-            h_nd, self.weight, targets_n, ignore_index, self.chunk_size, self.vocab_start, self.group
+            h_nd,
+            self.weight,
+            targets_n,
+            ignore_index,
+            self.chunk_size,
+            self.vocab_start,
+            self.group,
+            shared,
+            loss_weight,
         )
         return loss_sum, (targets_n != ignore_index).sum()
+
+    def shared_weight_gradient(self) -> SharedWeightGradient | None:
+        """One sum of this rank's shard's weight gradient for the heads of a forward, or None."""
+        return shared_weight_gradient_of(self.weight)
 
     def forward(self, h_btd: torch.Tensor) -> torch.Tensor:
         """Whole-vocabulary logits (evaluation: no gradient flows back through the gather)."""

@@ -21,9 +21,8 @@ checkpointing) keeps only its input (T * H * 2), plus one layer's worth
 while it is recomputed; `recomputed_layers` of the decoder layers are (the first ones; MTP layers
 never), and backward frees the others before it recomputes them. The LM-head cross-entropy adds one
 chunk of logits (2048 x vocab x 2 bytes: the bf16 logits, which their gradient overwrites) and the
-heads' fp32 weight gradient (4 x vocab x H), made in forward: one sum the main and MTP heads share
-(model/ops/cross_entropy.py: SharedWeightGradient), or with tensor parallelism one per head (4 x
-vocab x H / tp each).
+heads' fp32 weight gradient (4 x vocab x H / tp), made in forward: one sum the main and MTP heads
+share (model/ops/cross_entropy.py: SharedWeightGradient).
 Measured on an H200 at the 80B width (4 layers + MTP, 2 x 4096 tokens, bench/RESULTS.md), peak
 against the estimate: before that change (and with the pairs' 3 H) every layer recomputed 52.7 GiB
 against 53.3, the first 2 of 4 56.0 against 56.7, none 59.9 against 60.4; with the current expert
@@ -151,7 +150,6 @@ def activation_bytes(
     whole = max(sum(per_layer[t] for t in kept_whole), max((per_layer[t] for t in recomputed), default=0))
     # the LM head's cross-entropy: one chunk of bf16 logits (overwritten by their gradient), and the
     # weight gradient it makes in forward: one fp32 sum the main and MTP heads share (the training
-    # step gives the model its heads' loss weights); the vocabulary-parallel head makes one a head
-    heads_with_own_sum = 1 if tensor == 1 else 1 + c.mtp_num_layers
-    head = CE_CHUNK * c.vocab_size * 2 + heads_with_own_sum * 4 * c.vocab_size * h / tensor
+    # step gives the model its heads' loss weights), of this rank's vocabulary rows
+    head = CE_CHUNK * c.vocab_size * 2 + 4 * c.vocab_size * h / tensor
     return len(recomputed) * tokens * h * 2 + whole + head

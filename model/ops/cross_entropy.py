@@ -417,6 +417,13 @@ class SharedWeightGradient:
         return None, torch.where(agrees, grad_loss, float("nan"))
 
 
+def shared_weight_gradient_of(weight_vd: torch.Tensor) -> SharedWeightGradient | None:
+    """A `SharedWeightGradient` for the heads over `weight_vd`, or None where no gradient is made."""
+    if not (torch.is_grad_enabled() and weight_vd.requires_grad):
+        return None
+    return SharedWeightGradient(weight_vd)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Loss sum in forward with the gradients computed alongside; backward scales them."""
 
