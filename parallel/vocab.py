@@ -44,6 +44,8 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         shared = shared if shared is not None and loss_weight != 0.0 else None
         ctx.shared, ctx.loss_weight = shared, loss_weight
         own_grad_w = WeightGradient(weight_vd) if shared is None else None
+        if shared is not None:
+            shared.join()
         local_vocab = weight_vd.shape[0]
         for start in range(0, h_nd.shape[0], chunk_size):
             rows = slice(start, min(start + chunk_size, h_nd.shape[0]))

@@ -396,6 +396,11 @@ class SharedWeightGradient:
         self.weight_vd = weight_vd
         self.sum: WeightGradient | None = None  # made at the first head's first chunk
         self.factor: torch.Tensor | None = None  # c, from the head that handed the sum over
+        self.heads = self.backwards = 0  # heads that joined in forward; their backwards so far
+
+    def join(self) -> None:
+        """A head's forward takes part (before its first `add`; also with no rows to add)."""
+        self.heads += 1
 
     def add(self, grad_cv: torch.Tensor, h_cd: torch.Tensor, loss_weight: float) -> None:
         if self.sum is None:
@@ -407,6 +412,12 @@ class SharedWeightGradient:
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(the weight's gradient for the first head to call this, None for the others; the factor to
         scale this head's input gradient by: grad_loss, or NaN where it disagrees with the first)."""
+        self.backwards += 1
+        if self.backwards > self.heads:  # the sum was handed over already: a second backward
+            raise RuntimeError(
+                "a second backward through LM heads that share one weight-gradient sum would give the "
+                "weight no gradient; run the forward again, or without head_loss_weights"
+            )
         factor = grad_loss / loss_weight
         if self.factor is None:
             self.factor = factor
@@ -444,6 +455,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         loss_sum = torch.zeros((), dtype=torch.float32, device=h_nd.device)
         grad_h_nd = torch.empty_like(h_nd) if want_grad_h else None
         own_grad_w = WeightGradient(weight_vd) if want_grad_w and shared is None else None
+        if ctx.shared is not None:
+            ctx.shared.join()
         for rows in _row_chunks(h_nd.shape[0], chunk_size):
             h_cd = h_nd[rows]
             labels_c, keep_c = _safe_labels(labels_n[rows], ignore_index)

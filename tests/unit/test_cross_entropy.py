@@ -317,3 +317,16 @@ def test_a_head_whose_loss_weight_disagrees_poisons_its_input_gradient():
     assert sum(bool(torch.isfinite(g).all()) for g in grads) == 1
     with pytest.raises(ValueError, match="loss_weight"):
         linear_cross_entropy(h1, w_leaf, labels1, shared=shared, loss_weight=-1.0)
+
+
+def test_a_second_backward_through_heads_sharing_a_sum_fails():
+    """The sum is handed over once: a second backward (retain_graph) would leave the weight without
+    its gradient, so it fails instead. (With h's gradient saved, autograd already refuses: backward
+    scales it in place; here h needs none.)"""
+    h_nd, weight_vd, labels_n = _inputs(9, 8, 20, torch.float32)
+    w_leaf = weight_vd.requires_grad_()
+    shared = cross_entropy.SharedWeightGradient(w_leaf)
+    loss = linear_cross_entropy(h_nd, w_leaf, labels_n, ignore_index=IGNORE, shared=shared)[0]
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
