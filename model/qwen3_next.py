@@ -1,6 +1,7 @@
 """Qwen3-Next for causal LM pretraining: the hybrid decoder stack, LM head, MTP and their losses.
 
-`Qwen3NextForCausalLM.forward(input_ids, position_ids=None, labels=None, documents=None)`:
+`Qwen3NextForCausalLM.forward(input_ids, position_ids=None, labels=None, documents=None,
+mtp_accept=False, head_loss_weights=None)`:
 - without labels it returns full logits [batch, seq, vocab] (HF parity, evaluation);
 - with labels it never materialises the logits: it returns per-objective loss *sums* and token
   counts (next-token and each MTP depth) plus every MoE layer's `RouterStats` (model/moe.py), so

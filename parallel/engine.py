@@ -222,7 +222,8 @@ def deepspeed_config(settings: EngineSettings) -> dict:
 class Engine:
     """A DeepSpeed engine as the training step uses it.
 
-    Per micro-batch: `out = engine(input_ids, labels=..., documents=...)`, then `engine.backward(loss)`;
+    Per micro-batch: `out = engine(input_ids, labels=..., documents=..., head_loss_weights=...)` (the
+    model's arguments), then `engine.backward(loss)`;
     the last micro-batch's backward also runs the optimizer step, after which `grad_norm` and
     `step_skipped` describe it: a float and a bool, or, where the step decides on the device
     (`steps_without_host_sync`), a 0-dim fp32 tensor (inf when not finite) and a 0-dim bool tensor on

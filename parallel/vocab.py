@@ -41,9 +41,10 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
     ):
         loss_sum = torch.zeros((), dtype=torch.float32, device=h_nd.device)
         grad_h_nd = torch.empty(h_nd.shape, dtype=torch.float32, device=h_nd.device)
+        # as the single-device head: with a shared sum, a weight-0 head makes no weight gradient
+        own_grad_w = WeightGradient(weight_vd) if shared is None else None
         shared = shared if shared is not None and loss_weight != 0.0 else None
         ctx.shared, ctx.loss_weight = shared, loss_weight
-        own_grad_w = WeightGradient(weight_vd) if shared is None else None
         if shared is not None:
             shared.join()
         local_vocab = weight_vd.shape[0]
@@ -76,7 +77,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             grad_h_nd[rows] = grad_cv @ weight_vd
             if own_grad_w is not None:
                 own_grad_w.add(grad_cv, h_cd)
-            else:
+            elif shared is not None:
                 shared.add(grad_cv, h_cd, loss_weight)
             # freed before the next chunk's logits are made, not when their names are rebound
             del logits_cv, exp_cv, grad_cv
@@ -93,7 +94,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         factor = grad_loss.detach().float()
         if ctx.shared is not None:
             grad_w_vd, factor = ctx.shared.hand_over(factor, ctx.loss_weight)
-        else:
+        elif grad_w_vd is not None:
             grad_w_vd = scale_in_place(grad_w_vd, factor)
         return (scale_in_place(grad_h_nd, factor), grad_w_vd, *[None] * 7)
 

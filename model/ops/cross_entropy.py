@@ -384,10 +384,15 @@ class SharedWeightGradient:
     engine's averaging) comes with backward: head h's loss sum gets the gradient g_h = c * w_h.
 
     So the first head to run backward hands the whole sum over, times g_h / w_h, and the others hand
-    over nothing. They check that their g_h / w_h is that same c: where a loss was built with other
-    weights than the ones given here, their input's gradient turns NaN (the trainer then skips the
-    step and says so), rather than the weight's gradient being silently wrong. A head with weight 0
-    adds nothing and takes no part.
+    over nothing. They check that their g_h / w_h is that same c: where the loss weighs two heads
+    otherwise than the weights given here, the later head's input gradient turns NaN (the trainer
+    then skips the step and says so). A head with weight 0 adds nothing and takes no part.
+
+    The contract, which the training objective keeps by construction (it builds the loss from every
+    head's sum with the weights it gives): one backward through the loss, in which every head with
+    a weight above 0 takes part with that weight, and no head with weight 0 counts. What the check
+    cannot see: a head whose loss never reaches backward (its part of the sum is handed over all
+    the same), or a weight-0 head whose loss does count (its part is missing).
     """
 
     TOLERANCE = 1e-3  # relative: c from different heads differs by fp32 rounding only

@@ -35,9 +35,10 @@ from tests.distributed.test_training import (
 )
 
 
-def sharded_against_whole(rank, world, kv_heads, share=False):
+def sharded_against_whole(rank, world, kv_heads, share=False, mtp_weight=1.0):
     """`share`: the sharded model's heads sum their weight gradient in one buffer (the training step's
-    `head_loss_weights`), the whole model's each keep their own."""
+    `head_loss_weights`), the whole model's each keep their own. `mtp_weight` weighs the MTP loss
+    (0: the MTP head takes no part in the sum)."""
     from model.init import init_weights
     from model.qwen3_next import Qwen3NextForCausalLM
     from parallel.tensor import TensorParallelGroups, apply_tensor_parallel
@@ -51,11 +52,11 @@ def sharded_against_whole(rank, world, kv_heads, share=False):
     ids = torch.randint(0, config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
     position_ids = torch.cat([torch.arange(15), torch.arange(25)]).repeat(2, 1)  # packed documents
     lm_tokens, mtp_tokens = count_targets(ids, position_ids, 1).tolist()
-    sharing = {"head_loss_weights": (1.0, lm_tokens / mtp_tokens)} if share else {}
+    sharing = {"head_loss_weights": (1.0, mtp_weight * lm_tokens / mtp_tokens)} if share else {}
     results = []
     for model, options in ((whole, {}), (sharded, sharing)):
         out = model(ids, position_ids=position_ids, labels=ids, **options)
-        loss = out.lm_loss_sum / out.lm_tokens + out.mtp_loss_sums[0] / out.mtp_tokens[0]
+        loss = out.lm_loss_sum / out.lm_tokens + mtp_weight * out.mtp_loss_sums[0] / out.mtp_tokens[0]
         loss.backward()
         results.append(loss.item())
     whole_grads = dict(whole.named_parameters())
@@ -75,11 +76,13 @@ def sharded_against_whole(rank, world, kv_heads, share=False):
 
 
 @pytest.mark.parametrize(
-    "kv_heads, share", [(2, False), (1, False), (2, True)], ids=["kv-split", "kv-replicated", "heads-share"]
+    "kv_heads, share, mtp_weight",
+    [(2, False, 1.0), (1, False, 1.0), (2, True, 1.0), (2, True, 0.0)],
+    ids=["kv-split", "kv-replicated", "heads-share", "heads-share-mtp-off"],
 )
-def test_sharded_model_computes_the_whole_models_loss_and_gradients(tmp_path, kv_heads, share):
+def test_sharded_model_computes_the_whole_models_loss_and_gradients(tmp_path, kv_heads, share, mtp_weight):
     for (whole_loss, sharded_loss), errors, sharded_count, logits_error in run_on_ranks(
-        sharded_against_whole, 2, tmp_path, kv_heads, share
+        sharded_against_whole, 2, tmp_path, kv_heads, share, mtp_weight
     ):
         assert sharded_loss == pytest.approx(whole_loss, rel=1e-6)
         assert sharded_count > 20, "every mixer's projections, conv, A_log and dt_bias are sharded"
