@@ -19,8 +19,8 @@ from torch import nn
 
 from model.ops.casting import scale_in_place
 from model.ops.cross_entropy import (
+    HeadWeightGradient,
     SharedWeightGradient,
-    WeightGradient,
     check_labels_in_range,
     shared_weight_gradient_of,
 )
@@ -41,12 +41,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
     ):
         loss_sum = torch.zeros((), dtype=torch.float32, device=h_nd.device)
         grad_h_nd = torch.empty(h_nd.shape, dtype=torch.float32, device=h_nd.device)
-        # as the single-device head: with a shared sum, a weight-0 head makes no weight gradient
-        own_grad_w = WeightGradient(weight_vd) if shared is None else None
-        shared = shared if shared is not None and loss_weight != 0.0 else None
-        ctx.shared, ctx.loss_weight = shared, loss_weight
-        if shared is not None:
-            shared.join()
+        ctx.grad_w = HeadWeightGradient(weight_vd, wanted=True, shared=shared, loss_weight=loss_weight)
         local_vocab = weight_vd.shape[0]
         for start in range(0, h_nd.shape[0], chunk_size):
             rows = slice(start, min(start + chunk_size, h_nd.shape[0]))
@@ -75,27 +70,18 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             grad_cv.scatter_add_(1, local_label_c[:, None], -mine_c.float()[:, None])
             grad_cv = grad_cv.to(h_cd.dtype)
             grad_h_nd[rows] = grad_cv @ weight_vd
-            if own_grad_w is not None:
-                own_grad_w.add(grad_cv, h_cd)
-            elif shared is not None:
-                shared.add(grad_cv, h_cd, loss_weight)
+            ctx.grad_w.add(grad_cv, h_cd)
             # freed before the next chunk's logits are made, not when their names are rebound
             del logits_cv, exp_cv, grad_cv
         _all_reduce(grad_h_nd, group)  # each rank's part covers its vocabulary rows only
-        ctx.save_for_backward(
-            grad_h_nd.to(h_nd.dtype), own_grad_w.result() if own_grad_w is not None else None
-        )
+        ctx.save_for_backward(grad_h_nd.to(h_nd.dtype), ctx.grad_w.to_save())
         return loss_sum
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h_nd, grad_w_vd = ctx.saved_tensors
         # as model/ops/cross_entropy.py's: in place, in fp32, rounded once (not `grad * grad_loss`)
-        factor = grad_loss.detach().float()
-        if ctx.shared is not None:
-            grad_w_vd, factor = ctx.shared.hand_over(factor, ctx.loss_weight)
-        elif grad_w_vd is not None:
-            grad_w_vd = scale_in_place(grad_w_vd, factor)
+        grad_w_vd, factor = ctx.grad_w.backward(grad_w_vd, grad_loss.detach().float())
         return (scale_in_place(grad_h_nd, factor), grad_w_vd, *[None] * 7)
 
 

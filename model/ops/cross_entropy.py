@@ -60,8 +60,6 @@ def linear_cross_entropy(
     needs_grad = torch.is_grad_enabled() and (h_nd.requires_grad or weight_vd.requires_grad)
     if not needs_grad:
         return _chunked_loss_only(h_nd, weight_vd, labels_n, ignore_index, chunk_size), num_tokens
-    if shared is not None and not (math.isfinite(loss_weight) and loss_weight >= 0):
-        raise ValueError(f"loss_weight must be finite and >= 0, got {loss_weight}")
     loss_sum = _ChunkedLinearCrossEntropy.apply(
         h_nd, weight_vd, labels_n, ignore_index, chunk_size, shared, loss_weight
     )
@@ -440,6 +438,47 @@ def shared_weight_gradient_of(weight_vd: torch.Tensor) -> SharedWeightGradient |
     return SharedWeightGradient(weight_vd)
 
 
+class HeadWeightGradient:
+    """One head's weight gradient as its cross-entropy makes it: its own `WeightGradient`, its part of
+    a `SharedWeightGradient`, or none (not wanted, or a weight-0 head of a shared sum). Both the
+    single-device and the vocabulary-parallel cross-entropy build theirs with this."""
+
+    def __init__(
+        self,
+        weight_vd: torch.Tensor,
+        *,
+        wanted: bool,
+        shared: SharedWeightGradient | None,
+        loss_weight: float,
+    ):
+        if shared is not None and not (math.isfinite(loss_weight) and loss_weight >= 0):
+            raise ValueError(f"loss_weight must be finite and >= 0, got {loss_weight}")
+        self.own = WeightGradient(weight_vd) if wanted and shared is None else None
+        self.shared = shared if wanted and loss_weight != 0.0 else None
+        self.loss_weight = loss_weight
+        if self.shared is not None:
+            self.shared.join()
+
+    def add(self, grad_cv: torch.Tensor, h_cd: torch.Tensor) -> None:
+        if self.own is not None:
+            self.own.add(grad_cv, h_cd)
+        elif self.shared is not None:
+            self.shared.add(grad_cv, h_cd, self.loss_weight)
+
+    def to_save(self) -> torch.Tensor | None:
+        """After the last chunk: the head's own rounded gradient for backward, or None."""
+        return self.own.result() if self.own is not None else None
+
+    def backward(
+        self, saved_vd: torch.Tensor | None, factor: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(the weight's gradient this head returns, the factor its input gradient is scaled by) for
+        the loss gradient `factor` (fp32); `saved_vd`: what `to_save` gave."""
+        if self.shared is not None:
+            return self.shared.hand_over(factor, self.loss_weight)
+        return (scale_in_place(saved_vd, factor) if saved_vd is not None else None), factor
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Loss sum in forward with the gradients computed alongside; backward scales them."""
 
@@ -455,13 +494,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         loss_weight: float,
     ) -> torch.Tensor:
         want_grad_h, want_grad_w = ctx.needs_input_grad[:2]
-        want_grad_w = want_grad_w and (shared is None or loss_weight != 0.0)
-        ctx.shared, ctx.loss_weight = (shared, loss_weight) if want_grad_w else (None, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float32, device=h_nd.device)
         grad_h_nd = torch.empty_like(h_nd) if want_grad_h else None
-        own_grad_w = WeightGradient(weight_vd) if want_grad_w and shared is None else None
-        if ctx.shared is not None:
-            ctx.shared.join()
+        ctx.grad_w = HeadWeightGradient(weight_vd, wanted=want_grad_w, shared=shared, loss_weight=loss_weight)
         for rows in _row_chunks(h_nd.shape[0], chunk_size):
             h_cd = h_nd[rows]
             labels_c, keep_c = _safe_labels(labels_n[rows], ignore_index)
@@ -469,15 +504,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             loss_sum += chunk_loss
             if want_grad_h:
                 grad_h_nd[rows] = grad_cv @ weight_vd
-            if own_grad_w is not None:
-                own_grad_w.add(grad_cv, h_cd)
-            elif want_grad_w:
-                shared.add(grad_cv, h_cd, loss_weight)
+            ctx.grad_w.add(grad_cv, h_cd)
             # Freed now, not when the next chunk's result rebinds the name: otherwise this chunk's
             # gradient (2 bytes x c x V) is still held while the next chunk's logits and gradient
             # are made, a third [c, V] buffer at the peak.
             del grad_cv
-        ctx.save_for_backward(grad_h_nd, own_grad_w.result() if own_grad_w is not None else None)
+        ctx.save_for_backward(grad_h_nd, ctx.grad_w.to_save())
         return loss_sum
 
     @staticmethod
@@ -485,10 +517,6 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h_nd, grad_w_vd = ctx.saved_tensors
         # In place (the saved gradients are this backward's alone), multiplied in fp32 and rounded
         # once to their dtype; model/ops/casting.py says why not `grad * grad_loss` on CUDA.
-        factor = grad_loss.detach().float()
-        if ctx.shared is not None:
-            grad_w_vd, factor = ctx.shared.hand_over(factor, ctx.loss_weight)
-        elif grad_w_vd is not None:
-            grad_w_vd = scale_in_place(grad_w_vd, factor)
+        grad_w_vd, factor = ctx.grad_w.backward(grad_w_vd, grad_loss.detach().float())
         grad_h_nd = scale_in_place(grad_h_nd, factor) if grad_h_nd is not None else None
         return grad_h_nd, grad_w_vd, None, None, None, None, None
