@@ -229,6 +229,72 @@ def test_attention_op_matches_explicit_softmax():
         torch.testing.assert_close(got, causal_attention_reference(q, k, v, scale=0.3, segment_ids_bt=seg))
 
 
+def _varlen_forms(record):
+    """torch's varlen_attn as its three signatures have been: (2.10) `is_causal`, KV heads must match
+    the query heads; (2.11) a window, grouped KV heads handed to flash as they are; (later) a window
+    and `enable_gqa`, which the wrapper checks head counts against."""
+
+    def with_is_causal(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, is_causal=False):
+        return record(query, key, scale=scale, is_causal=is_causal)
+
+    def with_window(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+        return record(query, key, scale=scale, window_size=window_size)
+
+    def with_gqa(
+        query,
+        key,
+        value,
+        cu_seq_q,
+        cu_seq_k,
+        max_q,
+        max_k,
+        *,
+        scale=None,
+        window_size=(-1, -1),
+        enable_gqa=False,
+    ):
+        return record(query, key, scale=scale, window_size=window_size, enable_gqa=enable_gqa)
+
+    return {"is_causal": with_is_causal, "window": with_window, "window+enable_gqa": with_gqa}
+
+
+@pytest.mark.parametrize(
+    "form, kv_heads_seen, options",
+    [
+        ("is_causal", 4, {"is_causal": True}),
+        ("window", 2, {"window_size": (-1, 0)}),
+        ("window+enable_gqa", 2, {"window_size": (-1, 0), "enable_gqa": True}),
+    ],
+)
+def test_varlen_attention_hands_over_grouped_kv_heads_where_the_kernel_takes_them(
+    monkeypatch, form, kv_heads_seen, options
+):
+    """Repeating the KV heads for the kernel copies K and V (and sums their gradients back): only
+    for the first varlen form, which needs as many KV heads as query heads."""
+    import torch.nn.attention.varlen as varlen
+
+    from model.ops import attention
+
+    seen = {}
+
+    def record(query, key, **kwargs):
+        seen.update(kv_heads=key.shape[1], **kwargs)
+        return torch.zeros_like(query)
+
+    monkeypatch.setattr(varlen, "varlen_attn", _varlen_forms(record)[form])
+    monkeypatch.setattr(attention, "_varlen_enabled", True)
+    attention._find_varlen_kernel.cache_clear()
+    try:
+        q, k, v = (torch.randn(2, h, 5, 8) for h in (4, 2, 2))
+        out = attention.varlen_causal_attention(
+            q, k, v, scale=0.5, cu_seqlens_n1=torch.tensor([0, 3, 10]), max_seqlen=7
+        )
+    finally:
+        attention._find_varlen_kernel.cache_clear()  # the real kernel again for the tests after
+    assert out.shape == q.shape
+    assert seen == {"kv_heads": kv_heads_seen, "scale": 0.5, **options}
+
+
 def test_conv_op_matches_nn_conv1d_and_restarts_at_boundaries():
     gen = torch.Generator().manual_seed(0)
     x, w = torch.randn(2, 13, 6, generator=gen), torch.randn(6, 1, 4, generator=gen)
