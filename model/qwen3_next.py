@@ -6,9 +6,11 @@ mtp_accept=False, head_loss_weights=None)`:
 - with labels it never materialises the logits: it returns per-objective loss *sums* and token
   counts (next-token and each MTP depth) plus every MoE layer's `RouterStats` (model/moe.py), so
   that the training loop can form token-weighted means and the load-balancing loss over the whole
-  global batch. With `head_loss_weights` (each head's share of the loss the caller will build, the
-  training objective's `head_loss_weights()`), the heads sum their LM-head weight gradient in one
-  buffer instead of one each (model/ops/cross_entropy.py: SharedWeightGradient).
+  global batch. With `head_loss_weights` (the gradient the caller's backward will give each head's
+  loss sum: the training objective's `head_loss_weights()` times the engine's loss scale), the heads
+  sum their LM-head weight gradient in one buffer instead of one each, or add it into the
+  optimizer's fp32 gradient where the engine lends it to the weight (model/ops/cross_entropy.py:
+  SharedWeightGradient, Fp32GradientBuffer).
 Document boundaries come in `position_ids` (0 starts a document), or already derived as `documents`
 (a DocumentLayout, which the training loop builds on the host); see model/documents.py.
 """

@@ -33,6 +33,7 @@ import logging
 import os
 import types
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -241,6 +242,13 @@ class Engine:
     def steps_without_host_sync(self) -> bool:
         return getattr(self._ds.optimizer, "step_without_host_sync", False)
 
+    @property
+    def loss_scale(self) -> float:
+        """The factor `backward` multiplies a loss by before it backpropagates (DeepSpeed's average
+        over the micro-batches of a step; bf16 and fp32 have no loss scaler): what a head's loss
+        weight is multiplied by to become the gradient its loss sum gets."""
+        return 1.0 / self._ds.gradient_accumulation_steps()
+
     def __call__(self, input_ids, *, labels=None, documents=None, head_loss_weights=None):
         return self._ds(input_ids, labels=labels, documents=documents, head_loss_weights=head_loss_weights)
 
@@ -371,6 +379,10 @@ def finish_bf16_setup(ds_engine, world: int) -> None:
     - the buffers are not zeroed after the step (DeepSpeed's clear_hp_grads): since the first
       gradient overwrites, only those of parameters that got no gradient need zeros, and get them
       at the end of backward, before the reduction reads them;
+    - each parameter is lent its fp32 buffer (`fp32_grad_buffer`, model/ops/cross_entropy.py's
+      `Fp32GradientBuffer`): the LM heads' weight-gradient GEMMs add into it during forward, with
+      no fp32 sum of their own (1.16 GiB at the 80B vocabulary), no rounding of it to bf16 and no
+      cast back (`_lend_fp32_gradient_buffers`);
     - where the gradient norm needs no collective, the optimizer step skips and clips on the device
       (`_step_without_host_sync`), and the engine reports the norm as a device tensor.
     Not under folding, whose gradient corrections live in DeepSpeed's own method.
@@ -390,6 +402,7 @@ def finish_bf16_setup(ds_engine, world: int) -> None:
         optimizer.backward_epilogue = types.MethodType(
             _zero_fp32_gradients_not_written(optimizer.backward_epilogue), optimizer
         )
+        _lend_fp32_gradient_buffers(optimizer)
     if _can_step_without_host_sync(optimizer):
         optimizer.step = types.MethodType(_step_without_host_sync, optimizer)
         optimizer.step_without_host_sync = True
@@ -500,6 +513,38 @@ def _add_into_fp32_buffer(optimizer, lp, group_idx: int, param_idx: int, clear_l
     optimizer.fp32_groups_has_gradients[group_idx][param_idx] = True
     if clear_lp_grads:
         lp.grad.zero_()
+
+
+class _OptimizerGradientBuffer:
+    """One parameter's fp32 gradient buffer in a BF16_Optimizer, as model/ops/cross_entropy.py's
+    `Fp32GradientBuffer`: what is written there is what `_add_into_fp32_buffer` would have added, and
+    the flag it sets is the one that decides between overwriting and adding, and whether the buffer
+    is zeroed at the end of backward. The optimizer is held weakly: a copy of the model must not copy
+    it."""
+
+    def __init__(self, optimizer, lp, group_idx: int, param_idx: int):
+        self._optimizer = weakref.ref(optimizer)
+        self._lp = weakref.ref(lp)
+        self._group, self._index = group_idx, param_idx
+
+    def tensor(self) -> torch.Tensor:
+        # DeepSpeed's buffers are 1-D narrows of the group's flat fp32 gradient
+        return self._optimizer().fp32_groups_gradients[self._group][self._index].view(self._lp().shape)
+
+    def holds_gradient(self) -> bool:
+        return self._optimizer().fp32_groups_has_gradients[self._group][self._index]
+
+    def mark_written(self) -> None:
+        optimizer = self._optimizer()
+        optimizer.fp32_groups_has_gradients[self._group][self._index] = True
+        self._lp()._hp_grad = optimizer.fp32_groups_gradients[self._group][self._index]
+
+
+def _lend_fp32_gradient_buffers(optimizer) -> None:
+    """`fp32_grad_buffer` on every parameter the optimizer trains (only the LM heads use it)."""
+    for group_idx, group in enumerate(optimizer.bf16_groups):
+        for param_idx, lp in enumerate(group):
+            lp.fp32_grad_buffer = _OptimizerGradientBuffer(optimizer, lp, group_idx, param_idx)
 
 
 def _forget_fp32_gradients(optimizer) -> None:

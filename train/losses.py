@@ -363,14 +363,15 @@ class TrainingObjective:
         self._sums: _StepSums | None = None
 
     def head_loss_weights(self) -> tuple[float, ...]:
-        """Each LM head's share of `micro_batch_loss` (main head, then each MTP depth), relative to the
-        main head's: lm_sum / N_lm + mtp_weight * (1/D) sum_k mtp_sum_k / N_k weighs depth k's loss
-        sum mtp_weight N_lm / (D N_k) times the main head's. The model takes them (`head_loss_weights`)
-        to sum the heads' shared weight gradient in one buffer during forward."""
+        """The gradient `micro_batch_loss` gives each LM head's loss sum, main head first, then each MTP
+        depth: grad_scale / N_lm, and grad_scale x mtp_weight / (D N_k) for depth k. Times the
+        engine's loss scale they are the gradients backward sends the heads, which the model takes
+        (`head_loss_weights`) to add the heads' LM-head weight gradients, so weighted, into one fp32
+        buffer during forward (the optimizer's own where the engine lends it)."""
         tokens = self._require_step()
         depths = len(tokens.mtp)
-        main = 1.0 / max(tokens.lm, 1)
-        return (1.0, *(self.mtp_weight / (depths * max(n, 1)) / main for n in tokens.mtp))
+        main = self._grad_scale / max(tokens.lm, 1)
+        return (main, *(self._grad_scale * self.mtp_weight / (depths * max(n, 1)) for n in tokens.mtp))
 
     def micro_batch_loss(self, out: CausalLMOutput) -> torch.Tensor:
         """This micro-batch's scalar to backprop: grad_scale x its share of the step's loss."""

@@ -22,7 +22,8 @@ while it is recomputed; `recomputed_layers` of the decoder layers are (the first
 never), and backward frees the others before it recomputes them. The LM-head cross-entropy adds one
 chunk of logits (2048 x vocab x 2 bytes: the bf16 logits, which their gradient overwrites) and the
 heads' fp32 weight gradient (4 x vocab x H / tp), made in forward: one sum the main and MTP heads
-share (model/ops/cross_entropy.py: SharedWeightGradient).
+share (model/ops/cross_entropy.py: SharedWeightGradient), except under ZeRO 1, where the heads add
+it into the optimizer's fp32 gradient buffer, counted with the gradients.
 Measured on an H200 at the 80B width (4 layers + MTP, 2 x 4096 tokens, bench/RESULTS.md), peak
 against the estimate: before that change (and with the pairs' 3 H) every layer recomputed 52.7 GiB
 against 53.3, the first 2 of 4 56.0 against 56.7, none 59.9 against 60.4; with the current expert
@@ -33,7 +34,9 @@ recomputed 50.9 against 51.5; with the selective budget, the first 2 layers reco
 52.5 and the first one 52.8 against 53.3; since fla's calls keep q and k at their own head count,
 52.0 against 52.5 and 52.7 against 53.3; since the heads share one weight-gradient sum (an H100),
 51.5 against 51.4 and 52.1 against 52.2 (each head's own: 52.7, the old estimate's 53.3 counted
-an fp32 sum a head where the earlier heads hold their rounded copy).
+an fp32 sum a head where the earlier heads hold their rounded copy). Since the heads add into the
+optimizer's buffer under ZeRO 1 (H100s): the first layer recomputed 51.4 against 51.0, none 52.1
+against 51.8; since the attention's KV heads are no longer repeated, none 51.8 against 51.8.
 """
 
 from __future__ import annotations
@@ -112,7 +115,17 @@ def estimate_memory(
         params,
         grads,
         optim,
-        activation_bytes(c, tensor, micro_batch_size, seq_len, recomputed_layers, recompute_budget),
+        activation_bytes(
+            c,
+            tensor,
+            micro_batch_size,
+            seq_len,
+            recomputed_layers,
+            recompute_budget,
+            # ZeRO 1 lends the fp32 gradient buffers to the LM heads (not when folded onto tensor
+            # parallelism, which this estimate takes any tensor > 1 for)
+            heads_sum_apart=not (zero_stage == 1 and tensor == 1),
+        ),
     )
 
 
@@ -128,7 +141,10 @@ def activation_bytes(
     seq_len: int,
     recomputed_layers: int,
     recompute_budget: float = 1.0,
+    heads_sum_apart: bool = True,
 ) -> float:
+    """heads_sum_apart: the LM heads' weight gradient is an fp32 sum of their own until backward, not
+    added into the optimizer's fp32 gradient buffer."""
     tokens = micro_batch_size * seq_len
     h = c.hidden_size
     key_dim = c.linear_num_key_heads * c.linear_key_head_dim
@@ -149,7 +165,8 @@ def activation_bytes(
     # ones, one at a time: the peak is the larger of the two moments
     whole = max(sum(per_layer[t] for t in kept_whole), max((per_layer[t] for t in recomputed), default=0))
     # the LM head's cross-entropy: one chunk of bf16 logits (overwritten by their gradient), and the
-    # weight gradient it makes in forward: one fp32 sum the main and MTP heads share (the training
-    # step gives the model its heads' loss weights), of this rank's vocabulary rows
-    head = CE_CHUNK * c.vocab_size * 2 + 4 * c.vocab_size * h / tensor
+    # weight gradient it makes in forward, where it is not added into the optimizer's buffer: one
+    # fp32 sum the main and MTP heads share (the training step gives the model its heads' loss
+    # weights), of this rank's vocabulary rows
+    head = CE_CHUNK * c.vocab_size * 2 + (4 * c.vocab_size * h / tensor if heads_sum_apart else 0)
     return len(recomputed) * tokens * h * 2 + whole + head

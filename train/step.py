@@ -128,6 +128,8 @@ class TrainStep:
             host_batches, self.mtp_depths, group=self.counts_group, device=self.counts_device
         )
         self.objective.begin_step(tokens)
+        # the gradients backward will send the LM heads' loss sums, which the heads need in forward
+        head_loss_weights = tuple(w * self.engine.loss_scale for w in self.objective.head_loss_weights())
         for host_batch in host_batches:
             # moved one at a time: from the second on, this host work overlaps the GPU's work on the
             # micro-batch before, instead of leaving the GPU idle at the step's start
@@ -136,7 +138,7 @@ class TrainStep:
                 batch["input_ids"],
                 labels=batch["labels"],
                 documents=batch["documents"],
-                head_loss_weights=self.objective.head_loss_weights(),
+                head_loss_weights=head_loss_weights,
             )
             self.engine.backward(self.objective.micro_batch_loss(out))
         return PendingStep(

@@ -13,6 +13,8 @@ never N x V. With V = 151936 a 2048-row chunk is 1.9 GB on CPU, 0.6 GB on CUDA.
 
 Heads that share the weight (the main and MTP heads) can sum their weight gradients in one fp32
 buffer, each weighted by its share of the loss (`SharedWeightGradient`), instead of holding one each.
+Where a training engine keeps the weight's fp32 gradient for its optimizer and lends that buffer to
+the weight (`Fp32GradientBuffer`), the heads' GEMMs add into it directly: no sum of their own at all.
 
 Both functions return the SUM of per-token losses over tokens whose label != ignore_index (fp32
 scalar) and the number of such tokens (int64 scalar): the trainer divides by the global token count.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -368,6 +371,26 @@ def round_into_own_storage(x: torch.Tensor, dtype: torch.dtype, shape: torch.Siz
     return out
 
 
+class Fp32GradientBuffer(Protocol):
+    """Where a training engine keeps a parameter's fp32 gradient between backward and the optimizer's
+    step, lent to the parameter as `param.fp32_grad_buffer` (parallel/engine.py does for ZeRO 1 with
+    fp32 accumulation). What is written there reaches the optimizer as it is: it must already carry the
+    whole factor backward would give it (the loss's scaling and the engine's), and the parameter's
+    `.grad` gets nothing for it."""
+
+    def tensor(self) -> torch.Tensor:
+        """The fp32 buffer, of the parameter's shape."""
+        ...
+
+    def holds_gradient(self) -> bool:
+        """Whether something was written this step (else its content is stale: overwrite it)."""
+        ...
+
+    def mark_written(self) -> None:
+        """After a write: the buffer holds this step's gradient, to be added to from now on."""
+        ...
+
+
 class SharedWeightGradient:
     """One fp32 sum of the weight gradient of several cross-entropy heads over the same weight (the
     main head and the MTP heads share the LM head), each head's part weighted by its loss weight.
@@ -386,6 +409,12 @@ class SharedWeightGradient:
     otherwise than the weights given here, the later head's input gradient turns NaN (the trainer
     then skips the step and says so). A head with weight 0 adds nothing and takes no part.
 
+    With the weight's `Fp32GradientBuffer` (`buffer`), the heads add into the optimizer's own fp32
+    gradient instead, and there is no sum here to hand over: the weights must then be the gradients
+    themselves (c = 1, the training step passes them so), and every head checks its g_h / w_h against
+    1, its input gradient NaN where it differs. Gradient accumulation over micro-batches happens in
+    that buffer, in fp32, where each micro-batch's rounded gradient was added before.
+
     The contract, which the training objective keeps by construction (it builds the loss from every
     head's sum with the weights it gives): one backward through the loss, in which every head with
     a weight above 0 takes part with that weight, and no head with weight 0 counts. What the check
@@ -395,8 +424,9 @@ class SharedWeightGradient:
 
     TOLERANCE = 1e-3  # relative: c from different heads differs by fp32 rounding only
 
-    def __init__(self, weight_vd: torch.Tensor):
+    def __init__(self, weight_vd: torch.Tensor, buffer: Fp32GradientBuffer | None = None):
         self.weight_vd = weight_vd
+        self.buffer = buffer
         self.sum: WeightGradient | None = None  # made at the first head's first chunk
         self.factor: torch.Tensor | None = None  # c, from the head that handed the sum over
         self.heads = self.backwards = 0  # heads that joined in forward; their backwards so far
@@ -406,6 +436,13 @@ class SharedWeightGradient:
         self.heads += 1
 
     def add(self, grad_cv: torch.Tensor, h_cd: torch.Tensor, loss_weight: float) -> None:
+        if self.buffer is not None:
+            overwrite = not self.buffer.holds_gradient()
+            accumulate_grad_weight(
+                self.buffer.tensor(), grad_cv, h_cd, overwrite=overwrite, alpha=loss_weight
+            )
+            self.buffer.mark_written()
+            return
         if self.sum is None:
             self.sum = WeightGradient(self.weight_vd)
         self.sum.add(grad_cv, h_cd, alpha=loss_weight)
@@ -413,8 +450,9 @@ class SharedWeightGradient:
     def hand_over(
         self, grad_loss: torch.Tensor, loss_weight: float
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(the weight's gradient for the first head to call this, None for the others; the factor to
-        scale this head's input gradient by: grad_loss, or NaN where it disagrees with the first)."""
+        """(the weight's gradient for the first head to call this, None for the others and for every
+        head with a buffer; the factor to scale this head's input gradient by: grad_loss, or NaN
+        where it disagrees with the first, or with a buffer's 1)."""
         self.backwards += 1
         if self.backwards > self.heads:  # the sum was handed over already: a second backward
             raise RuntimeError(
@@ -422,6 +460,8 @@ class SharedWeightGradient:
                 "weight no gradient; run the forward again, or without head_loss_weights"
             )
         factor = grad_loss / loss_weight
+        if self.factor is None and self.buffer is not None:
+            self.factor = torch.ones_like(factor)  # what went into the buffer carries c already
         if self.factor is None:
             self.factor = factor
             total = (self.sum or WeightGradient(self.weight_vd)).result()  # zeros where nothing was added
@@ -432,10 +472,19 @@ class SharedWeightGradient:
 
 
 def shared_weight_gradient_of(weight_vd: torch.Tensor) -> SharedWeightGradient | None:
-    """A `SharedWeightGradient` for the heads over `weight_vd`, or None where no gradient is made."""
+    """A `SharedWeightGradient` for the heads over `weight_vd` (into the optimizer's fp32 gradient where
+    the weight has one, `fp32_grad_buffer`), or None where no gradient is made."""
     if not (torch.is_grad_enabled() and weight_vd.requires_grad):
         return None
-    return SharedWeightGradient(weight_vd)
+    buffer = getattr(weight_vd, "fp32_grad_buffer", None)
+    if buffer is not None:
+        tensor = buffer.tensor()
+        if tensor.shape != weight_vd.shape or tensor.dtype != torch.float32 or not tensor.is_contiguous():
+            raise ValueError(
+                f"the weight's fp32_grad_buffer must be a contiguous fp32 tensor of the weight's shape "
+                f"{tuple(weight_vd.shape)}, got {tensor.dtype} {tuple(tensor.shape)}"
+            )
+    return SharedWeightGradient(weight_vd, buffer)
 
 
 class HeadWeightGradient:

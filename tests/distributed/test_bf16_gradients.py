@@ -60,14 +60,26 @@ def trainer_settings(world: int, zero_stage: int) -> dict:
     )
 
 
+def bf16_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: int, zero_stage: int = 1):
+    """A DeepSpeed engine under the trainer's bf16 settings, finished as the trainer finishes it."""
+    import deepspeed
+
+    from parallel.engine import finish_bf16_setup
+
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=trainer_settings(world, zero_stage), dist_init_required=False
+    )
+    finish_bf16_setup(engine, world)
+    return engine
+
+
 def gradients_at_the_step(rank: int, world: int, zero_stage: int):
     """This rank's per-micro-batch bf16 gradients (plain autograd, scaled as DeepSpeed scales the loss)
     and the full gradient DeepSpeed holds for each parameter just before the optimizer step."""
     os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-    import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
-    from parallel.engine import finish_bf16_setup, quiet_deepspeed, skip_cpu_shm_build
+    from parallel.engine import quiet_deepspeed, skip_cpu_shm_build
 
     quiet_deepspeed()
     skip_cpu_shm_build()
@@ -79,13 +91,7 @@ def gradients_at_the_step(rank: int, world: int, zero_stage: int):
         (loss_of(plain, micro_batch(rank, index)) / GRAD_ACCUM).backward()
         micro_grads.append([p.grad.clone() for p in plain.parameters()])
 
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
-        config=trainer_settings(world, zero_stage),
-        dist_init_required=False,
-    )
-    finish_bf16_setup(engine, world)  # as the trainer does
+    engine = bf16_engine(model, torch.optim.SGD(model.parameters(), lr=0.0), world, zero_stage)
     for index in range(GRAD_ACCUM):
         engine.backward(loss_of(engine, micro_batch(rank, index)))
         if index == GRAD_ACCUM - 1:  # the accumulation boundary: reduced, not yet applied
@@ -112,23 +118,16 @@ def gradients_when_a_layer_sits_out(rank: int, world: int):
     first: the gradients DeepSpeed holds at step 2's boundary, plain autograd's for step 2, and the
     fp32 master weights before and after step 2."""
     os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-    import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
-    from parallel.engine import finish_bf16_setup, quiet_deepspeed, skip_cpu_shm_build
+    from parallel.engine import quiet_deepspeed, skip_cpu_shm_build
 
     quiet_deepspeed()
     skip_cpu_shm_build()
     model = toy_model()
     plain = copy.deepcopy(model)
     depths = [len(model) - 1, 2]  # step 2's micro-batches: all but the last layer, then the first two
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
-        config=trainer_settings(world, 1),
-        dist_init_required=False,
-    )
-    finish_bf16_setup(engine, world)
+    engine = bf16_engine(model, torch.optim.SGD(model.parameters(), lr=1.0), world)
     for index in range(GRAD_ACCUM):  # step 1: every parameter gets a gradient
         engine.backward(loss_of(engine, micro_batch(rank, index)))
         engine.step()
@@ -171,20 +170,15 @@ def adamw_engine(rank: int, world: int):
     """On this rank (gloo, CPU): the toy model under the trainer's bf16 ZeRO 1 settings (clip 1.0)
     with fused AdamW, set up as the trainer does, in our Engine."""
     os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-    import deepspeed
 
-    from parallel.engine import Engine, EngineSettings, finish_bf16_setup, quiet_deepspeed, skip_cpu_shm_build
+    from parallel.engine import Engine, EngineSettings, quiet_deepspeed, skip_cpu_shm_build
 
     quiet_deepspeed()
     skip_cpu_shm_build()
     model = toy_model()
-    ds_engine, *_ = deepspeed.initialize(
-        model=model,
-        optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, fused=True),
-        config=trainer_settings(world, 1),
-        dist_init_required=False,
+    ds_engine = bf16_engine(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, fused=True), world
     )
-    finish_bf16_setup(ds_engine, world)
     settings = EngineSettings(world, 1, 1, GRAD_ACCUM, 1, world * GRAD_ACCUM, 1.0, 1, False, False)
     return Engine(ds_engine, settings)
 
@@ -277,3 +271,68 @@ def test_a_checkpoint_after_device_side_steps_resumes_the_same_run(tmp_path, wor
     results = run_on_ranks(steps_around_a_checkpoint, world, tmp_path, str(tmp_path / "ckpt"), timeout=300)
     for straight_on, resumed in results:
         assert all(torch.equal(a, b) for a, b in zip(straight_on, resumed, strict=True))
+
+
+def lm_head_gradients_at_the_step(rank: int, world: int, lend: bool):
+    """The tiny model in bf16 under the trainer's settings, a step of GRAD_ACCUM micro-batches with the
+    training objective: every parameter's gradient DeepSpeed holds at the boundary. `lend`: the heads
+    are told their gradients (as TrainStep tells them) and add into the fp32 buffers the engine lends;
+    else each head hands its own gradient to autograd, rounded to bf16 per micro-batch."""
+    os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    from deepspeed.utils import safe_get_full_grad
+
+    from model.documents import DocumentLayout
+    from model.init import init_weights
+    from model.qwen3_next import Qwen3NextForCausalLM
+    from parallel.engine import Engine, EngineSettings, quiet_deepspeed, skip_cpu_shm_build
+    from tests.conftest import tiny_config
+    from tests.unit.test_losses import make_global_batch, rows
+    from train.losses import TrainingObjective, global_target_counts
+
+    quiet_deepspeed()
+    skip_cpu_shm_build()
+    config = tiny_config()
+    model = Qwen3NextForCausalLM(config)
+    init_weights(model, config, 0)
+    model = model.to(torch.bfloat16)
+    ds_engine = bf16_engine(model, torch.optim.SGD(model.parameters(), lr=0.0), world)
+    assert hasattr(model.lm_head.weight, "fp32_grad_buffer")
+    engine = Engine(
+        ds_engine, EngineSettings(world, 1, 1, GRAD_ACCUM, 1, world * GRAD_ACCUM, 1.0, 1, False, False)
+    )
+    batch = make_global_batch(rows=world * GRAD_ACCUM, seq_len=16, seed=11, vocab=config.vocab_size)
+    micro_batches = [rows(batch, rank * GRAD_ACCUM + i, rank * GRAD_ACCUM + i + 1) for i in range(GRAD_ACCUM)]
+    objective = TrainingObjective(config.num_experts, mtp_weight=0.3, lb_coef=0.0)
+    objective.begin_step(global_target_counts(micro_batches, config.mtp_num_layers))
+    weights = tuple(w * engine.loss_scale for w in objective.head_loss_weights()) if lend else None
+    for index, micro in enumerate(micro_batches):
+        documents = DocumentLayout.from_position_ids(micro["position_ids"], *micro["input_ids"].shape, "cpu")
+        out = engine(
+            micro["input_ids"], labels=micro["labels"], documents=documents, head_loss_weights=weights
+        )
+        ds_engine.backward(objective.micro_batch_loss(out))
+        if index == GRAD_ACCUM - 1:
+            seen = {n: safe_get_full_grad(p).clone() for n, p in ds_engine.module.named_parameters()}
+        ds_engine.step()
+    objective.end_step()
+    return seen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [1, 2])
+def test_lm_heads_add_into_the_lent_fp32_buffers_what_autograd_would(tmp_path, world):
+    """The step's gradients with the heads adding into the optimizer's fp32 buffer equal those with
+    each head's own gradient handed to autograd: the other parameters' exactly, the LM head's to the
+    bf16 rounding the latter makes of each micro-batch's (and not bit for bit: it was not rounded)."""
+    lent = run_on_ranks(lm_head_gradients_at_the_step, world, tmp_path / "lent", True, timeout=300)
+    own = run_on_ranks(lm_head_gradients_at_the_step, world, tmp_path / "own", False, timeout=300)
+    for rank in range(world):
+        assert lent[rank].keys() == own[rank].keys()
+        for name, want in own[rank].items():
+            got = lent[rank][name]
+            assert torch.isfinite(got).all(), name
+            if name != "lm_head.weight":
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9, msg=name)
+        got, want = lent[rank]["lm_head.weight"], own[rank]["lm_head.weight"]
+        assert not torch.equal(got, want)
+        assert ((got - want).norm() / want.norm()).item() < 2**-8

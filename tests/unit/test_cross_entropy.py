@@ -330,3 +330,100 @@ def test_a_second_backward_through_heads_sharing_a_sum_fails():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="second backward"):
         loss.backward()
+
+
+class _Buffer:
+    """An optimizer's fp32 gradient buffer as `Fp32GradientBuffer` lends it (the engine's holds the
+    flag in the optimizer)."""
+
+    def __init__(self, like_vd: torch.Tensor, *, holds: torch.Tensor | None = None):
+        # stale values where nothing is held yet: the first write must overwrite them
+        self.values = holds.clone() if holds is not None else torch.full(like_vd.shape, 1e6)
+        self.written = holds is not None
+
+    def tensor(self) -> torch.Tensor:
+        return self.values
+
+    def holds_gradient(self) -> bool:
+        return self.written
+
+    def mark_written(self) -> None:
+        self.written = True
+
+
+def _heads_into_buffer(heads, weight_vd, weights, upstream, buffer, chunk_size=5):
+    """Each head's loss sum x its weight x upstream backpropagated, the heads told `weights` and
+    writing into `buffer`: (the weight's .grad, the inputs' gradients)."""
+    w_leaf = weight_vd.clone().requires_grad_()
+    w_leaf.fp32_grad_buffer = buffer
+    shared = cross_entropy.shared_weight_gradient_of(w_leaf)
+    assert shared.buffer is buffer
+    h_leaves = [h.clone().requires_grad_() for h, _, _ in heads]
+    loss = sum(
+        upstream
+        * weight
+        * linear_cross_entropy(
+            h, w_leaf, labels, ignore_index=IGNORE, chunk_size=chunk_size, shared=shared, loss_weight=told
+        )[0]
+        for h, (_, _, labels), weight, told in zip(
+            h_leaves, heads, weights, [w * upstream for w in weights], strict=True
+        )
+    )
+    loss.backward()
+    return w_leaf.grad, [h.grad for h in h_leaves]
+
+
+@pytest.mark.parametrize("holds", [False, True])
+def test_heads_add_their_weight_gradient_into_the_optimizers_buffer(holds):
+    """With the weight's fp32 buffer lent and the heads told the gradients backward will send them
+    (weight x upstream), the weight gets no .grad: its gradient is in the buffer, overwriting what
+    was stale there, or added to what a micro-batch before left; every input's gradient as the
+    reference's."""
+    weights = (1.0, 0.25, 0.0)
+    heads = [_inputs(37 + i, 16, 50, torch.float32) for i in range(len(weights))]
+    weight_vd = heads[0][1]
+    earlier_vd = torch.randn(weight_vd.shape, generator=torch.Generator().manual_seed(5))
+    buffer = _Buffer(weight_vd, holds=earlier_vd if holds else None)
+    got_w, got_h = _heads_into_buffer(heads, weight_vd, weights, 0.7, buffer)
+    assert got_w is None and buffer.written
+
+    w_ref = weight_vd.clone().requires_grad_()
+    h_ref = [h.clone().requires_grad_() for h, _, _ in heads]
+    loss = sum(
+        0.7 * weight * linear_cross_entropy_reference(h, w_ref, labels, ignore_index=IGNORE)[0]
+        for h, (_, _, labels), weight in zip(h_ref, heads, weights, strict=True)
+    )
+    loss.backward()
+    expected_vd = w_ref.grad + (earlier_vd if holds else 0)
+    torch.testing.assert_close(buffer.values, expected_vd, rtol=1e-5, atol=1e-6)
+    for got, ref in zip(got_h, h_ref, strict=True):
+        torch.testing.assert_close(got, ref.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_heads_told_other_gradients_than_backward_sends_poison_every_input():
+    """Into the optimizer's buffer the weight gradient goes with the factor the heads were told: if
+    backward sends another (here the loss is scaled by 2 after the fact), nothing can rescale it, so
+    every head's input gradient turns NaN and the step is skipped."""
+    heads = [_inputs(9 + i, 8, 20, torch.float32) for i in range(2)]
+    buffer = _Buffer(heads[0][1])
+    w_leaf = heads[0][1].clone().requires_grad_()
+    w_leaf.fp32_grad_buffer = buffer
+    shared = cross_entropy.shared_weight_gradient_of(w_leaf)
+    h_leaves = [h.clone().requires_grad_() for h, _, _ in heads]
+    sums = [
+        linear_cross_entropy(h, w_leaf, labels, ignore_index=IGNORE, shared=shared, loss_weight=0.5)[0]
+        for h, (_, _, labels) in zip(h_leaves, heads, strict=True)
+    ]
+    (2 * 0.5 * (sums[0] + sums[1])).backward()
+    assert all(bool(torch.isnan(h.grad).all()) for h in h_leaves)
+
+
+def test_a_buffer_not_of_the_weights_shape_and_dtype_is_refused():
+    w_leaf = torch.zeros(20, 8, requires_grad=True)
+    w_leaf.fp32_grad_buffer = _Buffer(torch.zeros(8, 20))
+    with pytest.raises(ValueError, match="contiguous fp32 tensor of the weight's shape"):
+        cross_entropy.shared_weight_gradient_of(w_leaf)
+    w_leaf.fp32_grad_buffer = _Buffer(torch.zeros(20, 8))
+    w_leaf.fp32_grad_buffer.values = w_leaf.fp32_grad_buffer.values.double()
+    with pytest.raises(ValueError, match=r"got torch\.float64"):
+        cross_entropy.shared_weight_gradient_of(w_leaf)
