@@ -519,13 +519,19 @@ class _OptimizerGradientBuffer:
     """One parameter's fp32 gradient buffer in a BF16_Optimizer, as model/ops/cross_entropy.py's
     `Fp32GradientBuffer`: what is written there is what `_add_into_fp32_buffer` would have added, and
     the flag it sets is the one that decides between overwriting and adding, and whether the buffer
-    is zeroed at the end of backward. The optimizer is held weakly: a copy of the model must not copy
-    it."""
+    is zeroed at the end of backward. The optimizer and the parameter are held weakly, and a copy or
+    a pickle of the parameter (a deep-copied model, say) lends nothing: it is not the optimizer's."""
 
     def __init__(self, optimizer, lp, group_idx: int, param_idx: int):
         self._optimizer = weakref.ref(optimizer)
         self._lp = weakref.ref(lp)
         self._group, self._index = group_idx, param_idx
+
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return _nothing_lent, ()
 
     def tensor(self) -> torch.Tensor:
         # DeepSpeed's buffers are 1-D narrows of the group's flat fp32 gradient
@@ -538,6 +544,10 @@ class _OptimizerGradientBuffer:
         optimizer = self._optimizer()
         optimizer.fp32_groups_has_gradients[self._group][self._index] = True
         self._lp()._hp_grad = optimizer.fp32_groups_gradients[self._group][self._index]
+
+
+def _nothing_lent() -> None:
+    return None
 
 
 def _lend_fp32_gradient_buffers(optimizer) -> None:

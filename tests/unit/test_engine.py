@@ -57,3 +57,36 @@ def test_the_config_switches_turn_the_compiled_fusions_and_varlen_attention_off(
     finally:
         fusion.compile_fusions(True)
         attention.use_varlen(True)
+
+
+def test_a_copied_or_pickled_parameter_lends_no_optimizer_buffer():
+    """The fp32 gradient buffer an engine lends a parameter is its optimizer's: a deep copy of the
+    model (or a pickle of it) must not write into it, so its parameters get none."""
+    import copy
+    import io
+
+    import torch
+
+    from parallel.engine import _OptimizerGradientBuffer
+
+    class Optimizer:  # a BF16_Optimizer's two lists, one parameter's flat fp32 gradient
+        def __init__(self):
+            self.fp32_groups_gradients = [[torch.zeros(6)]]
+            self.fp32_groups_has_gradients = [[False]]
+
+    optimizer = Optimizer()
+    weight = torch.nn.Parameter(torch.ones(2, 3))
+    weight.fp32_grad_buffer = _OptimizerGradientBuffer(optimizer, weight, 0, 0)
+    assert weight.fp32_grad_buffer.tensor().shape == (2, 3)
+    weight.fp32_grad_buffer.mark_written()
+    assert weight.fp32_grad_buffer.holds_gradient()
+    assert weight._hp_grad is optimizer.fp32_groups_gradients[0][0]
+
+    module = torch.nn.Module()
+    module.weight = weight
+    assert getattr(copy.deepcopy(module).weight, "fp32_grad_buffer", None) is None
+    saved = io.BytesIO()
+    torch.save(module, saved)
+    saved.seek(0)
+    assert getattr(torch.load(saved, weights_only=False).weight, "fp32_grad_buffer", None) is None
+    assert weight.fp32_grad_buffer is not None  # the original keeps it
