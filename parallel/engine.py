@@ -12,9 +12,11 @@ unless `parallel.untested_deepspeed=true`, in which case the changes that only s
 back to DeepSpeed's own behaviour and the ones expert parallelism needs are still made:
 1. CPU runs: DeepSpeed's shared-memory all-reduce op is marked unbuildable (`skip_cpu_shm_build`).
 2. bf16 (ZeRO 1-2 on GPUs): the bf16 gradient is added into its fp32 buffer in one mixed-dtype
-   `add_`, and a single rank skips the gradient all-reduce (`finish_bf16_setup`); without tensor or
-   expert parallelism the optimizer step decides clipping and skipping on the device, without
-   reading the gradient norm on the host (`_step_without_host_sync`). Speed only.
+   `add_`, and a single rank skips the gradient all-reduce (`finish_bf16_setup`); under ZeRO 1 each
+   parameter is lent its fp32 buffer, into which the LM heads add their weight gradient in forward
+   (`_lend_fp32_gradient_buffers`); without tensor or expert parallelism the optimizer step decides
+   clipping and skipping on the device, without reading the gradient norm on the host
+   (`_step_without_host_sync`). Speed and memory only.
 3. Expert parallelism: the engine adopts the AutoEP layers parallel/expert.py built before it
    (`_engine_adopts_replaced_layers`), and checks they hold the experts of its groups.
 4. Expert parallelism folded onto tensor parallelism: AutoTP told our heads are sharded already, the
