@@ -528,6 +528,7 @@ class _OptimizerGradientBuffer:
         self._optimizer = weakref.ref(optimizer)
         self._lp = weakref.ref(lp)
         self._group, self._index = group_idx, param_idx
+        self.writer = None  # the LM heads' bookkeeping (Fp32GradientBuffer.writer)
 
     def __deepcopy__(self, memo):
         return None

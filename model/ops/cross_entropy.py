@@ -376,7 +376,12 @@ class Fp32GradientBuffer(Protocol):
     step, lent to the parameter as `param.fp32_grad_buffer` (parallel/engine.py does for ZeRO 1 with
     fp32 accumulation). What is written there reaches the optimizer as it is: it must already carry the
     whole factor backward would give it (the loss's scaling and the engine's), and the parameter's
-    `.grad` gets nothing for it."""
+    `.grad` gets nothing for it.
+
+    `writer` is the heads' own bookkeeping (None when lent): the `SharedWeightGradient` of the last
+    forward that wrote there, which checks that its backward ran before another forward adds more."""
+
+    writer: SharedWeightGradient | None
 
     def tensor(self) -> torch.Tensor:
         """The fp32 buffer, of the parameter's shape."""
@@ -434,6 +439,22 @@ class SharedWeightGradient:
     def join(self) -> None:
         """A head's forward takes part (before its first `add`; also with no rows to add)."""
         self.heads += 1
+        if self.buffer is not None:
+            self._check_the_last_writer_finished()
+            self.buffer.writer = self
+
+    def _check_the_last_writer_finished(self) -> None:
+        """A forward whose heads wrote into the optimizer's buffer and whose backward never ran (an
+        exception between them, caught) left its part there, which this forward would add to:
+        refused while the buffer still holds it (the optimizer's step or zeroing forgets it)."""
+        last = self.buffer.writer
+        if last is None or last is self or last.backwards >= last.heads or not self.buffer.holds_gradient():
+            return
+        raise RuntimeError(
+            "an earlier forward of the LM heads added their weight gradient into the optimizer's fp32 "
+            "buffer and its backward never ran: that gradient is still counted in this step. Zero the "
+            "optimizer's gradients (or finish the step) before the next forward with head_loss_weights"
+        )
 
     def add(self, grad_cv: torch.Tensor, h_cd: torch.Tensor, loss_weight: float) -> None:
         if self.buffer is not None:

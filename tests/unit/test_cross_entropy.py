@@ -340,6 +340,7 @@ class _Buffer:
         # stale values where nothing is held yet: the first write must overwrite them
         self.values = holds.clone() if holds is not None else torch.full(like_vd.shape, 1e6)
         self.written = holds is not None
+        self.writer = None
 
     def tensor(self) -> torch.Tensor:
         return self.values
@@ -427,3 +428,24 @@ def test_a_buffer_not_of_the_weights_shape_and_dtype_is_refused():
     w_leaf.fp32_grad_buffer.values = w_leaf.fp32_grad_buffer.values.double()
     with pytest.raises(ValueError, match=r"got torch\.float64"):
         cross_entropy.shared_weight_gradient_of(w_leaf)
+
+
+def test_a_forward_whose_backward_never_ran_is_refused_before_another_adds_to_its_gradient():
+    """Heads that wrote into the optimizer's buffer in forward and never ran backward (an exception
+    between them, caught) left their part there: the next forward must not add to it silently. Once
+    the buffer is cleared (the optimizer's step), a forward may write again."""
+    h_nd, weight_vd, labels_n = _inputs(9, 8, 20, torch.float32)
+    buffer = _Buffer(weight_vd)
+    w_leaf = weight_vd.clone().requires_grad_()
+    w_leaf.fp32_grad_buffer = buffer
+
+    def forward():
+        shared = cross_entropy.shared_weight_gradient_of(w_leaf)
+        return linear_cross_entropy(h_nd, w_leaf, labels_n, ignore_index=IGNORE, shared=shared)[0]
+
+    forward().backward()  # a whole micro-batch: the next forward may add to what it wrote
+    forward()  # forward only: its part is in the buffer, its backward never comes
+    with pytest.raises(RuntimeError, match="its backward never ran"):
+        forward()
+    buffer.written = False  # the optimizer's step: the next write overwrites
+    forward().backward()
