@@ -39,6 +39,11 @@ def layout_memory(cfg: PretrainConfig, layout: Layout):
         recomputed_layers=recomputed_layers(cfg),
         # the budget steers torch.compile's partitioner: eager layers keep what they keep
         recompute_budget=cfg.trainer.recompute_budget if cfg.trainer.compile else 1.0,
+        # parallel/engine.py lends them under ZeRO 1, unless AutoEP is folded onto tensor parallelism
+        # or the run allows an untested DeepSpeed (taken to be one: the estimate stays on the safe side)
+        lends_gradient_buffers=cfg.parallel.zero_stage == 1
+        and not (uses_autoep(cfg, layout) and layout.tensor > 1)
+        and not cfg.parallel.untested_deepspeed,
     )
 
 

@@ -94,7 +94,13 @@ def estimate_memory(
     seq_len: int,
     recomputed_layers: int,
     recompute_budget: float = 1.0,
+    lends_gradient_buffers: bool | None = None,
 ) -> MemoryEstimate:
+    """lends_gradient_buffers: whether the engine lends the LM heads the optimizer's fp32 gradient
+    buffers (ZeRO 1, not folded onto tensor parallelism, a checked DeepSpeed: train/dry_run.py
+    knows); None takes ZeRO 1 without tensor parallelism for it."""
+    if lends_gradient_buffers is None:
+        lends_gradient_buffers = zero_stage == 1 and tensor == 1
     dense_local, expert_local = rank_parameters(c, tensor=tensor, expert=expert)
     dense_dp, expert_dp = world // tensor, world // expert
 
@@ -122,9 +128,7 @@ def estimate_memory(
             seq_len,
             recomputed_layers,
             recompute_budget,
-            # ZeRO 1 lends the fp32 gradient buffers to the LM heads (not when folded onto tensor
-            # parallelism, which this estimate takes any tensor > 1 for)
-            heads_sum_apart=not (zero_stage == 1 and tensor == 1),
+            heads_sum_apart=not lends_gradient_buffers,
         ),
     )
 

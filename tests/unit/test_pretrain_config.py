@@ -257,6 +257,32 @@ def test_selective_recomputation_is_neither_counted_nor_allowed_for_eager_layers
         validate_layout(eager, 64)
 
 
+def test_the_dry_run_counts_the_heads_fp32_sum_only_where_no_buffer_is_lent():
+    """Under ZeRO 1 the engine lends the LM heads the optimizer's fp32 gradient buffer, so their
+    own fp32 sum (4 bytes x vocab x hidden) is not counted; under ZeRO 2, or with an untested
+    DeepSpeed allowed (whose engine lends nothing), it is."""
+    import dataclasses
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from train.config import register_configs, validate_layout
+    from train.dry_run import layout_memory
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = OmegaConf.to_object(compose("pretrain", ["conf=80b_a3b", "parallel.zero_stage=1"]))
+    layout = validate_layout(cfg, 64)
+
+    def activations(**parallel) -> float:
+        changed = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, **parallel))
+        return layout_memory(changed, layout).activations
+
+    head_sum = 4 * cfg.model.vocab_size * cfg.model.hidden_size
+    assert activations(untested_deepspeed=True) - activations() == head_sum
+    assert activations(zero_stage=2) - activations() == head_sum
+
+
 def test_settings_without_effect_are_noted_and_the_presets_have_none():
     from train.config import unused_settings
 
