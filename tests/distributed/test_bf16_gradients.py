@@ -274,10 +274,11 @@ def test_a_checkpoint_after_device_side_steps_resumes_the_same_run(tmp_path, wor
 
 
 def lm_head_gradients_at_the_step(rank: int, world: int, lend: bool):
-    """The tiny model in bf16 under the trainer's settings, a step of GRAD_ACCUM micro-batches with the
-    training objective: every parameter's gradient DeepSpeed holds at the boundary. `lend`: the heads
-    are told their gradients (as TrainStep tells them) and add into the fp32 buffers the engine lends;
-    else each head hands its own gradient to autograd, rounded to bf16 per micro-batch."""
+    """The tiny model in bf16 under the trainer's settings, two steps of GRAD_ACCUM micro-batches with
+    the training objective (lr 0: the same step twice): every parameter's gradient DeepSpeed holds
+    at each step's boundary. `lend`: the heads are told their gradients (as TrainStep tells them) and
+    add into the fp32 buffers the engine lends; else each head hands its own gradient to autograd,
+    rounded to bf16 per micro-batch."""
     os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     from deepspeed.utils import safe_get_full_grad
 
@@ -303,19 +304,22 @@ def lm_head_gradients_at_the_step(rank: int, world: int, lend: bool):
     batch = make_global_batch(rows=world * GRAD_ACCUM, seq_len=16, seed=11, vocab=config.vocab_size)
     micro_batches = [rows(batch, rank * GRAD_ACCUM + i, rank * GRAD_ACCUM + i + 1) for i in range(GRAD_ACCUM)]
     objective = TrainingObjective(config.num_experts, mtp_weight=0.3, lb_coef=0.0)
-    objective.begin_step(global_target_counts(micro_batches, config.mtp_num_layers))
-    weights = tuple(w * engine.loss_scale for w in objective.head_loss_weights()) if lend else None
-    for index, micro in enumerate(micro_batches):
-        documents = DocumentLayout.from_position_ids(micro["position_ids"], *micro["input_ids"].shape, "cpu")
-        out = engine(
-            micro["input_ids"], labels=micro["labels"], documents=documents, head_loss_weights=weights
-        )
-        ds_engine.backward(objective.micro_batch_loss(out))
-        if index == GRAD_ACCUM - 1:
-            seen = {n: safe_get_full_grad(p).clone() for n, p in ds_engine.module.named_parameters()}
-        ds_engine.step()
-    objective.end_step()
-    return seen
+    steps = []
+    for _ in range(2):  # the second step's first write must overwrite the first step's gradient
+        objective.begin_step(global_target_counts(micro_batches, config.mtp_num_layers))
+        weights = tuple(w * engine.loss_scale for w in objective.head_loss_weights()) if lend else None
+        for index, micro in enumerate(micro_batches):
+            ids = micro["input_ids"]
+            documents = DocumentLayout.from_position_ids(micro["position_ids"], *ids.shape, "cpu")
+            out = engine(ids, labels=micro["labels"], documents=documents, head_loss_weights=weights)
+            ds_engine.backward(objective.micro_batch_loss(out))
+            if index == GRAD_ACCUM - 1:
+                steps.append(
+                    {n: safe_get_full_grad(p).clone() for n, p in ds_engine.module.named_parameters()}
+                )
+            ds_engine.step()
+        objective.end_step()
+    return steps
 
 
 @pytest.mark.slow
@@ -323,9 +327,14 @@ def lm_head_gradients_at_the_step(rank: int, world: int, lend: bool):
 def test_lm_heads_add_into_the_lent_fp32_buffers_what_autograd_would(tmp_path, world):
     """The step's gradients with the heads adding into the optimizer's fp32 buffer equal those with
     each head's own gradient handed to autograd: the other parameters' exactly, the LM head's to the
-    bf16 rounding the latter makes of each micro-batch's (and not bit for bit: it was not rounded)."""
+    bf16 rounding the latter makes of each micro-batch's (and not bit for bit: it was not rounded).
+    The same step again (lr 0) gives the same LM-head gradient: the first write of a step overwrites
+    what the step before left."""
     lent = run_on_ranks(lm_head_gradients_at_the_step, world, tmp_path / "lent", True, timeout=300)
     own = run_on_ranks(lm_head_gradients_at_the_step, world, tmp_path / "own", False, timeout=300)
+    for rank in range(world):
+        assert torch.equal(lent[rank][1]["lm_head.weight"], lent[rank][0]["lm_head.weight"])
+    lent, own = [steps[1] for steps in lent], [steps[1] for steps in own]
     for rank in range(world):
         assert lent[rank].keys() == own[rank].keys()
         for name, want in own[rank].items():
