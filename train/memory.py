@@ -94,13 +94,11 @@ def estimate_memory(
     seq_len: int,
     recomputed_layers: int,
     recompute_budget: float = 1.0,
-    lends_gradient_buffers: bool | None = None,
+    lends_gradient_buffers: bool = False,
 ) -> MemoryEstimate:
     """lends_gradient_buffers: whether the engine lends the LM heads the optimizer's fp32 gradient
     buffers (ZeRO 1, not folded onto tensor parallelism, a checked DeepSpeed: train/dry_run.py
-    knows); None takes ZeRO 1 without tensor parallelism for it."""
-    if lends_gradient_buffers is None:
-        lends_gradient_buffers = zero_stage == 1 and tensor == 1
+    knows); by default their own fp32 sum is counted."""
     dense_local, expert_local = rank_parameters(c, tensor=tensor, expert=expert)
     dense_dp, expert_dp = world // tensor, world // expert
 
@@ -128,7 +126,7 @@ def estimate_memory(
             seq_len,
             recomputed_layers,
             recompute_budget,
-            heads_sum_apart=not lends_gradient_buffers,
+            lends_gradient_buffers=lends_gradient_buffers,
         ),
     )
 
@@ -145,10 +143,10 @@ def activation_bytes(
     seq_len: int,
     recomputed_layers: int,
     recompute_budget: float = 1.0,
-    heads_sum_apart: bool = True,
+    lends_gradient_buffers: bool = False,
 ) -> float:
-    """heads_sum_apart: the LM heads' weight gradient is an fp32 sum of their own until backward, not
-    added into the optimizer's fp32 gradient buffer."""
+    """lends_gradient_buffers: the LM heads add their weight gradient into the optimizer's fp32
+    gradient buffer (counted with the gradients), not into an fp32 sum of their own."""
     tokens = micro_batch_size * seq_len
     h = c.hidden_size
     key_dim = c.linear_num_key_heads * c.linear_key_head_dim
@@ -172,5 +170,5 @@ def activation_bytes(
     # weight gradient it makes in forward, where it is not added into the optimizer's buffer: one
     # fp32 sum the main and MTP heads share (the training step gives the model its heads' loss
     # weights), of this rank's vocabulary rows
-    head = CE_CHUNK * c.vocab_size * 2 + (4 * c.vocab_size * h / tensor if heads_sum_apart else 0)
+    head = CE_CHUNK * c.vocab_size * 2 + (0 if lends_gradient_buffers else 4 * c.vocab_size * h / tensor)
     return len(recomputed) * tokens * h * 2 + whole + head
