@@ -398,14 +398,19 @@ def _load_fla_kernel() -> Callable | None:
 FLA_GROUPED_VALUE_HEADS_SINCE = (0, 6)
 
 
+def fla_takes_grouped_value_heads(version: str) -> bool:
+    """Whether fla-core `version`'s chunk kernel takes fewer q/k heads than value heads as they are."""
+    release = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+    return release >= FLA_GROUPED_VALUE_HEADS_SINCE
+
+
 @functools.cache
 def _fla_takes_grouped_value_heads() -> bool:
     try:
         import fla
     except ImportError:
         return False
-    release = tuple(int(part) for part in fla.__version__.split(".")[:2] if part.isdigit())
-    return release >= FLA_GROUPED_VALUE_HEADS_SINCE
+    return fla_takes_grouped_value_heads(fla.__version__)
 
 
 def _run_fla(
