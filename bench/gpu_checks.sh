@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything the GPU path needs checked, in one run on a CUDA machine (fla-core 0.4.2 installed;
+# Everything the GPU path needs checked, in one run on a CUDA machine (the `gpu` or `hopper` extra installed;
 # the demo shards in data/demo): the GPU tests, the small-preset benchmark of bench/RESULTS.md, and
 # the training loop on the same preset against the benchmark's raw step (issue: >= 90%).
 # Logs, the benchmark's JSON and the loop's metrics.jsonl go to $OUT (or the current folder).
