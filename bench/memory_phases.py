@@ -119,7 +119,7 @@ def instrument(model: nn.Module, marks: PhaseMarks) -> None:
     if model.mtp is not None:
         for index in range(len(model.mtp.layers)):
             model.mtp.layers[index] = MarkedLayer(model.mtp.layers[index], f"MTP layer {index}", marks)
-    heads = _HeadMarks(model.cross_entropy, marks, 1 + (model.config.mtp_num_layers if model.mtp else 0))
+    heads = _HeadMarks(model.cross_entropy, marks, model.num_lm_heads)
     model.cross_entropy = heads
     for name, param in model.named_parameters():
         if param.requires_grad:

@@ -197,10 +197,15 @@ class Qwen3NextForCausalLM(nn.Module):
         """One head's loss sum and target count; `sharing`: `shared` and `loss_weight`, or nothing."""
         return self.lm_head.cross_entropy(h_btd.flatten(0, 1), targets_bt.flatten(), IGNORE_INDEX, **sharing)
 
+    @property
+    def num_lm_heads(self) -> int:
+        """The LM heads a forward with labels runs: the main one, then one per MTP depth."""
+        return 1 + self.config.mtp_num_layers
+
     def heads_sharing_a_gradient(self, head_loss_weights: tuple[float, ...] | None) -> list[dict]:
         """Each head's `cross_entropy` options, main head first: one shared weight-gradient sum with
         its loss weight, where weights are given and a gradient is made; else none."""
-        heads = 1 + self.config.mtp_num_layers
+        heads = self.num_lm_heads
         if head_loss_weights is None:
             return [{}] * heads
         weights = tuple(float(w) for w in head_loss_weights)
