@@ -511,10 +511,17 @@ def _add_into_fp32_buffer(optimizer, lp, group_idx: int, param_idx: int, clear_l
         return
     hp_grad = optimizer.fp32_groups_gradients[group_idx][param_idx]
     add_into_fp32(hp_grad, lp.grad, overwrite=not optimizer.fp32_groups_has_gradients[group_idx][param_idx])
-    lp._hp_grad = hp_grad
-    optimizer.fp32_groups_has_gradients[group_idx][param_idx] = True
+    _mark_fp32_gradient_written(optimizer, lp, group_idx, param_idx)
     if clear_lp_grads:
         lp.grad.zero_()
+
+
+def _mark_fp32_gradient_written(optimizer, lp, group_idx: int, param_idx: int) -> None:
+    """BF16_Optimizer's bookkeeping after a write into a parameter's fp32 gradient: the buffer now
+    holds this step's gradient (later writes add, and backward's end does not zero it), and the
+    parameter's `_hp_grad` points at it."""
+    lp._hp_grad = optimizer.fp32_groups_gradients[group_idx][param_idx]
+    optimizer.fp32_groups_has_gradients[group_idx][param_idx] = True
 
 
 class _OptimizerGradientBuffer:
@@ -544,9 +551,7 @@ class _OptimizerGradientBuffer:
         return self._optimizer().fp32_groups_has_gradients[self._group][self._index]
 
     def mark_written(self) -> None:
-        optimizer = self._optimizer()
-        optimizer.fp32_groups_has_gradients[self._group][self._index] = True
-        self._lp()._hp_grad = optimizer.fp32_groups_gradients[self._group][self._index]
+        _mark_fp32_gradient_written(self._optimizer(), self._lp(), self._group, self._index)
 
 
 def _nothing_lent() -> None:
