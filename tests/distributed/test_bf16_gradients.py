@@ -273,6 +273,52 @@ def test_a_checkpoint_after_device_side_steps_resumes_the_same_run(tmp_path, wor
         assert all(torch.equal(a, b) for a, b in zip(straight_on, resumed, strict=True))
 
 
+def norm_of_a_step_with_every_kind_of_last_write(rank: int, world: int):
+    """Two steps of the AdamW engine. Step 2's first micro-batch trains all but the toy model's last
+    layer, its second only the first layer; in the second's forward the middle layer's weight gradient
+    also gets an addition through its lent buffer, as the LM heads add theirs. So at step 2 the
+    buffers were last written by the boundary's casts, by the first micro-batch's casts, by the lent
+    writer, or not at all (zeroed). For each step: the fp32 gradients the optimizer step reads, the
+    buffers whose squares the casts did not sum, and the norm the engine reports."""
+    engine = adamw_engine(rank, world)
+    ds_engine, optimizer = engine._ds, engine._ds.optimizer
+    squares = getattr(optimizer, "gradient_squares", None)
+    seen, not_summed = [], []
+    step = optimizer.step
+
+    def step_recording(*args, **kwargs):
+        gradients = optimizer.fp32_groups_gradients
+        seen.append([g.clone() for group in gradients for g in group])
+        not_summed.append(None if squares is None else len(squares.buffers_not_summed(gradients)))
+        return step(*args, **kwargs)
+
+    optimizer.step = step_recording
+    norms = []
+    for index in range(GRAD_ACCUM):  # step 1: every parameter gets a gradient
+        engine.backward(loss_of(ds_engine, micro_batch(rank, index)))
+    norms.append(float(engine.grad_norm))
+    middle = engine.module[2].weight
+    for index, depth in enumerate([len(engine.module) - 1, 2]):
+        x = micro_batch(rank, 10 + index)
+        if index == 1:
+            lent = middle.fp32_grad_buffer
+            lent.tensor().add_(torch.linspace(-3.0, 3.0, middle.numel()).view(middle.shape))
+            lent.mark_written()
+        engine.backward(ds_engine.module[:depth](x).float().pow(2).sum())
+    norms.append(float(engine.grad_norm))
+    return norms, seen, not_summed
+
+
+def test_the_norm_summed_by_the_casts_is_the_norm_of_what_the_step_reads(tmp_path):
+    """On one rank the casts sum the gradient norm's squares as they write (parallel/engine.py's
+    GradientSquares); the buffers written otherwise, or not at all, are read by the norm itself."""
+    ((norms, seen, not_summed),) = run_on_ranks(norm_of_a_step_with_every_kind_of_last_write, 1, tmp_path)
+    assert not_summed == [0, 3]  # step 2: the middle weight (lent), the last layer's weight and bias
+    for norm, gradients in zip(norms, seen, strict=True):
+        expected = torch.stack([g.double().norm() for g in gradients]).norm().item()
+        assert norm == pytest.approx(expected, rel=1e-6)
+
+
 def lm_head_gradients_at_the_step(rank: int, world: int, lend: bool):
     """The tiny model in bf16 under the trainer's settings, two steps of GRAD_ACCUM micro-batches with
     the training objective (lr 0: the same step twice): every parameter's gradient DeepSpeed holds

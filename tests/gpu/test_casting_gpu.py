@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from model.ops.casting import (
+    BLOCK,
     add_into_fp32,
     add_into_fp32_reference,
+    blocks_of,
     scale_in_place,
     scale_in_place_reference,
 )
@@ -29,6 +31,22 @@ def test_add_into_fp32_equals_the_torch_expression(numel, dtype, overwrite):
     expected = start.clone().copy_(src.view(-1)) if overwrite else start + src.view(-1).float()
     assert torch.equal(ours, expected)
     assert torch.equal(ours, add_into_fp32_reference(start.clone(), src, overwrite=overwrite))
+
+
+@pytest.mark.parametrize("numel", SIZES)
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_add_into_fp32_sums_the_squares_it_wrote_block_by_block(numel, overwrite):
+    gen = torch.Generator(device="cuda").manual_seed(numel)
+    src = torch.randn(numel, device="cuda", generator=gen).bfloat16()
+    start = torch.randn(numel, device="cuda", generator=gen)
+    squares = torch.full((blocks_of(numel),), float("nan"), device="cuda")
+    ours = add_into_fp32(start.clone(), src, overwrite=overwrite, squares_out=squares)
+    assert torch.equal(ours, add_into_fp32_reference(start.clone(), src, overwrite=overwrite))
+    padded = torch.zeros(blocks_of(numel) * BLOCK, dtype=torch.float64, device="cuda")
+    padded[:numel] = ours.double()
+    torch.testing.assert_close(
+        squares.double(), padded.view(-1, BLOCK).square().sum(dim=1), rtol=1e-6, atol=0
+    )
 
 
 @pytest.mark.parametrize("numel", SIZES)

@@ -90,6 +90,24 @@ def test_add_into_fp32_kernel_equals_the_torch_expression(numel, dtype, overwrit
     assert torch.equal(ours, ADD_REFERENCE(start.clone(), src, overwrite=overwrite))
 
 
+@pytest.mark.parametrize("numel", [1, casting.BLOCK - 1, 2 * casting.BLOCK + 1])
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_add_into_fp32_kernel_sums_the_squares_it_wrote_block_by_block(numel, overwrite):
+    gen = torch.Generator().manual_seed(numel)
+    src = torch.randn(numel, generator=gen).bfloat16()
+    start = torch.randn(numel, generator=gen)
+    squares = torch.full((casting.blocks_of(numel),), float("nan"))
+    ours = casting.add_into_fp32(start.clone(), src, overwrite=overwrite, squares_out=squares)
+    assert torch.equal(ours, ADD_REFERENCE(start.clone(), src, overwrite=overwrite))
+    torch.testing.assert_close(squares.double(), squares_by_block_in_fp64(ours), rtol=1e-6, atol=0)
+
+
+def squares_by_block_in_fp64(x: torch.Tensor) -> torch.Tensor:
+    padded = torch.zeros(casting.blocks_of(x.numel()) * casting.BLOCK, dtype=torch.float64)
+    padded[: x.numel()] = x.reshape(-1).double()
+    return padded.view(-1, casting.BLOCK).square().sum(dim=1)
+
+
 @pytest.mark.parametrize("numel", [1, casting.BLOCK + 1])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_scale_kernel_equals_one_fp32_product_rounded_once(numel, dtype):

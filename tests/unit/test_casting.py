@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model.ops.casting import add_into_fp32, scale_in_place
+from model.ops.casting import BLOCK, add_into_fp32, blocks_of, scale_in_place
 
 
 def test_add_into_fp32_adds_or_overwrites_through_any_shape():
@@ -18,6 +18,28 @@ def test_add_into_fp32_names_a_wrong_buffer():
         add_into_fp32(torch.zeros(3, dtype=torch.bfloat16), torch.zeros(3), overwrite=True)
     with pytest.raises(ValueError, match="4 elements"):
         add_into_fp32(torch.zeros(3), torch.zeros(4, dtype=torch.bfloat16), overwrite=True)
+
+
+def test_add_into_fp32_sums_the_squares_of_each_block_of_the_result():
+    numel = 2 * BLOCK + 5  # two whole blocks and a tail
+    dst = torch.randn(numel, generator=torch.Generator().manual_seed(1))
+    src = torch.randn(numel, generator=torch.Generator().manual_seed(2)).bfloat16()
+    squares = torch.full((blocks_of(numel),), float("nan"))
+    out = add_into_fp32(dst.clone(), src, overwrite=False, squares_out=squares)
+    result = dst.double() + src.double()  # the exact sum; fp32's rounding of it is below the tolerance
+    expected = [result[:BLOCK], result[BLOCK : 2 * BLOCK], result[2 * BLOCK :]]
+    torch.testing.assert_close(out.double(), result, rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(
+        squares.double(), torch.stack([b.square().sum() for b in expected]), rtol=1e-6, atol=0
+    )
+
+
+def test_add_into_fp32_names_a_wrong_squares_buffer():
+    dst, src = torch.zeros(BLOCK + 1), torch.zeros(BLOCK + 1, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"fp32 \[2\]"):
+        add_into_fp32(dst, src, overwrite=True, squares_out=torch.zeros(1))
+    with pytest.raises(ValueError, match=r"fp32 \[2\]"):
+        add_into_fp32(dst, src, overwrite=True, squares_out=torch.zeros(2, dtype=torch.float64))
 
 
 def test_scale_in_place_rounds_the_fp32_product_once():

@@ -41,9 +41,10 @@ def _cases():
     }, {"BLOCK": adamw.BLOCK}, adamw.NUM_WARPS  # fmt: skip
     for dtype in ("bf16", "fp16"):
         for overwrite in (True, False):
-            yield f"add_into_fp32-{dtype}-overwrite{overwrite}", add_kernel, {
-                "dst_ptr": "*fp32", "src_ptr": f"*{dtype}", "n": "i32",
-            }, {"OVERWRITE": overwrite, "BLOCK": casting.BLOCK}, 8  # fmt: skip
+            for squares in (True, False):
+                yield f"add_into_fp32-{dtype}-overwrite{overwrite}-squares{squares}", add_kernel, {
+                    "dst_ptr": "*fp32", "src_ptr": f"*{dtype}", "squares_ptr": "*fp32", "n": "i32",
+                }, {"OVERWRITE": overwrite, "SQUARES": squares, "BLOCK": casting.BLOCK}, 8  # fmt: skip
         yield f"scale_in_place-{dtype}", scale_kernel, {
             "x_ptr": f"*{dtype}", "factor_ptr": "*fp32", "n": "i32",
         }, {"BLOCK": casting.BLOCK}, 8  # fmt: skip
