@@ -80,9 +80,9 @@ def add_into_fp32(
     extra = () if squares_out is None else (squares_out,)
     if not _on_triton(dst, src, *extra) or src.dtype == torch.float32:
         return add_into_fp32_reference(dst, src, overwrite=overwrite, squares_out=squares_out)
-    kernel, _, cdiv = _kernels()
+    kernel, _, _ = _kernels()
     n = dst.numel()
-    kernel[(cdiv(n, BLOCK),)](
+    kernel[(blocks_of(n),)](  # one program a block: program b writes squares_out[b]
         dst,
         src,
         dst if squares_out is None else squares_out,  # not read without SQUARES
